@@ -1,0 +1,1 @@
+"""Device side: what runs on each board of the fleet."""

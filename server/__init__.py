@@ -1,0 +1,1 @@
+"""Coordinator side: pretraining, benchmarks, the `fleet` command line."""

@@ -1,0 +1,1 @@
+"""What the coordinator and the devices both import: the numerical core, data sets, errors."""

@@ -1,0 +1,9 @@
+"""Errors a user can fix: the CLI prints them as one line and exits with code 2."""
+
+
+class FleetError(Exception):
+    """A problem with the user's input (a file, an option, a configuration)."""
+
+
+class DataError(FleetError):
+    """A data file or folder is missing, unreadable or malformed; the message names it."""
