@@ -173,7 +173,7 @@ class FineTuner:
 
     def forward(self, idx: np.ndarray) -> None:
         """Logits of the batch `idx` of the attached set, into `self.z`."""
-        np.take(self.source, idx, axis=0, out=self._gathered, mode="clip")
+        self.source.take(idx, axis=0, out=self._gathered, mode="clip")
         if not self.method.cached:
             for k in LAYERS:
                 x, out = self.x[k], self.out[k]
@@ -189,24 +189,23 @@ class FineTuner:
                     np.maximum(out, 0, out=out)
         if self.method.skip:
             _matmul(self.xcat, self.params["A_skip"], out=self.H)
+            self.H *= self.scaling  # H holds (x A) * alpha/r, so B's gradient needs no rescaling
             _matmul(self.H, self.params["B_skip"], out=self.V)
-            self.V *= self.scaling
             self.z += self.V
 
     def backward(self) -> None:
         """Gradient of the batch's mean cross-entropy into `self.grad` (after `forward`)."""
         dz, rows = self.dz, self.rows
-        np.max(self.z, axis=1, keepdims=True, out=rows)
+        np.maximum.reduce(self.z, axis=1, keepdims=True, out=rows)
         np.subtract(self.z, rows, out=dz)
         np.exp(dz, out=dz)
-        np.sum(dz, axis=1, keepdims=True, out=rows)
+        np.add.reduce(dz, axis=1, keepdims=True, out=rows)
         dz /= rows
         dz -= self.y
         dz *= 1.0 / len(dz)
         if self.method.skip:
             g = self.grads
             _matmul(self.H.T, dz, out=g["B_skip"])
-            g["B_skip"] *= self.scaling
             _matmul(dz, self.params["B_skip"].T, out=self.dH)
             _matmul(self.xcat.T, self.dH, out=g["A_skip"])
             g["A_skip"] *= self.skip_mask
@@ -225,7 +224,7 @@ class FineTuner:
                 gW *= scale
         if kind != "frozen":
             gb = self.grads[f"b{k}"]
-            np.sum(delta, axis=0, out=gb)
+            np.add.reduce(delta, axis=0, out=gb)
             if k < 2:
                 gb *= scale
         lora = self.lora.get(k)
