@@ -63,9 +63,7 @@ def get_method(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
-        raise FleetError(
-            f"unknown method {name!r}; choose from {', '.join(METHODS)}"
-        ) from None
+        raise FleetError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
 
 
 def parse_methods(text: str | None) -> list[Method]:

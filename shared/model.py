@@ -1,21 +1,20 @@
 """The base network of the paper: x0 -> Linear-BN-ReLU -> x1 -> Linear-BN-ReLU -> x2 -> Linear -> z.
 
-A model is a plain dict of NumPy arrays, so it saves as one `.npz` and hashes to one sha256 (the base
-model's identity across the fleet). Inputs are standardised with statistics from the pretraining data
-that travel inside the model, so a device feeds raw features.
+A model is a plain dict of NumPy arrays, so it saves as one `.npz` and hashes to one sha256 (the
+base model's identity across the fleet). Inputs are standardised with statistics from the
+pretraining data that travel inside the model, so a device feeds raw features.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from shared.atomic import write_atomic
 from shared.errors import FleetError
 
 BN_EPS = 1e-5
@@ -30,9 +29,7 @@ ARRAY_NAMES = (
 Model = dict[str, np.ndarray]
 
 
-def init_model(
-    d_in: int, n_classes: int, rng: np.random.Generator, hidden: int = HIDDEN
-) -> Model:
+def init_model(d_in: int, n_classes: int, rng: np.random.Generator, hidden: int = HIDDEN) -> Model:
     """A freshly initialised model (Kaiming-uniform weights, zero biases, identity batch norm)."""
     dims = (d_in, hidden, hidden, n_classes)
     model: Model = {"in_mean": np.zeros(d_in), "in_std": np.ones(d_in)}
@@ -120,16 +117,12 @@ def sha256(model: Model) -> str:
 
 def save(model: Model, path: Path) -> str:
     """Write the model atomically as `.npz`; returns its sha256."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
-        np.savez(tmp, **model)
-    os.replace(tmp.name, path)
+    write_atomic(path, lambda handle: np.savez(handle, **model))
     return sha256(model)
 
 
 def load(path: Path) -> Model:
-    """Read a model saved by `save`, checking that every array is there, finite, and of one width."""
+    """Read a model saved by `save`; every array must be there, finite, and chain into one net."""
     path = Path(path)
     if not path.is_file():
         raise FleetError(f"{path}: no such base model file")

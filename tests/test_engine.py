@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from shared.engine import FineTuner, count_matmul_flops
+from shared.errors import FleetError
 from shared.methods import METHODS, get_method
 from shared.model import forward_frozen
-from shared.errors import FleetError
 
 ALL = list(METHODS)
 
@@ -120,5 +120,5 @@ def test_flop_count_follows_the_method(tiny):
 
 
 def test_unknown_method_names_the_choices():
-    with pytest.raises(FleetError, match="unknown method 'lora-first'.*skip2-lora"):
+    with pytest.raises(FleetError, match=r"unknown method 'lora-first'.*skip2-lora"):
         get_method("lora-first")

@@ -1,0 +1,197 @@
+"""`fleet bench`: the paper's two tables, measured here.
+
+Timing runs every method in one process, round-robin over `--repeats` rounds so that a noisy
+neighbour hits all methods alike, and reports each figure's median over the rounds. Accuracy
+pretrains a base per trial (seed + trial), fine-tunes every method from it, and tests on the
+held-out target split; mean and standard deviation are over trials.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from statistics import median
+from time import perf_counter
+from typing import Annotated
+
+import numpy as np
+import typer
+
+from server import options as opt
+from server.progress import progress
+from server.report import accuracy_report, timing_report
+from shared import model as base_model
+from shared.atomic import write_text_atomic
+from shared.datasets import Task, load_task
+from shared.engine import count_matmul_flops
+from shared.methods import Method, parse_methods
+from shared.predictor import Predictor
+from shared.pretrain import PretrainConfig, pretrain
+from shared.train import FineTuneConfig, finetune
+
+bench_app = typer.Typer(
+    no_args_is_help=True, help="Reproduce the paper's timing and accuracy tables."
+)
+
+Methods = Annotated[str | None, typer.Option(help="Comma-separated method names; default all.")]
+OutDir = Annotated[Path, typer.Option(help="Folder for the Markdown table and the PNG chart.")]
+PREDICT_ROWS = 200
+
+
+def predict_sample_ms(predict: Predictor, x: np.ndarray) -> float:
+    """Milliseconds to classify one sample, as a device does with each new reading."""
+    rows = [x[i : i + 1] for i in range(min(PREDICT_ROWS, len(x)))]
+    started = perf_counter()
+    for row in rows:
+        predict(row)
+    return 1e3 * (perf_counter() - started) / len(rows)
+
+
+def step_flops(tuner, batch: int) -> int:
+    """Matrix-product FLOPs of one training step (forward, backward, update)."""
+    idx = np.arange(batch)
+    with count_matmul_flops() as counter:
+        tuner.forward(idx)
+        tuner.backward()
+        tuner.update(0.0)
+    return counter[0]
+
+
+def measure_timing(task: Task, methods: list[Method], config: FineTuneConfig, repeats: int) -> dict:
+    # Timing does not depend on how well the base is trained; one epoch gives real BN statistics.
+    base = pretrain(task.pretrain.x, task.pretrain.y, len(task.classes), PretrainConfig(epochs=1))
+    runs: dict[str, list[dict]] = {m.name: [] for m in methods}
+    with progress(repeats * len(methods), "timing") as advance:
+        for repeat in range(repeats):
+            for method in methods[repeat % len(methods) :] + methods[: repeat % len(methods)]:
+                result = finetune(base, method, task.finetune.x, task.finetune.y, config)
+                runs[method.name].append(
+                    {
+                        **result.times.per_batch_ms(),
+                        "predict": predict_sample_ms(result.tuner.merged(), task.test.x),
+                        "prepare_s": result.prepare_seconds,
+                        "flops": step_flops(result.tuner, result.tuner.batch_size),
+                        "cache_bytes": result.cache_bytes,
+                    }
+                )
+                advance(f"round {repeat + 1}: timed {method.name}")
+    table = {}
+    for name, rounds in runs.items():
+        mid = {key: median(r[key] for r in rounds) for key in rounds[0]}
+        table[name] = {
+            "train_batch_ms": {k: mid[k] for k in ("forward", "backward", "update", "total")},
+            "predict_sample_ms": mid["predict"],
+            "flops_per_step": int(mid["flops"]),
+            "prepare_seconds": mid["prepare_s"],
+            "cache_bytes": int(mid["cache_bytes"]),
+        }
+    return {
+        "dataset": task.name,
+        "dims": list(base_model.dims(base)),
+        "batch_size": config.batch_size,
+        "rank": config.rank,
+        "epochs": config.epochs,
+        "repeats": repeats,
+        "steps_per_run": (len(task.finetune) // config.batch_size) * config.epochs,
+        "methods": table,
+    }
+
+
+def measure_accuracy(
+    task: Task, methods: list[Method], config: FineTuneConfig, trials: int, pretrain_epochs: int
+) -> dict:
+    before: list[float] = []
+    after: dict[str, list[float]] = {m.name: [] for m in methods}
+    with progress(trials * (len(methods) + 1), "accuracy") as advance:
+        for trial in range(trials):
+            seed = config.seed + trial
+            base = pretrain(
+                task.pretrain.x,
+                task.pretrain.y,
+                len(task.classes),
+                PretrainConfig(epochs=pretrain_epochs, seed=seed),
+            )
+            before.append(
+                base_model.accuracy(base_model.forward_frozen(base, task.test.x)[-1], task.test.y)
+            )
+            advance(f"trial {trial + 1}: pretrained")
+            for method in methods:
+                trial_config = FineTuneConfig(**{**config.__dict__, "seed": seed})
+                result = finetune(base, method, task.finetune.x, task.finetune.y, trial_config)
+                after[method.name].append(
+                    base_model.accuracy(result.tuner.merged()(task.test.x), task.test.y)
+                )
+                advance(f"trial {trial + 1}: {method.name}")
+
+    def summary(values: list[float]) -> dict:
+        return {"mean": float(np.mean(values)), "std": float(np.std(values)), "trials": values}
+
+    return {
+        "dataset": task.name,
+        "trials": trials,
+        "epochs": config.epochs,
+        "lr": config.lr,
+        "rank": config.rank,
+        "batch_size": config.batch_size,
+        "samples": {"finetune": len(task.finetune), "test": len(task.test)},
+        "before": summary(before),
+        "methods": {name: summary(values) for name, values in after.items()},
+    }
+
+
+def _write(results: dict, kind: str, out_dir: Path, json_out: Path | None) -> None:
+    markdown, chart = (timing_report if kind == "timing" else accuracy_report)(results)
+    stem = f"{kind}-{results['dataset']}"
+    chart(out_dir / f"{stem}.png")  # first: it is the part that can fail (no matplotlib)
+    write_text_atomic(out_dir / f"{stem}.md", markdown)
+    if json_out is not None:
+        write_text_atomic(json_out, json.dumps(results, indent=2) + "\n")
+    typer.echo(markdown)
+    typer.echo(f"wrote {out_dir / stem}.md and .png" + (f", {json_out}" if json_out else ""))
+
+
+@bench_app.command("timing")
+def timing_command(
+    dataset: opt.Dataset = opt.DEFAULT_DATASET,
+    data_dir: opt.DataDir = None,
+    methods: Methods = None,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs per timed run.")] = 20,
+    repeats: Annotated[int, typer.Option(min=1, help="Rounds over all methods.")] = 5,
+    batch_size: opt.BatchSize = opt.DEFAULT_BATCH,
+    rank: opt.Rank = opt.DEFAULT_RANK,
+    seed: opt.Seed = 0,
+    source_room: opt.SourceRoom = "silentA",
+    subjects: opt.Subjects = opt.DEFAULT_SUBJECTS,
+    out_dir: OutDir = Path("bench-out"),
+    json_out: opt.JsonOut = None,
+) -> None:
+    """Time per training batch (forward / backward / update) and per prediction, all methods."""
+    chosen = parse_methods(methods)
+    task = load_task(dataset, opt.task_options(data_dir, source_room, subjects, seed))
+    config = FineTuneConfig(epochs=epochs, batch_size=batch_size, rank=rank, seed=seed)
+    _write(measure_timing(task, chosen, config, repeats), "timing", out_dir, json_out)
+
+
+@bench_app.command("accuracy")
+def accuracy_command(
+    dataset: opt.Dataset = opt.DEFAULT_DATASET,
+    data_dir: opt.DataDir = None,
+    methods: Methods = None,
+    trials: Annotated[int, typer.Option(min=1, help="Independent trials (seed + trial).")] = 10,
+    epochs: opt.Epochs = opt.DEFAULT_EPOCHS,
+    batch_size: opt.BatchSize = opt.DEFAULT_BATCH,
+    rank: opt.Rank = opt.DEFAULT_RANK,
+    lr: opt.LearningRate = opt.DEFAULT_LR,
+    pretrain_epochs: opt.PretrainEpochs = PretrainConfig().epochs,
+    seed: opt.Seed = 0,
+    source_room: opt.SourceRoom = "silentA",
+    subjects: opt.Subjects = opt.DEFAULT_SUBJECTS,
+    out_dir: OutDir = Path("bench-out"),
+    json_out: opt.JsonOut = None,
+) -> None:
+    """Test accuracy before and after fine-tuning, every method, mean and std over trials."""
+    chosen = parse_methods(methods)
+    task = load_task(dataset, opt.task_options(data_dir, source_room, subjects, seed))
+    config = FineTuneConfig(epochs, batch_size, rank, None, lr, seed)
+    results = measure_accuracy(task, chosen, config, trials, pretrain_epochs)
+    _write(results, "accuracy", out_dir, json_out)

@@ -1,0 +1,134 @@
+"""Human activity recognition on the 30 UCI HAR volunteers (the paper's HAR task).
+
+Two formats are read:
+- the raw HAPT signals (`hapt_raw.npz`: 50 Hz acc + gyro with per-sample labels, subject and
+  recording), cut into UCI's windows, 128 samples with 50 % overlap, never across a recording,
+  keeping windows that lie wholly inside one of activities 1-6, and described by
+  `har_features.window_features`;
+- the published UCI HAR layout (`train/X_train.txt`, `y_train.txt`, `subject_train.txt` and the
+  same under `test/`), its 561 features as they are.
+
+Split: pretrain on every subject outside the target group; for each target subject and activity,
+the first 60 % of its windows in time order are fine-tuned on and the rest tested on, one window
+left out between them so that no sample is in both.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from shared.datasets import Split, Task
+from shared.datasets.har_features import WINDOW, window_features
+from shared.errors import DataError
+
+CLASSES = ("walking", "upstairs", "downstairs", "sitting", "standing", "laying")
+RAW_FILE = "hapt_raw.npz"
+FINETUNE_SHARE = 0.6
+
+
+def load_har_task(folder: Path, subjects: tuple[int, ...]) -> Task:
+    if (folder / RAW_FILE).is_file():
+        features, labels, subject = raw_windows(folder / RAW_FILE)
+    elif (folder / "train" / "X_train.txt").is_file():
+        features, labels, subject = read_uci_layout(folder)
+    else:
+        raise DataError(
+            f"{folder}: no HAR data (expected {RAW_FILE} or the UCI layout train/X_train.txt)"
+        )
+    return split_by_subject(features, labels, subject, subjects)
+
+
+def raw_windows(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features, activity (0-5) and subject of every clean window of the raw recordings."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            signals, labels = npz["signals"], npz["labels"]
+            subject, recording = npz["subject"], npz["experiment"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"{path}: not a readable HAPT npz ({exc})") from None
+    n = len(signals)
+    if signals.ndim != 2 or signals.shape[1] != 6 or not len(labels) == len(subject) == n:
+        raise DataError(f"{path}: expected signals (N x 6) and labels, subject, experiment of N")
+    if not np.all(np.isfinite(signals)):
+        row = int(np.flatnonzero(~np.isfinite(signals).all(axis=1))[0])
+        raise DataError(f"{path}: signals row {row} holds NaN or Inf")
+    starts = []
+    bounds = np.flatnonzero(np.diff(recording)) + 1
+    for begin, end in zip(np.r_[0, bounds], np.r_[bounds, n], strict=True):
+        starts.append(np.arange(begin, end - WINDOW + 1, WINDOW // 2))
+    starts = np.concatenate(starts)
+    window_labels = np.lib.stride_tricks.sliding_window_view(labels, WINDOW)[starts]
+    first = window_labels[:, 0]
+    clean = (window_labels == first[:, None]).all(axis=1) & (first >= 1) & (first <= 6)
+    starts = starts[clean]
+    windows = np.lib.stride_tricks.sliding_window_view(signals, WINDOW, axis=0)[starts]
+    features = window_features(windows.transpose(0, 2, 1))
+    return features, first[clean].astype(np.int64) - 1, subject[starts].astype(np.int64)
+
+
+def read_uci_layout(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features, activity (0-5) and subject of the published UCI HAR files, train then test."""
+    parts = []
+    for part in ("train", "test"):
+        if not (folder / part / f"X_{part}.txt").is_file():
+            continue
+        x = _read_table(folder / part / f"X_{part}.txt")
+        y = _read_table(folder / part / f"y_{part}.txt").ravel().astype(np.int64)
+        s = _read_table(folder / part / f"subject_{part}.txt").ravel().astype(np.int64)
+        if not len(x) == len(y) == len(s):
+            raise DataError(f"{folder / part}: X, y and subject files differ in length")
+        if y.min() < 1 or y.max() > 6:
+            raise DataError(f"{folder / part / f'y_{part}.txt'}: activities must be 1 to 6")
+        parts.append((x, y - 1, s))
+    if len({p[0].shape[1] for p in parts}) > 1:
+        raise DataError(f"{folder}: train and test have different numbers of features")
+    return tuple(np.concatenate(column) for column in zip(*parts, strict=True))
+
+
+def _read_table(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"{path}: missing")
+    try:
+        rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
+        widths = {len(row) for row in rows}
+        if len(widths) != 1:
+            raise DataError(f"{path}: rows have different numbers of values ({sorted(widths)})")
+        table = np.array(rows, dtype=np.float64)
+    except ValueError:
+        raise DataError(f"{path}: not a whitespace-separated numeric table") from None
+    if not np.all(np.isfinite(table)):
+        raise DataError(f"{path}: row {int(np.flatnonzero(~np.isfinite(table).all(1))[0])} "
+                        "holds NaN or Inf")  # fmt: skip
+    return table
+
+
+def split_by_subject(
+    features: np.ndarray, labels: np.ndarray, subject: np.ndarray, targets: tuple[int, ...]
+) -> Task:
+    """Pretrain on the other subjects; fine-tune/test 60/40 per target subject and activity."""
+    missing = sorted(set(targets) - set(subject.tolist()))
+    if missing:
+        raise DataError(f"HAR data has no windows of subject(s) {missing}")
+    in_target = np.isin(subject, targets)
+    tune, test = [], []
+    for s in targets:
+        for activity in range(len(CLASSES)):
+            rows = np.flatnonzero((subject == s) & (labels == activity))
+            cut = round(FINETUNE_SHARE * len(rows))
+            tune.append(rows[:cut])
+            test.append(rows[cut + 1 :])
+    tune, test = np.sort(np.concatenate(tune)), np.sort(np.concatenate(test))
+
+    def pick(rows: np.ndarray) -> Split:
+        return Split(features[rows].astype(np.float32), labels[rows])
+
+    return Task(
+        name="har",
+        classes=CLASSES,
+        pretrain=pick(np.flatnonzero(~in_target)),
+        finetune=pick(tune),
+        test=pick(test),
+    )
