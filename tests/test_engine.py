@@ -122,3 +122,20 @@ def test_flop_count_follows_the_method(tiny):
 def test_unknown_method_names_the_choices():
     with pytest.raises(FleetError, match=r"unknown method 'lora-first'.*skip2-lora"):
         get_method("lora-first")
+
+
+def test_skip2_matches_skip_lora_after_a_full_har_fine_tune(data_dir):
+    """The issue's bound: max |adapter difference| <= 1e-5 after the paper's 600 epochs."""
+    from shared.datasets import TaskOptions, load_task
+    from shared.pretrain import PretrainConfig, pretrain
+    from shared.train import FineTuneConfig, finetune
+
+    task = load_task("har", TaskOptions(data_dir))
+    base = pretrain(task.pretrain.x, task.pretrain.y, 6, PretrainConfig(epochs=2))
+    config = FineTuneConfig(epochs=600, seed=5)
+    skip, skip2 = (
+        finetune(base, get_method(name), task.finetune.x, task.finetune.y, config).tuner.theta
+        for name in ("skip-lora", "skip2-lora")
+    )
+    assert np.abs(skip).max() > 0.01
+    assert np.abs(skip - skip2).max() <= 1e-5

@@ -1,0 +1,191 @@
+"""Data loaders on tiny fixtures in the real formats, their bad-input errors, and the real data."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.datasets import TaskOptions, load_task, parse_subjects
+from shared.datasets.fan import read_recording, stopped_from
+from shared.datasets.har import read_uci_layout, split_by_subject
+from shared.datasets.har_features import N_FEATURES, window_features
+from shared.errors import DataError, FleetError
+
+
+def spectrum_csv(amplitudes: np.ndarray) -> str:
+    return "".join(f"{i}, {a:.6f}\n" for i, a in enumerate(amplitudes))
+
+
+def write_recording(folder: Path, stem: str, levels: list[float], packed: bool) -> None:
+    """A recording whose spectra have the given overall levels, as upstream lays it out."""
+    rng = np.random.default_rng(len(stem))
+    files = {
+        f"{stem}/2022-02-10-05-{i // 60:02d}-{i % 60:02d}.csv": spectrum_csv(
+            level * (1 + 0.05 * rng.random(512))
+        )
+        for i, level in enumerate(levels)
+    }
+    if packed:
+        with zipfile.ZipFile(folder / f"{stem}.zip", "w") as archive:
+            for name, text in files.items():
+                archive.writestr(name, text)
+    else:
+        for name, text in files.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text)
+
+
+HMLO = [0.1] * 10 + [0.07] * 10 + [0.05] * 10 + [0.01] * 10  # h, m, l, then off from index 30
+
+
+def make_fan_folder(folder: Path, packed: bool = True) -> Path:
+    for damage in ("normal", "damage1"):
+        for room in ("silentA", "noisy"):
+            for take in (1, 2):
+                write_recording(folder, f"12cm_hmlo_{damage}_{room}_{take}", HMLO, packed)
+    return folder
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["zips", "unpacked"])
+def test_fan_task_reads_zips_and_folders(tmp_path, packed):
+    task = load_task("fan-damage1", TaskOptions(make_fan_folder(tmp_path, packed)))
+    assert task.n_features == 256
+    for split in (task.pretrain, task.finetune, task.test):
+        assert len(split) == 80
+        # normal recording first: running (0) until the fan stops (2) at index 30, then damaged
+        np.testing.assert_array_equal(split.y, [0] * 30 + [2] * 10 + [1] * 30 + [2] * 10)
+
+
+def test_stopped_boundary_is_found_from_the_energy_drop():
+    spectra = np.array([[level] * 512 for level in HMLO])
+    assert stopped_from(spectra) == 30
+
+
+def test_fan_missing_recording_is_named(tmp_path):
+    make_fan_folder(tmp_path)
+    (tmp_path / "12cm_hmlo_damage1_noisy_2.zip").unlink()
+    with pytest.raises(DataError, match=r"recording 12cm_hmlo_damage1_noisy_2 is missing"):
+        load_task("fan-damage1", TaskOptions(tmp_path))
+
+
+def test_fan_truncated_zip_is_named(tmp_path):
+    make_fan_folder(tmp_path)
+    path = tmp_path / "12cm_hmlo_normal_noisy_1.zip"
+    path.write_bytes(path.read_bytes()[:3000])
+    with pytest.raises(DataError, match=r"12cm_hmlo_normal_noisy_1\.zip: not a readable zip"):
+        load_task("fan-damage1", TaskOptions(tmp_path))
+
+
+def test_fan_csv_with_wrong_bins_is_named(tmp_path):
+    make_fan_folder(tmp_path, packed=False)
+    victim = sorted((tmp_path / "12cm_hmlo_damage1_silentA_1").glob("*.csv"))[3]
+    victim.write_text(spectrum_csv(np.ones(300)))
+    with pytest.raises(DataError, match=rf"{victim.name}: 300 bins, expected 512"):
+        read_recording(tmp_path, "12cm_hmlo_damage1_silentA_1")
+
+
+def test_fan_csv_with_nan_is_named(tmp_path):
+    make_fan_folder(tmp_path, packed=False)
+    victim = sorted((tmp_path / "12cm_hmlo_normal_silentA_1").glob("*.csv"))[0]
+    amplitudes = np.ones(512)
+    amplitudes[17] = np.nan
+    victim.write_text(spectrum_csv(amplitudes))
+    with pytest.raises(DataError, match=rf"{victim.name}: amplitude of bin 17 is NaN"):
+        load_task("fan-damage1", TaskOptions(tmp_path))
+
+
+def test_missing_data_folder_and_unknown_task(tmp_path):
+    with pytest.raises(DataError, match="does-not-exist: data folder does not exist"):
+        load_task("har", TaskOptions(tmp_path / "does-not-exist"))
+    with pytest.raises(FleetError, match="unknown dataset 'mnist'"):
+        load_task("mnist")
+    with pytest.raises(FleetError, match="subjects are numbered 1 to 30"):
+        parse_subjects("9,31")
+
+
+def write_uci(folder: Path, rows_per_subject: int = 24, n_features: int = 561) -> None:
+    rng = np.random.default_rng(0)
+    for part, subjects in (("train", (1, 3)), ("test", (2,))):
+        (folder / part).mkdir(parents=True)
+        s = np.repeat(subjects, rows_per_subject)
+        y = np.tile(np.repeat(np.arange(1, 7), -(-rows_per_subject // 6))[:rows_per_subject],
+                    len(subjects))  # fmt: skip
+        x = rng.uniform(-1, 1, (len(s), n_features))
+        np.savetxt(folder / part / f"X_{part}.txt", x, fmt="%.7e")
+        np.savetxt(folder / part / f"y_{part}.txt", y, fmt="%d")
+        np.savetxt(folder / part / f"subject_{part}.txt", s, fmt="%d")
+
+
+def test_uci_har_layout_is_read_and_split(tmp_path):
+    write_uci(tmp_path)
+    features, labels, subject = read_uci_layout(tmp_path)
+    assert features.shape == (72, 561)
+    assert sorted(set(subject.tolist())) == [1, 2, 3]
+    assert labels.min() == 0 and labels.max() == 5
+    task = load_task("har", TaskOptions(tmp_path, subjects=(2,)))
+    assert len(task.pretrain) == 48  # subjects 1 and 3
+    assert (len(task.finetune), len(task.test)) == (12, 6)  # 4 per activity: 2, gap, 1
+    assert not set(map(bytes, task.finetune.x)) & set(map(bytes, task.test.x))
+
+
+def test_uci_har_with_ragged_rows_is_named(tmp_path):
+    write_uci(tmp_path)
+    path = tmp_path / "train" / "X_train.txt"
+    lines = path.read_text().splitlines()
+    lines[5] = " ".join(lines[5].split()[:100])
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"X_train\.txt: rows have different numbers of values"):
+        read_uci_layout(tmp_path)
+
+
+def test_split_is_sixty_forty_in_time_order_per_subject_and_activity():
+    labels = np.repeat([0, 1], 50)
+    subject = np.ones(100, int)
+    features = np.arange(100, dtype=np.float32)[:, None]
+    task = split_by_subject(features, labels, subject, (1,))
+    assert len(task.finetune) == 60 and len(task.test) == 38
+    assert task.finetune.x[task.finetune.y == 0].max() < task.test.x[task.test.y == 0].min()
+
+
+def test_window_features_are_finite_and_describe_the_signal():
+    rng = np.random.default_rng(0)
+    t = np.arange(128) / 50.0
+    walking = np.zeros((1, 128, 6))
+    walking[0, :, 2] = 1 + 0.3 * np.sin(2 * np.pi * 1.8 * t)  # gravity on z, 1.8 Hz cadence
+    still = np.zeros((1, 128, 6))
+    still[0, :, 2] = 1 + 0.001 * rng.normal(size=128)
+    features = window_features(np.concatenate([walking, still]))
+    assert features.shape == (2, N_FEATURES) == (2, 110)
+    assert np.isfinite(features).all()
+    std_of_acc_z = 8 + 2  # time-domain block: means of 8 channels, then stds; z is channel 2
+    assert features[0, std_of_acc_z] > 100 * features[1, std_of_acc_z]
+
+
+def test_generated_task_has_a_domain_shift():
+    task = load_task("generated")
+    assert task.n_features == 64 and task.classes == ("normal", "damaged", "stopped")
+    assert abs(task.finetune.x.mean() - task.pretrain.x.mean()) > 0.1
+
+
+# -- the real data sets (CI points FLEET_DATA_DIR at ../shared/data) ------------------------------
+
+
+@pytest.mark.parametrize("name", ["fan-damage1", "fan-damage2"])
+def test_real_fan_tasks_have_the_papers_split_sizes(data_dir, name):
+    task = load_task(name, TaskOptions(data_dir))
+    for split in (task.pretrain, task.finetune, task.test):
+        assert len(split) == 470 and split.x.shape[1] == 256
+        stopped = np.mean(split.y == 2)
+        assert 0.22 < stopped < 0.26  # the fan-off step: about the last quarter of each recording
+
+
+def test_real_har_task(data_dir):
+    task = load_task("har", TaskOptions(data_dir))
+    assert task.n_features == N_FEATURES
+    assert set(np.unique(task.finetune.y)) == set(range(6))
+    share = len(task.finetune) / (len(task.finetune) + len(task.test))
+    assert 0.57 < share < 0.63
+    assert len(task.pretrain) > 5 * len(task.finetune)
