@@ -73,16 +73,12 @@ class FineTuner:
         d, n, C = self.dims, batch_size, self.dims[3]
         width = sum(d[:3])
 
-        shapes = self._trainable_shapes()
+        shapes = trainable_shapes(method, self.dims, rank)
         self.theta = np.zeros(sum(int(np.prod(s)) for s in shapes.values()), dtype)
         self.grad = np.zeros_like(self.theta)
         self._step = np.zeros_like(self.theta)
-        self.params, self.grads, offset = {}, {}, 0
-        for name, shape in shapes.items():
-            size = int(np.prod(shape))
-            self.params[name] = self.theta[offset : offset + size].reshape(shape)
-            self.grads[name] = self.grad[offset : offset + size].reshape(shape)
-            offset += size
+        self.params = unflatten(self.theta, shapes)
+        self.grads = unflatten(self.grad, shapes)
 
         # Batch buffer [y | x0 | x1 | x2 | z] and its views.
         self.buf = np.zeros((n, C + width + C), dtype)
@@ -128,34 +124,18 @@ class FineTuner:
                 du=np.zeros((n, rank), dtype), dx=np.zeros((n, d[k]), dtype),
             )  # fmt: skip
 
+        self.pairs = adapter_pairs(method, self.dims, rank)
         if method.skip:
             A = self.params["A_skip"]
             self.skip_mask = np.zeros(A.shape, dtype)
-            for block, k in enumerate(method.skip):
-                rows = slice(bounds[k] - C, bounds[k + 1] - C)
-                cols = slice(block * rank, (block + 1) * rank)
-                A[rows, cols] = _kaiming_uniform(init, (d[k], rank))
-                self.skip_mask[rows, cols] = self.scaling
+            for pair in (p for p in self.pairs if p.skip):
+                A[pair.rows, pair.cols] = _kaiming_uniform(init, (d[pair.layer], rank))
+                self.skip_mask[pair.rows, pair.cols] = self.scaling
             self.H = np.zeros((n, A.shape[1]), dtype)
             self.dH = np.zeros_like(self.H)
             self.V = np.zeros((n, C), dtype)
         self.refresh()
         self.source: np.ndarray | None = None
-
-    def _trainable_shapes(self) -> dict[str, tuple[int, ...]]:
-        d, r, m = self.dims, self.rank, self.method
-        shapes: dict[str, tuple[int, ...]] = {}
-        for k in LAYERS:
-            if m.base[k] == "all":
-                shapes[f"W{k}"] = (d[k], d[k + 1])
-            if m.base[k] != "frozen":
-                shapes[f"b{k}"] = (d[k + 1],)
-            if k in m.lora:
-                shapes[f"A{k}"], shapes[f"B{k}"] = (d[k], r), (r, d[k + 1])
-        if m.skip:
-            shapes["A_skip"] = (sum(d[:3]), len(m.skip) * r)
-            shapes["B_skip"] = (len(m.skip) * r, d[3])
-        return shapes
 
     # -- data ---------------------------------------------------------------------------------
 
@@ -271,27 +251,27 @@ class FineTuner:
         """Copies of the trainable arrays, by name."""
         return {name: array.copy() for name, array in self.params.items()}
 
+    def load(self, flat: np.ndarray) -> None:
+        """Continue from trainable values saved as one flat vector (`theta`)."""
+        if flat.shape != self.theta.shape:
+            raise ValueError(f"expected {self.theta.size} values, got {flat.size}")
+        self.theta[...] = flat
+        self.refresh()
+
     def merged(self) -> Predictor:
         """The fine-tuned network for inference: adapters merged into plain matrices."""
         d, C = self.dims, self.dims[3]
-        layers = []
-        for k in LAYERS:
-            weight, bias = self.weight[k].copy(), self.bias[k].copy()
-            lora = self.lora.get(k)
-            if lora is not None:
-                weight += (lora.A @ lora.B) * lora.gain
-            layers.append([weight, bias])
+        layers = [[self.weight[k].copy(), self.bias[k].copy()] for k in LAYERS]
         skips = []
-        if self.method.skip:
-            A, B = self.params["A_skip"], self.params["B_skip"]
-            starts = np.cumsum([0, *d[:3]])
-            for block, k in enumerate(self.method.skip):
-                cols = slice(block * self.rank, (block + 1) * self.rank)
-                product = A[starts[k] : starts[k + 1], cols] @ B[cols] * self.scaling
-                if k == 2:
-                    layers[2][0] += product
-                else:
-                    skips.append((k, product))
+        for pair in self.pairs:
+            k = pair.layer
+            product = self.params[pair.a][pair.rows, pair.cols] @ self.params[pair.b][pair.cols]
+            if not pair.skip:
+                layers[k][0] += product * self.lora[k].gain
+            elif k == 2:
+                layers[2][0] += product * self.scaling
+            else:
+                skips.append((k, product * self.scaling))
         # A skip from x_k (k < 2) rides along layer k's product as extra output columns.
         for k, product in skips:
             layers[k][0] = np.hstack([layers[k][0], product])
@@ -299,6 +279,58 @@ class FineTuner:
         return Predictor(
             self.model["in_mean"], self.model["in_std"], [tuple(w_b) for w_b in layers], d[1:3]
         )
+
+
+def trainable_shapes(
+    method: Method, dims: tuple[int, ...], rank: int
+) -> dict[str, tuple[int, ...]]:
+    """Name and shape of every trainable array, in their order inside `theta`."""
+    d, r = dims, rank
+    shapes: dict[str, tuple[int, ...]] = {}
+    for k in LAYERS:
+        if method.base[k] == "all":
+            shapes[f"W{k}"] = (d[k], d[k + 1])
+        if method.base[k] != "frozen":
+            shapes[f"b{k}"] = (d[k + 1],)
+        if k in method.lora:
+            shapes[f"A{k}"], shapes[f"B{k}"] = (d[k], r), (r, d[k + 1])
+    if method.skip:
+        shapes["A_skip"] = (sum(d[:3]), len(method.skip) * r)
+        shapes["B_skip"] = (len(method.skip) * r, d[3])
+    return shapes
+
+
+def unflatten(flat: np.ndarray, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Views into `flat`, one per named shape, in order."""
+    views, offset = {}, 0
+    for name, shape in shapes.items():
+        size = int(np.prod(shape))
+        views[name] = flat[offset : offset + size].reshape(shape)
+        offset += size
+    return views
+
+
+@dataclass(frozen=True)
+class AdapterPair:
+    """One low-rank product A @ B inside the named arrays: A[rows, cols] @ B[cols, :]."""
+
+    a: str
+    b: str
+    rows: slice
+    cols: slice
+    layer: int  # LoRA: the Linear it sits beside; skip: the activation x_k it reads
+    skip: bool
+
+
+def adapter_pairs(method: Method, dims: tuple[int, ...], rank: int) -> list[AdapterPair]:
+    """Every low-rank pair of a method: a LoRA adapter per layer, a block per skip adapter."""
+    full = slice(None)
+    pairs = [AdapterPair(f"A{k}", f"B{k}", full, full, k, False) for k in method.lora]
+    starts = [int(s) for s in np.cumsum([0, *dims[:3]])]
+    for block, k in enumerate(method.skip):
+        rows, cols = slice(starts[k], starts[k + 1]), slice(block * rank, (block + 1) * rank)
+        pairs.append(AdapterPair("A_skip", "B_skip", rows, cols, k, True))
+    return pairs
 
 
 def _kaiming_uniform(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:

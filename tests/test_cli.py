@@ -102,4 +102,4 @@ def test_base_for_other_features_is_refused(tmp_path, data_dir):
     result = runner.invoke(app, ["finetune", "--base", str(base), "--dataset", "har",
                                  "--data-dir", str(data_dir), "--epochs", "1"])  # fmt: skip
     assert result.exit_code == 2
-    assert "takes 64 features, har has 110" in result.output
+    assert "takes 64 features, har has 220" in result.output

@@ -158,9 +158,9 @@ def test_window_features_are_finite_and_describe_the_signal():
     still = np.zeros((1, 128, 6))
     still[0, :, 2] = 1 + 0.001 * rng.normal(size=128)
     features = window_features(np.concatenate([walking, still]))
-    assert features.shape == (2, N_FEATURES) == (2, 110)
+    assert features.shape == (2, N_FEATURES) == (2, 220)
     assert np.isfinite(features).all()
-    std_of_acc_z = 8 + 2  # time-domain block: means of 8 channels, then stds; z is channel 2
+    std_of_acc_z = 16 + 2  # time-domain block: means of 16 channels, then stds; z is channel 2
     assert features[0, std_of_acc_z] > 100 * features[1, std_of_acc_z]
 
 

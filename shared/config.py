@@ -1,0 +1,212 @@
+"""`fleet.yaml`: one file that describes the fleet, validated on load.
+
+Every section is a frozen dataclass; the loader walks the YAML against the dataclass fields, so an
+unknown key, a wrong type or a bad value is reported with its path (`devices[1].rank: ...`) before
+anything starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from shared.datasets import DEFAULT_SUBJECTS, SOURCE_ROOMS, TASKS
+from shared.errors import FleetError
+from shared.methods import METHODS
+
+AGGREGATIONS = ("none", "fedavg", "svd")
+PROBES = ("auto", "hwmon", "pi5-pmic", "rapl", "cpu-model", "none")
+
+
+class ConfigError(FleetError):
+    """fleet.yaml is malformed; the message names the file, the key and the problem."""
+
+
+@dataclass(frozen=True)
+class Coordinator:
+    address: str = "127.0.0.1"  # where the devices reach the SuperLink
+    port: int = 8000  # the SuperLink's one HTTP(S) port
+    state_dir: str = "~/.skip2fleet"  # certificates, node keys, run folders
+    tls: bool = True
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    dataset: str = "generated"
+    data_dir: str | None = None
+    source_room: str = "silentA"
+    subjects: tuple[int, ...] = DEFAULT_SUBJECTS
+
+
+@dataclass(frozen=True)
+class Training:
+    method: str = "skip2-lora"
+    rank: int = 4
+    epochs: int = 100
+    lr: float = 0.01
+    batch_size: int = 20
+    seed: int = 0
+    pretrain_epochs: int = 30
+
+
+@dataclass(frozen=True)
+class Federation:
+    rounds: int = 3
+    aggregation: str = "none"
+    min_devices: int = 1
+    round_timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class DeviceData:
+    partition: str = "0"  # generated: a noisy room's seed; har: a subject; fan: damage1|damage2
+    data_dir: str | None = None  # on the device; default: the task's data_dir
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    host: str = "127.0.0.1"
+    ssh_user: str = "pi"
+    data: DeviceData = field(default_factory=DeviceData)
+    probe: str = "auto"
+    rank: int | None = None  # overrides training.rank for this device
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    coordinator: Coordinator = field(default_factory=Coordinator)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    training: Training = field(default_factory=Training)
+    federation: Federation = field(default_factory=Federation)
+    devices: tuple[Device, ...] = ()
+    source: str = "fleet.yaml"
+
+    def rank_of(self, device: Device) -> int:
+        return device.rank if device.rank is not None else self.training.rank
+
+
+def load_config(path: Path) -> FleetConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such fleet file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
+    return parse_config(raw, str(path))
+
+
+def parse_config(raw: Any, source: str = "fleet.yaml") -> FleetConfig:
+    """Build and check a FleetConfig from parsed YAML."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    config = _build(FleetConfig, {k: v for k, v in raw.items() if k != "source"}, source, "")
+    config = dataclasses.replace(config, source=source)
+    _check(config)
+    return config
+
+
+def _build(cls: type, raw: Any, source: str, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {where or 'top level'}: expected a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{source}: {_join(where, unknown[0])}: unknown key; expected one of "
+            f"{', '.join(fields)}"
+        )
+    values = {}
+    for name, value in raw.items():
+        values[name] = _coerce(hints[name], value, source, _join(where, name))
+    missing = [
+        name for name, f in fields.items()
+        if name not in values and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]  # fmt: skip
+    if missing:
+        raise ConfigError(f"{source}: {_join(where, missing[0])}: required")
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, source: str, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, source, where)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, source, where)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {where}: expected a list, got {value!r}")
+        return tuple(_coerce(args[0], v, source, f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)  # a partition may be written as a number
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{source}: {where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _check(config: FleetConfig) -> None:
+    src = config.source
+
+    def fail(where: str, problem: str) -> typing.NoReturn:
+        raise ConfigError(f"{src}: {where}: {problem}")
+
+    if config.task.dataset not in TASKS:
+        fail("task.dataset", f"unknown dataset {config.task.dataset!r}; choose from "
+             f"{', '.join(TASKS)}")  # fmt: skip
+    if config.task.source_room not in SOURCE_ROOMS:
+        fail("task.source_room", f"must be one of {', '.join(SOURCE_ROOMS)}")
+    if config.task.data_dir is not None and not Path(config.task.data_dir).expanduser().is_dir():
+        fail("task.data_dir", f"data folder {config.task.data_dir} does not exist")
+    if config.training.method not in METHODS:
+        fail("training.method", f"unknown method; choose from {', '.join(METHODS)}")
+    for name in ("rank", "epochs", "batch_size", "pretrain_epochs"):
+        if getattr(config.training, name) < 1:
+            fail(f"training.{name}", "must be at least 1")
+    if not config.training.lr > 0:
+        fail("training.lr", "must be positive")
+    fed = config.federation
+    if fed.rounds < 1:
+        fail("federation.rounds", "must be at least 1")
+    if fed.aggregation not in AGGREGATIONS:
+        fail("federation.aggregation", f"must be one of {', '.join(AGGREGATIONS)}")
+    if fed.min_devices < 1:
+        fail("federation.min_devices", "must be at least 1")
+    if not fed.round_timeout_s > 0:
+        fail("federation.round_timeout_s", "must be positive")
+    if not 0 < config.coordinator.port < 65536:
+        fail("coordinator.port", "must be a TCP port, 1 to 65535")
+    seen: set[str] = set()
+    for i, device in enumerate(config.devices):
+        if device.name in seen:
+            fail(f"devices[{i}].name", f"duplicate device name {device.name!r}")
+        seen.add(device.name)
+        if device.probe not in PROBES:
+            fail(f"devices[{i}].probe", f"must be one of {', '.join(PROBES)}")
+        if device.rank is not None and device.rank < 1:
+            fail(f"devices[{i}].rank", "must be at least 1")
+    if fed.min_devices > max(len(config.devices), 1):
+        fail("federation.min_devices", f"is {fed.min_devices} but the fleet has "
+             f"{len(config.devices)} devices")  # fmt: skip
+    ranks = {config.rank_of(d) for d in config.devices}
+    if fed.aggregation == "fedavg" and len(ranks) > 1:
+        fail("federation.aggregation", "fedavg averages A and B element-wise and needs one "
+             f"rank on every device, found ranks {sorted(ranks)}; use svd")  # fmt: skip
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key

@@ -1,0 +1,76 @@
+"""Aggregation strategies: exact where they claim to be, biased where the design says so."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from server.aggregation import STRATEGIES, Update
+from shared.engine import adapter_pairs, trainable_shapes, unflatten
+from shared.methods import get_method
+
+DIMS = (6, 5, 5, 3)
+SKIP2 = get_method("skip2-lora")
+
+
+def random_update(name: str, rank: int, samples: int, seed: int, method=SKIP2) -> Update:
+    rng = np.random.default_rng(seed)
+    shapes = trainable_shapes(method, DIMS, rank)
+    theta = rng.normal(size=sum(int(np.prod(s)) for s in shapes.values())).astype(np.float32)
+    arrays = unflatten(theta, shapes)
+    if "A_skip" in arrays:  # keep the skip A block-diagonal, as the engine does
+        mask = np.zeros(arrays["A_skip"].shape, bool)
+        for pair in adapter_pairs(method, DIMS, rank):
+            mask[pair.rows, pair.cols] = True
+        arrays["A_skip"][~mask] = 0
+    return Update(name, theta, samples, rank)
+
+
+def products(theta: np.ndarray, rank: int, method=SKIP2) -> list[np.ndarray]:
+    arrays = unflatten(theta, trainable_shapes(method, DIMS, rank))
+    return [arrays[p.a][p.rows, p.cols] @ arrays[p.b][p.cols]
+            for p in adapter_pairs(method, DIMS, rank)]  # fmt: skip
+
+
+def test_none_sends_nothing_back():
+    updates = [random_update("a", 2, 10, 0), random_update("b", 2, 30, 1)]
+    assert STRATEGIES["none"](updates, SKIP2, DIMS).per_device == {}
+
+
+def test_fedavg_is_the_sample_weighted_mean():
+    a, b = random_update("a", 2, 10, 0), random_update("b", 2, 30, 1)
+    result = STRATEGIES["fedavg"]([a, b], SKIP2, DIMS).per_device
+    np.testing.assert_allclose(result["a"], 0.25 * a.theta + 0.75 * b.theta, rtol=1e-6)
+    assert result["a"] is result["b"]
+
+
+def test_svd_recovers_the_exact_mean_product_when_the_rank_allows():
+    """Two rank-1 devices re-factorised at rank 2: the mean of the products is exact."""
+    a, b = random_update("a", 1, 10, 0), random_update("b", 1, 30, 1)
+    wide = Update("c", random_update("c", 2, 1, 2).theta, 1e-9, 2)  # takes the rank-2 result
+    result = STRATEGIES["svd"]([a, b, wide], SKIP2, DIMS)
+    mean = [0.25 * pa + 0.75 * pb for pa, pb in zip(products(a.theta, 1), products(b.theta, 1),
+                                                     strict=True)]  # fmt: skip
+    for got, want in zip(products(result.per_device["c"], 2), mean, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # at rank 1 the same mean cannot be represented: the error is reported, not hidden
+    assert result.svd_relative_error > 0.01
+
+
+def test_svd_is_unbiased_where_fedavg_is_not():
+    a, b = random_update("a", 2, 10, 0), random_update("b", 2, 10, 1)
+    exact = [0.5 * pa + 0.5 * pb for pa, pb in zip(products(a.theta, 2), products(b.theta, 2),
+                                                   strict=True)]  # fmt: skip
+    fed = products(STRATEGIES["fedavg"]([a, b], SKIP2, DIMS).per_device["a"], 2)
+    err = lambda got: sum(np.linalg.norm(g - e) for g, e in zip(got, exact, strict=True))  # noqa: E731
+    svd = STRATEGIES["svd"]([a, b], SKIP2, DIMS)
+    assert err(products(svd.per_device["a"], 2)) < err(fed)
+
+
+def test_svd_averages_plain_arrays_of_lora_methods():
+    method = get_method("ft-all-lora")
+    a, b = random_update("a", 2, 10, 0, method), random_update("b", 2, 10, 1, method)
+    merged = unflatten(STRATEGIES["svd"]([a, b], method, DIMS).per_device["a"],
+                       trainable_shapes(method, DIMS, 2))  # fmt: skip
+    mean_w0 = 0.5 * (unflatten(a.theta, trainable_shapes(method, DIMS, 2))["W0"]
+                     + unflatten(b.theta, trainable_shapes(method, DIMS, 2))["W0"])  # fmt: skip
+    np.testing.assert_allclose(merged["W0"], mean_w0, rtol=1e-6)
