@@ -12,6 +12,7 @@ from typer.core import TyperGroup
 from server import options as opt
 from server.bench import bench_app
 from server.progress import progress, stderr
+from server.simulate import simulate_command
 from shared import model as base_model
 from shared.adapters import save_adapters
 from shared.atomic import write_text_atomic
@@ -40,6 +41,7 @@ app = typer.Typer(
     help="skip2fleet: fine-tune small models on fleets of edge devices with Skip2-LoRA.",
 )
 app.add_typer(bench_app, name="bench")
+app.command("simulate")(simulate_command)
 
 
 def pretrained_base(task: Task, epochs: int, seed: int) -> base_model.Model:

@@ -126,6 +126,64 @@ def accuracy_report(results: dict) -> tuple[str, Chart]:
     return "\n".join(lines) + "\n", chart
 
 
+def federated_report(summary: dict) -> tuple[str, Chart]:
+    """Per device: accuracy before and after (last round); per round: time and bytes."""
+    rounds = summary["rounds"]
+    last = rounds[-1]["devices"]
+    ratio = summary["full_model_bytes"] / summary["adapter_bytes"]
+    lines = [
+        f"### Federated fine-tuning, {summary['dataset']}: {summary['devices']} devices, "
+        f"{len(rounds)} rounds, {summary['method']}, aggregation {summary['aggregation']}",
+        "",
+        f"Full model {summary['full_model_bytes']} bytes; packed adapters "
+        f"{summary['adapter_bytes']} bytes (1/{ratio:.1f} of the model). "
+        f"Wall {summary['wall_s']:.1f} s.",
+        "",
+        "| device | accuracy before % | after % | train batch ms | uplink bytes |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, d in last.items():
+        lines.append(f"| {name} | {d['acc_before']:.2f} | {d['acc_after']:.2f} "
+                     f"| {d['train_batch_ms']:.4f} | {d['uplink_bytes']:.0f} |")  # fmt: skip
+    lines += ["", "| round | duration s | devices | refused | missing | max uplink bytes |",
+              "|---:|---:|---:|---|---|---:|"]  # fmt: skip
+    for r in rounds:
+        uplink = max((d["uplink_bytes"] for d in r["devices"].values()), default=0)
+        lines.append(f"| {r['round']} | {r['duration_s']:.1f} | {len(r['devices'])} "
+                     f"| {', '.join(r['refused']) or '-'} | {', '.join(r['missing']) or '-'} "
+                     f"| {uplink:.0f} |")  # fmt: skip
+
+    def chart(path: Path) -> None:
+        plt = _pyplot()
+        fig, (acc, dur, up) = plt.subplots(1, 3, figsize=(13, 4))
+        names = list(last)
+        xs = range(len(names))
+        acc.bar([x - 0.2 for x in xs], [last[n]["acc_before"] for n in names], 0.4,
+                color="#c44e52", label="before")  # fmt: skip
+        acc.bar([x + 0.2 for x in xs], [last[n]["acc_after"] for n in names], 0.4,
+                color="#4c72b0", label="after")  # fmt: skip
+        acc.set_xticks(list(xs), names, rotation=45)
+        acc.set_ylabel("test accuracy % (own data)")
+        acc.set_title(f"per device, after round {rounds[-1]['round']}")
+        acc.legend(loc="lower right")
+        numbers = [r["round"] for r in rounds]
+        dur.bar(numbers, [r["duration_s"] for r in rounds], color="#55a868")
+        dur.set_xlabel("round")
+        dur.set_ylabel("seconds")
+        dur.set_title("time per round")
+        up.bar(numbers, [sum(d["uplink_bytes"] for d in r["devices"].values()) for r in rounds],
+               color="#8172b3", label="uplink, all devices")  # fmt: skip
+        up.axhline(summary["full_model_bytes"], color="black", linestyle="--",
+                   label="one full model")  # fmt: skip
+        up.set_xlabel("round")
+        up.set_ylabel("bytes")
+        up.set_title("bytes per round")
+        up.legend(loc="upper right")
+        _save(fig, path)
+
+    return "\n".join(lines) + "\n", chart
+
+
 def _pyplot():
     try:
         import matplotlib

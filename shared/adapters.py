@@ -1,4 +1,9 @@
-"""Fine-tuned adapters as a file: the arrays a device trained, tied to the base they fit."""
+"""Adapters as a file and on the wire.
+
+On the wire a device sends only real parameters: the engine's flat `theta` minus the zeros that
+keep the skip adapters' A block-diagonal. Both sides derive the layout from (method, dims, rank),
+so the packed vector is one float32 array with no names or shapes around it.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,41 @@ from pathlib import Path
 import numpy as np
 
 from shared.atomic import write_atomic
+from shared.engine import adapter_pairs, trainable_shapes, unflatten
+from shared.methods import Method
+
+
+def _parts(method: Method, dims: tuple[int, ...], rank: int, theta: np.ndarray) -> list:
+    arrays = unflatten(theta, trainable_shapes(method, dims, rank))
+    blocks = [arrays["A_skip"][p.rows, p.cols] for p in adapter_pairs(method, dims, rank) if p.skip]
+    return [blocks if name == "A_skip" else [array] for name, array in arrays.items()]
+
+
+def packed_size(method: Method, dims: tuple[int, ...], rank: int) -> int:
+    shapes = trainable_shapes(method, dims, rank)
+    theta = np.zeros(sum(int(np.prod(s)) for s in shapes.values()), np.float32)
+    return sum(part.size for group in _parts(method, dims, rank, theta) for part in group)
+
+
+def pack(theta: np.ndarray, method: Method, dims: tuple[int, ...], rank: int) -> np.ndarray:
+    """The real parameters of `theta`, as one float32 vector."""
+    groups = _parts(method, dims, rank, theta)
+    return np.concatenate([part.ravel() for group in groups for part in group]).astype(np.float32)
+
+
+def unpack(packed: np.ndarray, method: Method, dims: tuple[int, ...], rank: int) -> np.ndarray:
+    """The engine's `theta` (zeros off the skip blocks) from a packed vector."""
+    expected = packed_size(method, dims, rank)
+    if packed.ndim != 1 or packed.size != expected:
+        raise ValueError(f"expected {expected} packed values, got shape {packed.shape}")
+    shapes = trainable_shapes(method, dims, rank)
+    theta = np.zeros(sum(int(np.prod(s)) for s in shapes.values()), np.float32)
+    offset = 0
+    for group in _parts(method, dims, rank, theta):
+        for part in group:
+            part[...] = packed[offset : offset + part.size].reshape(part.shape)
+            offset += part.size
+    return theta
 
 
 def save_adapters(

@@ -208,5 +208,18 @@ def _check(config: FleetConfig) -> None:
              f"rank on every device, found ranks {sorted(ranks)}; use svd")  # fmt: skip
 
 
+def as_yaml_dict(config: FleetConfig) -> dict:
+    """The config as plain data, to write back as YAML."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return [plain(v) for v in value] if isinstance(value, list | tuple) else value
+
+    data = plain(dataclasses.asdict(config))
+    data.pop("source")
+    return data
+
+
 def _join(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key

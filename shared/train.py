@@ -76,12 +76,16 @@ def finetune(
     config: FineTuneConfig = FineTuneConfig(),
     cache: np.ndarray | None = None,
     on_epoch: Callable[[int], None] | None = None,
+    start: np.ndarray | None = None,
 ) -> FineTuneResult:
-    """Fine-tune `method` from the base `model` on raw features `x` and labels `y`."""
+    """Fine-tune `method` from the base `model` on raw features `x` and labels `y`; `start`
+    continues from earlier trainable values (a flat `theta`) instead of a fresh init."""
     batch = min(config.batch_size, len(y))
     tuner = FineTuner(
         model, method, rank=config.rank, alpha=config.alpha, batch_size=batch, seed=config.seed
     )
+    if start is not None:
+        tuner.load(start)
     started = perf_counter()
     tuner.attach(x, y, cache)
     result = FineTuneResult(tuner, prepare_seconds=perf_counter() - started)

@@ -139,3 +139,17 @@ def test_skip2_matches_skip_lora_after_a_full_har_fine_tune(data_dir):
     )
     assert np.abs(skip).max() > 0.01
     assert np.abs(skip - skip2).max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_packing_keeps_exactly_the_real_parameters(tiny, name):
+    from shared.adapters import pack, packed_size, unpack
+
+    model, _, _ = tiny
+    tuner = FineTuner(model, get_method(name), rank=2, batch_size=4)
+    real = _randomise(tuner, np.random.default_rng(3))
+    packed = pack(tuner.theta, tuner.method, tuner.dims, 2)
+    assert packed.size == packed_size(tuner.method, tuner.dims, 2) == real.sum()
+    np.testing.assert_array_equal(unpack(packed, tuner.method, tuner.dims, 2), tuner.theta)
+    with pytest.raises(ValueError, match="packed values"):
+        unpack(packed[:-1], tuner.method, tuner.dims, 2)

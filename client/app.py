@@ -1,0 +1,133 @@
+"""The Flower ClientApp: one device's round of Skip2-LoRA fine-tuning.
+
+Round 1 brings the base model and its sha256: the device checks the hash, keeps the base on disk
+and builds its Skip2 cache there. Every round it trains its adapters (from the coordinator's merged
+ones when the fleet aggregates, else from its own) and replies with the packed adapters and its
+figures. A base whose hash does not match, or a device that cannot find itself or its data, gets
+an error reply that says why.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from time import perf_counter
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.store import DeviceStore
+from shared import model as base_model
+from shared.adapters import pack, unpack
+from shared.datasets import TaskOptions
+from shared.errors import FleetError
+from shared.methods import get_method
+from shared.protocol import (
+    ADAPTERS,
+    ADAPTERS_BY_DEVICE,
+    BASE,
+    DEVICE_ERROR,
+    FIGURES,
+    PLAN,
+    Figures,
+    RoundPlan,
+)
+from shared.records import record_model, record_vector, vector_record, wire_bytes
+from shared.train import FineTuneConfig, finetune
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    try:
+        return Message(content=run_round(msg.content, context.node_config), reply_to=msg)
+    except (FleetError, ValueError, KeyError) as exc:
+        return Message(error=Error(code=DEVICE_ERROR, reason=str(exc)), reply_to=msg)
+
+
+def identify(plan: RoundPlan, node_config: dict) -> int:
+    """This device's index in the plan: by its configured name, or its simulation partition."""
+    if "device" in node_config:
+        name = str(node_config["device"])
+        if name not in plan.devices:
+            raise FleetError(f"device {name!r} is not in the fleet ({', '.join(plan.devices)})")
+        return plan.devices.index(name)
+    index = int(node_config["partition-id"])
+    if not 0 <= index < len(plan.devices):
+        raise FleetError(f"partition {index} has no device in the fleet")
+    return index
+
+
+def run_round(content: RecordDict, node_config: dict) -> RecordDict:
+    started = perf_counter()
+    plan = RoundPlan.from_record(content[PLAN])
+    index = identify(plan, node_config)
+    name, rank, method = plan.devices[index], plan.ranks[index], get_method(plan.method)
+    root = node_config.get("state-dir") or Path(plan.state_root) / name
+    store = DeviceStore(Path(str(root)))
+    if BASE in content:
+        received = record_model(content[BASE])
+        digest = base_model.sha256(received)
+        if digest != plan.base_sha256:
+            raise FleetError(
+                f"{name}: base model hash {digest[:12]} does not match the announced "
+                f"{plan.base_sha256[:12]}; refusing it"
+            )
+        store.save_base(received)
+    model = store.load_base(plan.base_sha256)
+    if model is None:
+        raise FleetError(f"{name}: no base model {plan.base_sha256[:12]} on this device")
+    data_dir = node_config.get("data-dir") or plan.data_dir or None
+    options = TaskOptions(
+        Path(str(data_dir)) if data_dir else None, plan.source_room, seed=plan.seed
+    )
+    tune, test = store.data(plan.dataset, plan.partitions[index], options)
+    dims = base_model.dims(model)
+    cache, built = (None, False)
+    if method.cached:
+        cache, built = store.cache(model, plan.base_sha256, tune.x)
+    if ADAPTERS in content:
+        start = unpack(record_vector(content[ADAPTERS]), method, dims, rank)
+    elif ADAPTERS_BY_DEVICE in content and name in content[ADAPTERS_BY_DEVICE]:
+        start = unpack(content[ADAPTERS_BY_DEVICE][name].numpy(), method, dims, rank)
+    else:
+        start = store.load_adapters(plan.base_sha256, method.name, rank) if plan.round > 1 else None
+    config = FineTuneConfig(plan.epochs, plan.batch_size, rank, None, plan.lr, plan.seed + index)
+    result = finetune(model, method, tune.x, tune.y, config, cache, start=start)
+    store.save_adapters(plan.base_sha256, method.name, rank, result.tuner.theta)
+
+    predict = result.tuner.merged()
+    split = result.times.per_batch_ms()
+    reply = RecordDict(
+        {
+            ADAPTERS: vector_record(pack(result.tuner.theta, method, dims, rank)),
+            "device": ConfigRecord({"name": name}),
+        }
+    )
+    figures = Figures(
+        samples=len(tune),
+        loss=_cross_entropy(predict(tune.x), tune.y),
+        acc_before=base_model.accuracy(base_model.forward_frozen(model, test.x)[-1], test.y),
+        acc_after=base_model.accuracy(predict(test.x), test.y),
+        forward_ms=split["forward"],
+        backward_ms=split["backward"],
+        update_ms=split["update"],
+        train_batch_ms=split["total"],
+        finetune_s=perf_counter() - started,
+        cache_bytes=int(cache.nbytes) if cache is not None else 0,
+        cache_built=int(built),
+        uplink_bytes=0.0,
+        rank=rank,
+    )
+    reply[FIGURES] = figures.record()
+    reply[FIGURES]["uplink_bytes"] = float(wire_bytes(reply))  # a double: its size is fixed
+    store.save_figures({"device": name, "round": plan.round, **reply[FIGURES]})
+    return reply
+
+
+def _cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
+    z = logits.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-np.mean(log_p[np.arange(len(y)), y]))

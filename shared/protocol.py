@@ -1,0 +1,68 @@
+"""What the coordinator asks of a device each round, and what the device reports back.
+
+One dataclass per direction, turned into Flower records and back here, so that the key names
+live in one place. A device finds itself in `devices` by its `--node-config device=NAME`, or in a
+simulation by its partition id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord, MetricRecord
+
+PLAN, BASE, ADAPTERS, FIGURES = "plan", "base", "adapters", "figures"
+ADAPTERS_BY_DEVICE = "adapters-by-device"  # a resumed run's first round: node ids not yet known
+DEVICE_ERROR = 1001  # Flower error code of a device's refusal (hash mismatch, missing data, ...)
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    round: int
+    method: str
+    epochs: int
+    lr: float
+    batch_size: int
+    seed: int
+    base_sha256: str
+    dataset: str
+    data_dir: str  # "" for none
+    source_room: str
+    state_root: str  # where simulated devices keep their folders; "" on real devices
+    devices: list[str]
+    partitions: list[str]
+    ranks: list[int]
+
+    def record(self) -> ConfigRecord:
+        return ConfigRecord(dataclasses.asdict(self))
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> RoundPlan:
+        return cls(**{f.name: record[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class Figures:
+    """A device's report of one round (units in the names)."""
+
+    samples: int
+    loss: float
+    acc_before: float  # the base model on the device's held-out data, percent
+    acc_after: float  # with the adapters after this round
+    forward_ms: float  # per training batch
+    backward_ms: float
+    update_ms: float
+    train_batch_ms: float
+    finetune_s: float  # data, cache and training of this round
+    cache_bytes: int
+    cache_built: int  # 1 when the cache was built this round, 0 when read from disk
+    uplink_bytes: float  # of this reply, measured on its serialised form
+    rank: int
+
+    def record(self) -> MetricRecord:
+        return MetricRecord(dataclasses.asdict(self))
+
+    @classmethod
+    def from_record(cls, record: MetricRecord) -> Figures:
+        return cls(**{f.name: record[f.name] for f in dataclasses.fields(cls)})
