@@ -60,9 +60,20 @@ def identify(plan: RoundPlan, node_config: dict) -> int:
 
 
 def run_round(content: RecordDict, node_config: dict) -> RecordDict:
-    started = perf_counter()
+    """One round on this device; any refusal is raised with the device's name in front."""
     plan = RoundPlan.from_record(content[PLAN])
     index = identify(plan, node_config)
+    name = plan.devices[index]
+    try:
+        return _fine_tune(content, node_config, plan, index)
+    except (FleetError, ValueError, KeyError) as exc:
+        message = str(exc)
+        prefixed = message if message.startswith(f"{name}:") else f"{name}: {message}"
+        raise FleetError(prefixed) from exc
+
+
+def _fine_tune(content: RecordDict, node_config: dict, plan: RoundPlan, index: int) -> RecordDict:
+    started = perf_counter()
     name, rank, method = plan.devices[index], plan.ranks[index], get_method(plan.method)
     root = node_config.get("state-dir") or Path(plan.state_root) / name
     store = DeviceStore(Path(str(root)))

@@ -82,9 +82,12 @@ def svd(updates: list[Update], method: Method, dims: tuple[int, ...]) -> Aggrega
             arrays[name][...] = value
         for pair, product in zip(adapter_pairs(method, dims, rank), products, strict=True):
             u, s, vt = np.linalg.svd(product, full_matrices=False)
-            root = np.sqrt(s[:rank])
-            arrays[pair.a][pair.rows, pair.cols] = u[:, :rank] * root
-            arrays[pair.b][pair.cols] = root[:, None] * vt[:rank]
+            keep = min(rank, len(s))  # a d x C product has rank <= C; further columns stay 0
+            root = np.sqrt(s[:keep])
+            a_block = arrays[pair.a][pair.rows, pair.cols]
+            a_block[:, :keep] = u[:, :keep] * root
+            arrays[pair.a][pair.rows, pair.cols] = a_block
+            arrays[pair.b][pair.cols][:keep] = root[:, None] * vt[:keep]
             approx = arrays[pair.a][pair.rows, pair.cols] @ arrays[pair.b][pair.cols]
             residual += float(np.sum((product - approx) ** 2))
             total += float(np.sum(product**2))

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from server.aggregation import STRATEGIES, Update
 from server.runs import RunFolder
 from shared import model as base_model
-from shared.adapters import packed_size, unpack
+from shared.adapters import pack, packed_size, unpack
 from shared.config import FleetConfig
 from shared.errors import FleetError
 from shared.methods import Method, get_method
@@ -128,13 +128,18 @@ def coordinate(grid: Grid, folder: RunFolder, on_round: RoundListener) -> None:
         answered = set(result["devices"]) | set(result["refused"])
         result["missing"] = [d.name for d in config.devices if d.name not in answered]
         if len(updates) < fed.min_devices:
+            reasons = [f"no answer from {', '.join(result['missing'])} within "
+                       f"{fed.round_timeout_s:.0f} s"] if result["missing"] else []  # fmt: skip
+            reasons += [f"{name} refused: {why}" for name, why in result["refused"].items()]
             raise FleetError(
                 f"round {number}: {len(updates)} usable replies, {fed.min_devices} needed; "
-                f"no answer from {', '.join(result['missing']) or 'none'}"
-                + "".join(f"; {name} refused: {why}" for name, why in result["refused"].items())
+                + "; ".join(reasons)
             )
         aggregate = STRATEGIES[fed.aggregation](updates, method, dims)
-        outgoing = aggregate.per_device
+        outgoing = {
+            device: pack(theta, method, dims, ranks[device])
+            for device, theta in aggregate.per_device.items()
+        }
         result.update(
             round=number,
             duration_s=time.monotonic() - started,
@@ -144,6 +149,12 @@ def coordinate(grid: Grid, folder: RunFolder, on_round: RoundListener) -> None:
         )
         folder.save_round(number, result, received, outgoing)
         on_round(result)
+
+
+def _named_device(reason: str, ranks: dict[str, int]) -> str | None:
+    """Devices start their error reasons with their name (see client.app)."""
+    name = reason.split(":", 1)[0]
+    return name if name in ranks else None
 
 
 def judge(
@@ -159,8 +170,9 @@ def judge(
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
-            name = device_of.get(node, f"node {node}")
-            result["refused"][name] = reply.error.reason or f"error code {reply.error.code}"
+            reason = reply.error.reason or f"error code {reply.error.code}"
+            name = device_of.get(node) or _named_device(reason, ranks) or f"node {node}"
+            result["refused"][name] = reason
             continue
         content = reply.content
         name = str(content["device"]["name"])

@@ -46,6 +46,19 @@ class RunFolder:
             raise FleetError(f"{self.path}: not a run folder (no fleet.yaml)")
         return parse_config(yaml.safe_load(path.read_text()), str(path))
 
+    def extend(self, rounds: int | None) -> RunFolder:
+        """Set the run's total rounds (to continue it further); None keeps them."""
+        config = self.config()
+        if rounds is not None:
+            data = yaml.safe_load((self.path / "fleet.yaml").read_text())
+            data["federation"]["rounds"] = rounds
+            parse_config(data, str(self.path / "fleet.yaml"))
+            (self.path / "fleet.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+        elif self.completed_rounds()[-1:] == [config.federation.rounds]:
+            raise FleetError(f"{self.path}: all {config.federation.rounds} rounds are done; "
+                             "pass --rounds to go further")  # fmt: skip
+        return self
+
     def base(self) -> base_model.Model:
         return base_model.load(self.path / "base.npz")
 

@@ -67,6 +67,19 @@ def resolve_fleet(
     return parse_config(data, str(path or "defaults"))
 
 
+def pretrained_for(fleet: FleetConfig) -> base_model.Model:
+    """The base model, pretrained on the coordinator's source data for the fleet's task."""
+    task = fleet.task
+    options = TaskOptions(Path(task.data_dir) if task.data_dir else None, task.source_room,
+                          task.subjects, fleet.training.seed)  # fmt: skip
+    source, classes = source_split(task.dataset, options)
+    epochs = fleet.training.pretrain_epochs
+    with progress(epochs, f"pretraining on {task.dataset}") as advance:
+        return pretrain(source.x, source.y, len(classes),
+                        PretrainConfig(epochs=epochs, seed=fleet.training.seed),
+                        on_epoch=lambda e, loss: advance(f"pretrained epoch {e + 1}"))  # fmt: skip
+
+
 def print_round(result: dict) -> None:
     devices = result["devices"]
     before = sum(d["acc_before"] for d in devices.values()) / max(len(devices), 1)
@@ -98,27 +111,29 @@ def simulate_command(
     out: Annotated[
         Path | None, typer.Option(help="Run folder (default runs/simulate-<time>).")
     ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="Continue this run folder after its last completed round."),
+    ] = None,
     json_out: opt.JsonOut = None,
 ) -> None:
     """Run the fleet's federated rounds on this machine, one simulated device per entry."""
-    fleet = resolve_fleet(config, devices, rounds, dataset, data_dir, aggregation)
-    out = out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
+    if resume is not None:
+        folder = RunFolder(resume).extend(rounds)
+    else:
+        fleet = resolve_fleet(config, devices, rounds, dataset, data_dir, aggregation)
+        out = out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
+        folder = RunFolder.create(out, as_yaml_dict(fleet), pretrained_for(fleet))
+    fleet, base = folder.config(), folder.base()
     task = fleet.task
-    options = TaskOptions(Path(task.data_dir) if task.data_dir else None, task.source_room,
-                          task.subjects, fleet.training.seed)  # fmt: skip
-    source, classes = source_split(task.dataset, options)
-    epochs = fleet.training.pretrain_epochs
-    with progress(epochs, f"pretraining on {task.dataset}") as advance:
-        base = pretrain(source.x, source.y, len(classes),
-                        PretrainConfig(epochs=epochs, seed=fleet.training.seed),
-                        on_epoch=lambda e, loss: advance(f"pretrained epoch {e + 1}"))  # fmt: skip
-    folder = RunFolder.create(out, as_yaml_dict(fleet), base)
     stderr.print(
         f"simulating {len(fleet.devices)} devices x {fleet.federation.rounds} rounds "
         f"({task.dataset}, {fleet.training.method}, aggregation {fleet.federation.aggregation}) "
         f"in {folder.path}"
     )
     typer.echo("round  duration   devices  accuracy before -> after  train batch  uplink/device")
+    for number in folder.completed_rounds():
+        print_round(folder.round_result(number))
     started = time.monotonic()
     run_simulation(folder, len(fleet.devices))
     wall = time.monotonic() - started

@@ -74,3 +74,14 @@ def test_svd_averages_plain_arrays_of_lora_methods():
     mean_w0 = 0.5 * (unflatten(a.theta, trainable_shapes(method, DIMS, 2))["W0"]
                      + unflatten(b.theta, trainable_shapes(method, DIMS, 2))["W0"])  # fmt: skip
     np.testing.assert_allclose(merged["W0"], mean_w0, rtol=1e-6)
+
+
+def test_svd_keeps_the_rank_when_the_product_has_fewer_columns():
+    """A skip product is d x C; with C = 3 < rank 4 the fourth column of A stays zero."""
+    a, b = random_update("a", 4, 10, 0), random_update("b", 4, 10, 1)
+    result = STRATEGIES["svd"]([a, b], SKIP2, DIMS)
+    exact = [0.5 * pa + 0.5 * pb for pa, pb in zip(products(a.theta, 4), products(b.theta, 4),
+                                                   strict=True)]  # fmt: skip
+    for got, want in zip(products(result.per_device["a"], 4), exact, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert result.svd_relative_error < 1e-5

@@ -1,0 +1,102 @@
+"""Federated rounds on Flower's Simulation Engine (Ray, in this process), end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from typer.testing import CliRunner
+
+from client.app import train as real_train
+from server.app import make_server_app
+from server.cli import app
+from server.runs import RunFolder
+from server.simulate import resolve_fleet
+from shared import model as base_model
+from shared.config import as_yaml_dict
+from shared.protocol import ADAPTERS
+from shared.records import vector_record
+
+runner = CliRunner()
+
+
+def simulate(*args: str) -> dict:
+    result = runner.invoke(app, ["simulate", *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_generated_fleet_improves_and_only_adapters_travel_after_round_1(tmp_path):
+    report = tmp_path / "sim.json"
+    simulate("--devices", "3", "--rounds", "2", "--out", str(tmp_path / "run"),
+             "--json", str(report))  # fmt: skip
+    summary = json.loads(report.read_text())
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    for device in summary["rounds"][-1]["devices"].values():
+        assert device["acc_after"] > device["acc_before"] + 10
+    full = summary["full_model_bytes"]
+    first, second = (r["downlink_bytes"] for r in summary["rounds"])
+    assert min(first.values()) > full  # round 1 carries the base
+    assert max(second.values()) < full / 20  # round 2 only the plan
+    assert (tmp_path / "run" / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_har_devices_send_at_most_a_fifteenth_of_the_model(tmp_path, data_dir):
+    report = tmp_path / "har.json"
+    simulate("--dataset", "har", "--data-dir", str(data_dir), "--devices", "5", "--rounds", "2",
+             "--out", str(tmp_path / "run"), "--json", str(report))  # fmt: skip
+    summary = json.loads(report.read_text())
+    last = summary["rounds"][-1]["devices"]
+    assert sorted(last) == ["sim-1", "sim-2", "sim-3", "sim-4", "sim-5"]
+    mean = {key: np.mean([d[key] for d in last.values()]) for key in ("acc_before", "acc_after")}
+    assert mean["acc_after"] > mean["acc_before"]
+    assert max(d["uplink_bytes"] for d in last.values()) <= summary["full_model_bytes"] / 15
+
+
+def poisoning_client(bad_partition: int) -> ClientApp:
+    """The real ClientApp, except that one device sends NaN adapters."""
+    client = ClientApp()
+
+    @client.train()
+    def train(msg: Message, context: Context) -> Message:
+        reply = real_train(msg, context)
+        if int(context.node_config["partition-id"]) == bad_partition and reply.has_content():
+            vector = reply.content[ADAPTERS]["theta"].numpy().copy()
+            vector[3] = np.nan
+            reply.content[ADAPTERS] = vector_record(vector)
+        return reply
+
+    return client
+
+
+def test_a_device_sending_nan_is_refused_and_does_not_poison_the_average(tmp_path):
+    from flwr.simulation import run_simulation
+
+    fleet = resolve_fleet(None, 3, 1, "generated", None, "fedavg")
+    fleet = dataclasses.replace(fleet, federation=dataclasses.replace(fleet.federation,
+                                                                      min_devices=2))  # fmt: skip
+    base = base_model.init_model(64, 3, np.random.default_rng(0))
+    folder = RunFolder.create(tmp_path / "run", as_yaml_dict(fleet), base)
+    run_simulation(server_app=make_server_app(folder.path), client_app=poisoning_client(1),
+                   num_supernodes=3)  # fmt: skip
+    result = folder.round_result(1)
+    assert result["refused"] == {"sim-2": "adapters hold NaN or Inf"}
+    assert sorted(result["devices"]) == ["sim-1", "sim-3"]
+    outgoing = folder.outgoing(1)
+    assert sorted(outgoing) == ["sim-1", "sim-3"]
+    assert all(np.isfinite(v).all() for v in outgoing.values())
+
+
+def test_resume_continues_after_the_last_completed_round(tmp_path):
+    run = tmp_path / "run"
+    simulate("--devices", "2", "--rounds", "1", "--aggregation", "svd", "--out", str(run))
+    first = (run / "rounds" / "001" / "round.json").read_text()
+    result = simulate("--resume", str(run), "--rounds", "2")
+    assert (run / "rounds" / "001" / "round.json").read_text() == first
+    second = json.loads((run / "rounds" / "002" / "round.json").read_text())
+    assert sorted(second["devices"]) == ["sim-1", "sim-2"]
+    assert second["svd_relative_error"] is not None
+    assert "    2 " in result.output
