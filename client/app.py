@@ -9,6 +9,7 @@ an error reply that says why.
 
 from __future__ import annotations
 
+import resource
 from pathlib import Path
 from time import perf_counter
 
@@ -130,11 +131,17 @@ def _fine_tune(content: RecordDict, node_config: dict, plan: RoundPlan, index: i
         cache_built=int(built),
         uplink_bytes=0.0,
         rank=rank,
+        peak_rss_bytes=peak_rss_bytes(),
     )
     reply[FIGURES] = figures.record()
     reply[FIGURES]["uplink_bytes"] = float(wire_bytes(reply))  # a double: its size is fixed
     store.save_figures({"device": name, "round": plan.round, **reply[FIGURES]})
     return reply
+
+
+def peak_rss_bytes() -> int:
+    """The peak resident memory of this process (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:

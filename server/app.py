@@ -48,7 +48,11 @@ def make_server_app(
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         folder = RunFolder(run_dir or Path(str(context.run_config["run-dir"])))
-        coordinate(grid, folder, on_round or (lambda result: None))
+        try:
+            coordinate(grid, folder, on_round or (lambda result: None))
+        except FleetError as exc:
+            folder.record_failure(str(exc))
+            raise
 
     return server_app
 

@@ -12,6 +12,7 @@ from typer.core import TyperGroup
 from server import options as opt
 from server.bench import bench_app
 from server.progress import progress, stderr
+from server.run import certs_command, run_command
 from server.simulate import simulate_command
 from shared import model as base_model
 from shared.adapters import save_adapters
@@ -42,6 +43,8 @@ app = typer.Typer(
 )
 app.add_typer(bench_app, name="bench")
 app.command("simulate")(simulate_command)
+app.command("run")(run_command)
+app.command("certs")(certs_command)
 
 
 def pretrained_base(task: Task, epochs: int, seed: int) -> base_model.Model:

@@ -59,6 +59,14 @@ class RunFolder:
                              "pass --rounds to go further")  # fmt: skip
         return self
 
+    def record_failure(self, reason: str) -> None:
+        """Why the run stopped early, for `fleet run` to report (the ServerApp's log is remote)."""
+        (self.path / "failure.txt").write_text(reason + "\n")
+
+    def failure(self) -> str | None:
+        path = self.path / "failure.txt"
+        return path.read_text().strip() if path.is_file() else None
+
     def base(self) -> base_model.Model:
         return base_model.load(self.path / "base.npz")
 

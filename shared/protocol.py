@@ -59,6 +59,7 @@ class Figures:
     cache_built: int  # 1 when the cache was built this round, 0 when read from disk
     uplink_bytes: float  # of this reply, measured on its serialised form
     rank: int
+    peak_rss_bytes: int  # of the ClientApp process so far
 
     def record(self) -> MetricRecord:
         return MetricRecord(dataclasses.asdict(self))

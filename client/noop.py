@@ -1,0 +1,39 @@
+"""A ClientApp that does no work: zero adapters of the right size, straight back.
+
+Run in place of `client.app` (`fleet bench round`), it measures what Flower itself costs per round
+and what a ClientApp process weighs before any model, so the real app's overhead can be told
+apart from Flower's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.app import identify, peak_rss_bytes
+from shared import model as base_model
+from shared.adapters import packed_size
+from shared.methods import get_method
+from shared.protocol import ADAPTERS, BASE, FIGURES, PLAN, Figures, RoundPlan
+from shared.records import record_model, vector_record, wire_bytes
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    plan = RoundPlan.from_record(msg.content[PLAN])
+    index = identify(plan, context.node_config)
+    if BASE in msg.content:
+        dims = base_model.dims(record_model(msg.content[BASE]))
+        context.state["noop"] = ConfigRecord({"dims": list(dims)})
+    dims = tuple(context.state["noop"]["dims"])
+    size = packed_size(get_method(plan.method), dims, plan.ranks[index])
+    reply = RecordDict({ADAPTERS: vector_record(np.zeros(size, np.float32)),
+                        "device": ConfigRecord({"name": plan.devices[index]})})  # fmt: skip
+    figures = Figures(0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0, 0, 0.0,
+                      plan.ranks[index], peak_rss_bytes())  # fmt: skip
+    reply[FIGURES] = figures.record()
+    reply[FIGURES]["uplink_bytes"] = float(wire_bytes(reply))
+    return Message(content=reply, reply_to=msg)

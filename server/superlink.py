@@ -1,0 +1,141 @@
+"""The coordinator's side of a Flower deployment: the SuperLink, node registration, `flwr run`.
+
+`fleet` keeps its own Flower home (`<state_dir>/flwr`, with one connection named `fleet`) and its
+own minimal Flower app folder (`<state_dir>/app`, whose components are the installed `server.app`
+and `client.app`), so it neither reads nor changes the user's `~/.flwr`, and `fleet run` works
+from an installed wheel as well as from a checkout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from server.certs import Credentials
+from shared.atomic import write_text_atomic
+from shared.config import FleetConfig
+from shared.errors import FleetError
+
+CONNECTION = "fleet"
+APP_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "skip2fleet-rounds"
+version = "0.1.0"
+description = "Federated Skip2-LoRA rounds of skip2fleet"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "skip2fleet"
+
+[tool.flwr.app.components]
+serverapp = "server.app:app"
+clientapp = "{clientapp}"
+
+[tool.flwr.app.config]
+run-dir = ""
+"""
+
+
+def state_dir(config: FleetConfig) -> Path:
+    return Path(config.coordinator.state_dir).expanduser()
+
+
+def flower_env(config: FleetConfig) -> dict[str, str]:
+    """The environment for Flower commands: fleet's own Flower home, no telemetry."""
+    return {
+        **os.environ,
+        "FLWR_HOME": str(state_dir(config) / "flwr"),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+    }
+
+
+def write_connection(config: FleetConfig, creds: Credentials) -> None:
+    """`[superlink.fleet]` in fleet's Flower home, pointing at the coordinator."""
+    home = state_dir(config) / "flwr"
+    home.mkdir(parents=True, exist_ok=True)
+    address = f"{config.coordinator.address}:{config.coordinator.port}"
+    security = (
+        f'root-certificates = "{creds.ca_cert}"' if config.coordinator.tls else "insecure = true"
+    )
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+        f'[superlink.{CONNECTION}]\naddress = "{address}"\n{security}\n'
+    )
+
+
+def write_app(config: FleetConfig, clientapp: str = "client.app:app") -> Path:
+    """The Flower app folder that `flwr run` packages (components from the installed code)."""
+    folder = state_dir(config) / "app" / clientapp.replace(":", "-").replace(".", "-")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(APP_PYPROJECT.format(clientapp=clientapp))
+    return folder
+
+
+def superlink_command(config: FleetConfig, creds: Credentials, host: str = "0.0.0.0") -> list[str]:
+    """The `flower-superlink` command line of the coordinator's service."""
+    command = [
+        "flower-superlink",
+        "--database", str(state_dir(config) / "superlink.db"),
+        "--host", host,
+        "--port", str(config.coordinator.port),
+    ]  # fmt: skip
+    if config.coordinator.tls:
+        command += [
+            "--ssl-ca-certfile", str(creds.ca_cert),
+            "--ssl-certfile", str(creds.server_cert),
+            "--ssl-keyfile", str(creds.server_key),
+            "--enable-supernode-auth",
+        ]  # fmt: skip
+    else:
+        command.append("--insecure")
+    return command
+
+
+def flwr(config: FleetConfig, *args: str, timeout: float = 60) -> dict:
+    """Run a `flwr` CLI command against the fleet's SuperLink; its JSON answer."""
+    try:
+        done = subprocess.run(
+            ["flwr", *args, "--format", "json"],
+            env=flower_env(config),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        raise FleetError(
+            f"flwr {args[0]}: no answer from the SuperLink in {timeout:.0f} s"
+        ) from None
+    try:
+        answer = json.loads(done.stdout[done.stdout.index("{") :])
+    except ValueError:
+        answer = {}
+    if done.returncode != 0 or not answer.get("success", False):
+        detail = answer.get("error-message") or (done.stderr or done.stdout).strip()[-400:]
+        raise FleetError(f"flwr {' '.join(args[:2])} failed: {detail}")
+    return answer
+
+
+def register_nodes(config: FleetConfig, creds: Credentials, devices: list[str]) -> dict[str, int]:
+    """Register the devices' node keys with the SuperLink; ones it already holds are kept.
+
+    Flower's node list does not show names, so `<state_dir>/nodes.json` remembers which node id
+    belongs to which device."""
+    registry_path = state_dir(config) / "nodes.json"
+    registry = json.loads(registry_path.read_text()) if registry_path.is_file() else {}
+    listed = {int(n["node-id"]) for n in flwr(config, "supernode", "list", CONNECTION)["nodes"]}
+    for device in devices:
+        if registry.get(device) in listed:
+            continue
+        answer = flwr(config, "supernode", "register", str(creds.node_public_key(device)),
+                      CONNECTION, "--name", device)  # fmt: skip
+        registry[device] = int(answer["node-id"])
+        write_text_atomic(registry_path, json.dumps(registry, indent=2) + "\n")
+    return {device: registry[device] for device in devices}
