@@ -62,7 +62,7 @@ def _fan(name: str) -> Callable[[TaskOptions], Task]:
     def load(options: TaskOptions) -> Task:
         from shared.datasets.fan import load_fan_task
 
-        return load_fan_task(name, _dataset_dir(options, "cooling-fan"), options.source_room)
+        return load_fan_task(name, dataset_dir(options, "cooling-fan"), options.source_room)
 
     return load
 
@@ -70,7 +70,7 @@ def _fan(name: str) -> Callable[[TaskOptions], Task]:
 def _har(options: TaskOptions) -> Task:
     from shared.datasets.har import load_har_task
 
-    return load_har_task(_dataset_dir(options, "hapt"), options.subjects)
+    return load_har_task(dataset_dir(options, "hapt"), options.subjects)
 
 
 def _generated(options: TaskOptions) -> Task:
@@ -101,7 +101,7 @@ def load_task(name: str, options: TaskOptions = TaskOptions()) -> Task:
     return task
 
 
-def _dataset_dir(options: TaskOptions, folder: str) -> Path:
+def dataset_dir(options: TaskOptions, folder: str) -> Path:
     """`--data-dir` (or $FLEET_DATA_DIR) itself, or its sub-folder named after the data set."""
     root = options.data_dir or os.environ.get("FLEET_DATA_DIR")
     if not root:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from shared.datasets import Split, TaskOptions, load_task
+from shared.datasets import Split, TaskOptions, dataset_dir, load_task
 from shared.datasets.generated import noisy_room, spectra
+from shared.datasets.har import load_har_subject
 from shared.errors import FleetError
 
 FAN_PARTITIONS = ("damage1", "damage2")
@@ -39,8 +40,7 @@ def device_split(dataset: str, partition: str, options: TaskOptions) -> tuple[Sp
         noise = 0.1 + 0.02 * (index % 5)
         return spectra(rng, 300, noise, room), spectra(rng, 300, noise, room)
     if dataset == "har":
-        subject = _integer(partition, dataset)
-        task = load_task("har", TaskOptions(options.data_dir, subjects=(subject,)))
+        task = load_har_subject(dataset_dir(options, "hapt"), _integer(partition, dataset))
         return task.finetune, task.test
     if dataset.startswith("fan-"):
         if partition not in FAN_PARTITIONS:

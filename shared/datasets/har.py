@@ -27,34 +27,64 @@ from shared.errors import DataError
 CLASSES = ("walking", "upstairs", "downstairs", "sitting", "standing", "laying")
 RAW_FILE = "hapt_raw.npz"
 FINETUNE_SHARE = 0.6
+SKIP_BYTES = 1 << 20
+CHUNK = 256  # windows featurised at once: about 4 MB per float64 temporary
 
 
 def load_har_task(folder: Path, subjects: tuple[int, ...]) -> Task:
+    return split_by_subject(*har_windows(folder), subjects)
+
+
+def load_har_subject(folder: Path, subject: int) -> Task:
+    """One subject's fine-tune and test split only (no pretraining split): what a device reads."""
+    return split_by_subject(*har_windows(folder, only=(subject,)), (subject,))
+
+
+def har_windows(
+    folder: Path, only: tuple[int, ...] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features, activity (0-5) and subject of the windows, of the `only` subjects if given."""
     if (folder / RAW_FILE).is_file():
-        features, labels, subject = raw_windows(folder / RAW_FILE)
-    elif (folder / "train" / "X_train.txt").is_file():
+        return raw_windows(folder / RAW_FILE, only)
+    if (folder / "train" / "X_train.txt").is_file():
         features, labels, subject = read_uci_layout(folder)
-    else:
-        raise DataError(
-            f"{folder}: no HAR data (expected {RAW_FILE} or the UCI layout train/X_train.txt)"
-        )
-    return split_by_subject(features, labels, subject, subjects)
+        keep = np.isin(subject, only) if only is not None else slice(None)
+        return features[keep], labels[keep], subject[keep]
+    raise DataError(
+        f"{folder}: no HAR data (expected {RAW_FILE} or the UCI layout train/X_train.txt)"
+    )
 
 
-def raw_windows(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Features, activity (0-5) and subject of every clean window of the raw recordings."""
+def raw_windows(
+    path: Path, only: tuple[int, ...] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features, activity (0-5) and subject of every clean window of the raw recordings.
+
+    With `only`, just those subjects' rows of the signals are read from the archive, so a device
+    holds its own recordings (about 1 MB) rather than everyone's (27 MB); windows are featurised
+    in chunks so that memory stays bounded either way."""
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            signals, labels = npz["signals"], npz["labels"]
-            subject, recording = npz["subject"], npz["experiment"]
+        with zipfile.ZipFile(path) as archive:
+            subject = _npy_rows(archive, "subject")
+            keep = np.isin(subject, only) if only is not None else np.ones(len(subject), bool)
+            edges = np.flatnonzero(np.diff(np.r_[0, keep.astype(np.int8), 0]))
+            runs = list(zip(edges[::2], edges[1::2], strict=True))
+            if not runs:
+                raise DataError(f"{path}: no recordings of subject(s) {list(only or [])}")
+            signals = _npy_rows(archive, "signals", runs)
+            labels, recording = (
+                _npy_rows(archive, "labels")[keep],
+                _npy_rows(archive, "experiment")[keep],
+            )
+            subject = subject[keep]
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
         raise DataError(f"{path}: not a readable HAPT npz ({exc})") from None
     n = len(signals)
-    if signals.ndim != 2 or signals.shape[1] != 6 or not len(labels) == len(subject) == n:
+    if signals.ndim != 2 or signals.shape[1] != 6 or not len(labels) == len(recording) == n:
         raise DataError(f"{path}: expected signals (N x 6) and labels, subject, experiment of N")
-    if not np.all(np.isfinite(signals)):
-        row = int(np.flatnonzero(~np.isfinite(signals).all(axis=1))[0])
-        raise DataError(f"{path}: signals row {row} holds NaN or Inf")
+    finite = np.isfinite(signals).all(axis=1)
+    if not finite.all():
+        raise DataError(f"{path}: a signals row of subject {subject[~finite][0]} holds NaN or Inf")
     starts = []
     bounds = np.flatnonzero(np.diff(recording)) + 1
     for begin, end in zip(np.r_[0, bounds], np.r_[bounds, n], strict=True):
@@ -64,9 +94,40 @@ def raw_windows(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     first = window_labels[:, 0]
     clean = (window_labels == first[:, None]).all(axis=1) & (first >= 1) & (first <= 6)
     starts = starts[clean]
-    windows = np.lib.stride_tricks.sliding_window_view(signals, WINDOW, axis=0)[starts]
-    features = window_features(windows.transpose(0, 2, 1))
+    windows = np.lib.stride_tricks.sliding_window_view(signals, WINDOW, axis=0)
+    features = np.concatenate([
+        window_features(windows[starts[i : i + CHUNK]].transpose(0, 2, 1))
+        for i in range(0, len(starts), CHUNK)
+    ])  # fmt: skip
     return features, first[clean].astype(np.int64) - 1, subject[starts].astype(np.int64)
+
+
+def _npy_rows(
+    archive: zipfile.ZipFile, name: str, runs: list[tuple[int, int]] | None = None
+) -> np.ndarray:
+    """Rows [begin, end) of each run of the array `name` in an .npz, read without the rest."""
+    with archive.open(f"{name}.npy") as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran, dtype = read_header(handle)
+        if fortran:
+            raise ValueError(f"{name} is stored in Fortran order")
+        row_bytes = dtype.itemsize * int(np.prod(shape[1:]))
+        position, parts = 0, []
+        for begin, end in runs or [(0, shape[0])]:
+            # Skip forward in small reads: zipfile's seek decompresses 16 MB at a time.
+            while position < begin * row_bytes:
+                position += len(handle.read(min(SKIP_BYTES, begin * row_bytes - position)))
+            data = handle.read((int(end) - int(begin)) * row_bytes)
+            position += len(data)
+            if len(data) != (end - begin) * row_bytes:
+                raise ValueError(f"{name} is truncated")
+            parts.append(np.frombuffer(data, dtype).reshape(-1, *shape[1:]))
+        return np.concatenate(parts)
 
 
 def read_uci_layout(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,0 +1,103 @@
+"""A whole Flower deployment on this machine's loopback: SuperLink (TLS, node authentication)
+and one SuperNode per device, for tests and benchmarks.
+
+Every process starts in its own process group and is stopped by it (Flower's services start
+children of their own), also when the block that used it fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from client.supernode import supernode_command
+from server.run import credentials_for
+from server.superlink import flower_env, register_nodes, superlink_command, write_connection
+from shared.config import FleetConfig
+from shared.errors import FleetError
+
+STARTUP_TIMEOUT_S = 60
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Processes:
+    """Processes started in their own groups, logged to a folder, stopped by group."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.started: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, command: list[str], env: dict) -> subprocess.Popen:
+        with (self.folder / f"{name}.log").open("w") as log:
+            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)  # fmt: skip
+        self.started[name] = process
+        return process
+
+    def log(self, name: str) -> str:
+        return (self.folder / f"{name}.log").read_text()
+
+    def stop_all(self, grace_s: float = 15) -> None:
+        for process in self.started.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for process in self.started.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        for process in self.started.values():  # stragglers, and children of a leader that left
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def on_loopback(fleet: FleetConfig, state: Path) -> FleetConfig:
+    """The fleet with its coordinator on 127.0.0.1, a free port, and state under `state`."""
+    coordinator = dataclasses.replace(
+        fleet.coordinator, address="127.0.0.1", port=free_port(), state_dir=str(state), tls=True
+    )
+    return dataclasses.replace(fleet, coordinator=coordinator)
+
+
+@contextlib.contextmanager
+def loopback_deployment(fleet: FleetConfig, folder: Path) -> Iterator[Processes]:
+    """Start the SuperLink, register every device and start its SuperNode; stop all on exit."""
+    creds = credentials_for(fleet)
+    processes = Processes(folder / "logs")
+    env = flower_env(fleet)
+    names = [d.name for d in fleet.devices]
+    try:
+        processes.start("superlink", superlink_command(fleet, creds, host="127.0.0.1"), env)
+        write_connection(fleet, creds)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:  # the Control API answers once the SuperLink is up
+            try:
+                register_nodes(fleet, creds, names)
+                break
+            except FleetError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        superlink = f"127.0.0.1:{fleet.coordinator.port}"
+        for device in fleet.devices:
+            data_dir = Path(device.data.data_dir) if device.data.data_dir else None
+            command = supernode_command(superlink, device.name, folder / "devices" / device.name,
+                                        free_port(), creds.ca_cert, creds.node_key(device.name),
+                                        data_dir)  # fmt: skip
+            processes.start(device.name, command, env)
+        yield processes
+    finally:
+        processes.stop_all()
