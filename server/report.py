@@ -168,17 +168,21 @@ def federated_report(summary: dict) -> tuple[str, Chart]:
         acc.legend(loc="lower right")
         numbers = [r["round"] for r in rounds]
         dur.bar(numbers, [r["duration_s"] for r in rounds], color="#55a868")
-        dur.set_xlabel("round")
         dur.set_ylabel("seconds")
         dur.set_title("time per round")
-        up.bar(numbers, [sum(d["uplink_bytes"] for d in r["devices"].values()) for r in rounds],
-               color="#8172b3", label="uplink, all devices")  # fmt: skip
+        down = [sum(r["downlink_bytes"].values()) for r in rounds]
+        sent = [sum(d["uplink_bytes"] for d in r["devices"].values()) for r in rounds]
+        up.bar([n - 0.2 for n in numbers], down, 0.4, color="#937860", label="to devices")
+        up.bar([n + 0.2 for n in numbers], sent, 0.4, color="#8172b3", label="from devices")
         up.axhline(summary["full_model_bytes"], color="black", linestyle="--",
                    label="one full model")  # fmt: skip
-        up.set_xlabel("round")
-        up.set_ylabel("bytes")
+        up.set_yscale("log")
+        up.set_ylabel("bytes, all devices")
         up.set_title("bytes per round")
         up.legend(loc="upper right")
+        for axis in (dur, up):
+            axis.set_xticks(numbers)
+            axis.set_xlabel("round")
         _save(fig, path)
 
     return "\n".join(lines) + "\n", chart
