@@ -188,14 +188,10 @@ def measure_rounds(fleet: FleetConfig, workdir: Path) -> dict:
 
 @bench_app.command("round")
 def round_command(
-    config: Annotated[
-        Path | None, typer.Option(help="The fleet file (default ./fleet.yaml).")
-    ] = None,
-    devices: Annotated[
-        int | None, typer.Option(min=1, help="Devices instead of fleet.yaml's.")
-    ] = None,
+    config: opt.FleetFile = None,
+    devices: opt.DeviceCount = None,
     rounds: Annotated[int, typer.Option(min=1, help="Rounds per run.")] = 3,
-    dataset: Annotated[str | None, typer.Option(help="Override the task's data set.")] = None,
+    dataset: opt.DatasetOverride = None,
     data_dir: opt.DataDir = None,
     workdir: Annotated[Path, typer.Option(help="Folder for the runs and service logs.")] = Path(
         "bench-out/round"

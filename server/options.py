@@ -38,6 +38,14 @@ LearningRate = Annotated[float, typer.Option("--lr", min=0.0, help="SGD learning
 PretrainEpochs = Annotated[int, typer.Option(min=1, help="Epochs of pretraining the base.")]
 JsonOut = Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")]
 
+FleetFile = Annotated[
+    Path | None, typer.Option("--config", help="The fleet file (default ./fleet.yaml).")
+]
+DeviceCount = Annotated[
+    int | None, typer.Option(min=1, help="Simulate this many devices instead of fleet.yaml's.")
+]
+DatasetOverride = Annotated[str | None, typer.Option(help="Override the fleet's data set.")]
+
 DEFAULT_DATASET = "generated"
 DEFAULT_SUBJECTS = "9,14,16,19,25"
 DEFAULT_EPOCHS = _defaults.epochs

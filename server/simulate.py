@@ -98,14 +98,10 @@ def print_round(result: dict) -> None:
 
 
 def simulate_command(
-    config: Annotated[
-        Path | None, typer.Option(help="The fleet file (default ./fleet.yaml).")
-    ] = None,
-    devices: Annotated[
-        int | None, typer.Option(min=1, help="Simulate this many devices instead of fleet.yaml's.")
-    ] = None,
+    config: opt.FleetFile = None,
+    devices: opt.DeviceCount = None,
     rounds: Annotated[int | None, typer.Option(min=1, help="Federated rounds.")] = None,
-    dataset: Annotated[str | None, typer.Option(help="Override the task's data set.")] = None,
+    dataset: opt.DatasetOverride = None,
     data_dir: opt.DataDir = None,
     aggregation: Annotated[str | None, typer.Option(help="none, fedavg or svd.")] = None,
     out: Annotated[
