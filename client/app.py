@@ -17,6 +17,8 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.power import PowerSampler
+from client.probes import NoProbe, power_probe
 from client.store import DeviceStore
 from shared import model as base_model
 from shared.adapters import pack, unpack
@@ -106,7 +108,15 @@ def _fine_tune(content: RecordDict, node_config: dict, plan: RoundPlan, index: i
     else:
         start = store.load_adapters(plan.base_sha256, method.name, rank) if plan.round > 1 else None
     config = FineTuneConfig(plan.epochs, plan.batch_size, rank, None, plan.lr, plan.seed + index)
-    result = finetune(model, method, tune.x, tune.y, config, cache, start=start)
+    probe = power_probe(
+        plan.probes[index],
+        Path(str(node_config.get("sys-root", "/sys"))),
+        Path(str(node_config.get("proc-root", "/proc"))),
+        plan.idle_watts[index],
+        plan.full_watts[index],
+    )
+    with PowerSampler(probe or NoProbe()) as meter:
+        result = finetune(model, method, tune.x, tune.y, config, cache, start=start)
     store.save_adapters(plan.base_sha256, method.name, rank, result.tuner.theta)
 
     predict = result.tuner.merged()
@@ -132,6 +142,10 @@ def _fine_tune(content: RecordDict, node_config: dict, plan: RoundPlan, index: i
         uplink_bytes=0.0,
         rank=rank,
         peak_rss_bytes=peak_rss_bytes(),
+        energy_joules=meter.joules if probe else 0.0,
+        mean_watts=meter.mean_watts if probe else 0.0,
+        peak_watts=meter.peak_watts if probe else 0.0,
+        power_estimated=int(bool(probe and probe.estimated)),
     )
     reply[FIGURES] = figures.record()
     reply[FIGURES]["uplink_bytes"] = float(wire_bytes(reply))  # a double: its size is fixed

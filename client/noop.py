@@ -33,7 +33,7 @@ def train(msg: Message, context: Context) -> Message:
     reply = RecordDict({ADAPTERS: vector_record(np.zeros(size, np.float32)),
                         "device": ConfigRecord({"name": plan.devices[index]})})  # fmt: skip
     figures = Figures(0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0, 0, 0.0,
-                      plan.ranks[index], peak_rss_bytes())  # fmt: skip
+                      plan.ranks[index], peak_rss_bytes(), 0.0, 0.0, 0.0, 0)  # fmt: skip
     reply[FIGURES] = figures.record()
     reply[FIGURES]["uplink_bytes"] = float(wire_bytes(reply))
     return Message(content=reply, reply_to=msg)

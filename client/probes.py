@@ -184,6 +184,18 @@ class CpuModel:
         return self.idle + (self.full - self.idle) * self.busy_share()
 
 
+class NoProbe:
+    """No power sensor and no model asked for: reads zero."""
+
+    source, estimated = "none", False
+
+    def available(self) -> bool:
+        return True
+
+    def watts(self) -> float:
+        return 0.0
+
+
 class ThermalZones:
     """The hottest thermal zone, in degrees Celsius (sysfs reports millidegrees)."""
 

@@ -18,6 +18,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MessageType, RecordDi
 from flwr.serverapp import Grid, ServerApp
 
 from server.aggregation import STRATEGIES, Update
+from server.metrics import push_round
 from server.runs import RunFolder
 from shared import model as base_model
 from shared.adapters import pack, packed_size, unpack
@@ -77,6 +78,9 @@ def plan_for(config: FleetConfig, number: int, digest: str, state_root: str) -> 
         devices=[d.name for d in config.devices],
         partitions=[d.data.partition for d in config.devices],
         ranks=[config.rank_of(d) for d in config.devices],
+        probes=[d.probe for d in config.devices],
+        idle_watts=[d.idle_watts for d in config.devices],
+        full_watts=[d.full_watts for d in config.devices],
     )
 
 
@@ -152,6 +156,8 @@ def coordinate(grid: Grid, folder: RunFolder, on_round: RoundListener) -> None:
             downlink_bytes={device_of.get(n, str(n)): b for n, b in downlink.items()},
         )
         folder.save_round(number, result, received, outgoing)
+        if config.coordinator.pushgateway:
+            push_round(config.coordinator.pushgateway, folder.path.name, method.name, result)
         on_round(result)
 
 

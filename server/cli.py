@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
+from client.agent import agent_command
 from server import options as opt
 from server.bench import bench_app
 from server.progress import progress, stderr
@@ -45,6 +46,7 @@ app.add_typer(bench_app, name="bench")
 app.command("simulate")(simulate_command)
 app.command("run")(run_command)
 app.command("certs")(certs_command)
+app.command("agent")(agent_command)
 
 
 def pretrained_base(task: Task, epochs: int, seed: int) -> base_model.Model:

@@ -34,6 +34,8 @@ class Coordinator:
     port: int = 8000  # the SuperLink's one HTTP(S) port
     state_dir: str = "~/.skip2fleet"  # certificates, node keys, run folders
     tls: bool = True
+    pushgateway: str | None = None  # host:port; each round's figures are pushed there
+    prometheus_port: int = 9090
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,9 @@ class Device:
     ssh_user: str = "pi"
     data: DeviceData = field(default_factory=DeviceData)
     probe: str = "auto"
+    idle_watts: float = 1.0  # for the cpu-model probe: the board idle and at full load
+    full_watts: float = 3.0
+    agent_port: int = 9101  # where `fleet agent` serves its metrics
     rank: int | None = None  # overrides training.rank for this device
 
 
@@ -199,6 +204,10 @@ def _check(config: FleetConfig) -> None:
             fail(f"devices[{i}].probe", f"must be one of {', '.join(PROBES)}")
         if device.rank is not None and device.rank < 1:
             fail(f"devices[{i}].rank", "must be at least 1")
+        if not 0 <= device.idle_watts <= device.full_watts:
+            fail(f"devices[{i}].full_watts", "must be at least idle_watts, both non-negative")
+        if not 0 < device.agent_port < 65536:
+            fail(f"devices[{i}].agent_port", "must be a TCP port, 1 to 65535")
     if fed.min_devices > max(len(config.devices), 1):
         fail("federation.min_devices", f"is {fed.min_devices} but the fleet has "
              f"{len(config.devices)} devices")  # fmt: skip

@@ -33,6 +33,9 @@ class RoundPlan:
     devices: list[str]
     partitions: list[str]
     ranks: list[int]
+    probes: list[str]  # per device: which power probe samples its fine-tune
+    idle_watts: list[float]
+    full_watts: list[float]
 
     def record(self) -> ConfigRecord:
         return ConfigRecord(dataclasses.asdict(self))
@@ -60,6 +63,10 @@ class Figures:
     uplink_bytes: float  # of this reply, measured on its serialised form
     rank: int
     peak_rss_bytes: int  # of the ClientApp process so far
+    energy_joules: float  # of the fine-tune, from the device's power probe (0: no probe)
+    mean_watts: float
+    peak_watts: float
+    power_estimated: int  # 1 when the probe is the CPU-load model
 
     def record(self) -> MetricRecord:
         return MetricRecord(dataclasses.asdict(self))

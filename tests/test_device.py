@@ -27,7 +27,8 @@ def plan(base, round_=1, **changes) -> RoundPlan:
     values = dict(round=round_, method="skip2-lora", epochs=20, lr=0.01, batch_size=20, seed=0,
                   base_sha256=base_model.sha256(base), dataset="generated", data_dir="",
                   source_room="silentA", state_root="", devices=["a", "b"], partitions=["0", "1"],
-                  ranks=[4, 2])  # fmt: skip
+                  ranks=[4, 2], probes=["cpu-model", "none"], idle_watts=[1.0, 1.0],
+                  full_watts=[3.0, 3.0])  # fmt: skip
     return RoundPlan(**{**values, **changes})
 
 
