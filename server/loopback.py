@@ -1,5 +1,6 @@
-"""A whole Flower deployment on this machine's loopback: SuperLink (TLS, node authentication)
-and one SuperNode per device, for tests and benchmarks.
+"""Services on this machine's loopback, for tests and benchmarks: a whole Flower deployment
+(SuperLink with TLS and node authentication, one SuperNode per device), Prometheus and the
+Pushgateway.
 
 Every process starts in its own process group and is stopped by it (Flower's services start
 children of their own), also when the block that used it fails.
@@ -9,11 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 import socket
 import subprocess
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,3 +105,43 @@ def loopback_deployment(fleet: FleetConfig, folder: Path) -> Iterator[Processes]
         yield processes
     finally:
         processes.stop_all()
+
+
+def start_prometheus(processes: Processes, config_dir: Path, port: int) -> None:
+    """Debian's Prometheus on loopback with `config_dir/prometheus.yml`, its data beside it."""
+    processes.start("prometheus", [
+        "prometheus", f"--config.file={config_dir / 'prometheus.yml'}",
+        f"--storage.tsdb.path={config_dir / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}",
+        "--web.enable-lifecycle",
+    ], dict(os.environ))  # fmt: skip
+
+
+def start_pushgateway(processes: Processes, port: int) -> None:
+    processes.start("pushgateway", ["prometheus-pushgateway",
+                                    f"--web.listen-address=127.0.0.1:{port}"],
+                    dict(os.environ))  # fmt: skip
+
+
+def prometheus_query(port: int, expr: str) -> list[dict]:
+    """The result vector of an instant query."""
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=5) as response:
+        answer = json.load(response)
+    if answer.get("status") != "success":
+        raise FleetError(f"Prometheus refused {expr!r}: {answer.get('error')}")
+    return answer["data"]["result"]
+
+
+def wait_for(check, timeout: float, what: str, every: float = 0.2):
+    """Poll `check()` until it returns something truthy; its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = check()
+        except (OSError, FleetError):
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise FleetError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)

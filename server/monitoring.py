@@ -1,0 +1,206 @@
+"""`fleet monitor config`: Prometheus and Grafana files for the fleet, written from fleet.yaml.
+
+    prometheus.yml          the device agents (labelled by device) and the Pushgateway
+    alerts.yml              a device down, a device too hot, a round with refused replies
+    grafana/provisioning/   the Prometheus datasource and the dashboard provider
+    grafana/dashboards/skip2fleet.json
+
+The dashboard is built with Grafana's own `grafana-foundation-sdk`, pinned to its Grafana 11.6
+target, from one table of panels; every panel's query is checked against a real Prometheus in
+the tests.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+
+from shared.atomic import write_text_atomic
+from shared.config import FleetConfig, load_config
+from shared.errors import FleetError
+
+AGENT_JOB = "skip2fleet-agents"
+PUSH_JOB = "skip2fleet-pushgateway"
+DATASOURCE_UID = "skip2fleet-prometheus"
+TOO_HOT_CELSIUS = 80  # Raspberry Pis start throttling between 80 and 85
+SCRAPE_INTERVAL = "5s"
+PUSH_SCRAPE_INTERVAL = "2s"  # a round's figures are queryable about this soon after it ends
+DEVICE = 'device=~"$device"'
+
+
+@dataclass(frozen=True)
+class PanelSpec:
+    title: str
+    expr: str
+    legend: str
+    unit: str
+    kind: str = "timeseries"  # timeseries | stat | bargauge
+
+
+PANELS = (
+    PanelSpec("Devices up", f'sum(up{{job="{AGENT_JOB}"}})', "devices up", "none", "stat"),
+    PanelSpec("Last round", "max(skip2fleet_round_number)", "round", "none", "stat"),
+    PanelSpec("Device agents", f'up{{job="{AGENT_JOB}", {DEVICE}}}', "{{device}}", "none"),
+    PanelSpec("Round duration", "skip2fleet_round_duration_seconds", "round {{round}}", "s"),
+    PanelSpec("Accuracy before / after", f"skip2fleet_device_accuracy_ratio{{{DEVICE}}}",
+              "{{device}} {{phase}}", "percentunit", "bargauge"),
+    PanelSpec("Train time per batch", f"skip2fleet_device_train_batch_seconds{{{DEVICE}}}",
+              "{{device}} {{phase}}", "s", "bargauge"),
+    PanelSpec("Fine-tune time", f"skip2fleet_device_finetune_seconds{{{DEVICE}}}", "{{device}}",
+              "s"),
+    PanelSpec("Power", f"skip2fleet_device_power_watts{{{DEVICE}}}", "{{device}} ({{source}})",
+              "watt"),
+    PanelSpec("Energy per fine-tune", f"skip2fleet_device_finetune_energy_joules{{{DEVICE}}}",
+              "{{device}}", "joule", "bargauge"),
+    PanelSpec("Temperature", f"skip2fleet_device_temperature_celsius{{{DEVICE}}}", "{{device}}",
+              "celsius"),
+    PanelSpec("Bytes sent per round",
+              f"sum by (round) (skip2fleet_device_uplink_bytes{{{DEVICE}}})", "round {{round}}",
+              "bytes", "bargauge"),
+)  # fmt: skip
+
+
+def prometheus_config(fleet: FleetConfig) -> dict:
+    gateway = fleet.coordinator.pushgateway or "127.0.0.1:9091"
+    return {
+        "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": SCRAPE_INTERVAL},
+        "rule_files": ["alerts.yml"],
+        "scrape_configs": [
+            {
+                "job_name": AGENT_JOB,
+                "static_configs": [
+                    {"targets": [f"{d.host}:{d.agent_port}"], "labels": {"device": d.name}}
+                    for d in fleet.devices
+                ],
+            },
+            # The coordinator's pushed figures carry their own device, run and round labels.
+            {"job_name": PUSH_JOB, "honor_labels": True, "scrape_interval": PUSH_SCRAPE_INTERVAL,
+             "static_configs": [{"targets": [gateway]}]},
+        ],
+    }  # fmt: skip
+
+
+def alert_rules() -> dict:
+    return {
+        "groups": [
+            {
+                "name": "skip2fleet",
+                "rules": [
+                    {
+                        "alert": "DeviceDown",
+                        "expr": f'up{{job="{AGENT_JOB}"}} == 0',
+                        "for": "1m",
+                        "labels": {"severity": "warning"},
+                        "annotations": {"summary": "{{ $labels.device }}'s agent is not answering"},
+                    },
+                    {
+                        "alert": "DeviceTooHot",
+                        "expr": f"skip2fleet_device_temperature_celsius > {TOO_HOT_CELSIUS}",
+                        "for": "2m",
+                        "labels": {"severity": "warning"},
+                        "annotations": {"summary": "{{ $labels.device }} is at {{ $value }} °C"},
+                    },
+                    {
+                        "alert": "RoundRefusedReplies",
+                        "expr": "skip2fleet_round_refused_replies > 0",
+                        "labels": {"severity": "info"},
+                        "annotations": {
+                            "summary": "round {{ $labels.round }} of run {{ $labels.run }} "
+                            "refused {{ $value }} replies"
+                        },
+                    },
+                ],
+            }
+        ]
+    }
+
+
+def dashboard(fleet: FleetConfig) -> dict:
+    """The Grafana 11 dashboard, built with grafana-foundation-sdk."""
+    try:
+        from grafana_foundation_sdk.builders import bargauge, prometheus, stat, timeseries
+        from grafana_foundation_sdk.builders import dashboard as board
+        from grafana_foundation_sdk.cog.encoder import JSONEncoder
+        from grafana_foundation_sdk.models.dashboard import DataSourceRef, GridPos, VariableRefresh
+    except ImportError:
+        raise FleetError("the dashboard needs grafana-foundation-sdk: "
+                         "pip install 'skip2fleet[monitor]'") from None  # fmt: skip
+    source = DataSourceRef(type_val="prometheus", uid=DATASOURCE_UID)
+    builders = {"timeseries": timeseries.Panel, "stat": stat.Panel, "bargauge": bargauge.Panel}
+    devices = (
+        board.QueryVariable("device")
+        .label("device")
+        .datasource(source)
+        .query(f'label_values(up{{job="{AGENT_JOB}"}}, device)')
+        .multi(True)
+        .include_all(True)
+        .all_value(".*")
+        .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
+    )
+    built = (
+        board.Dashboard("skip2fleet")
+        .uid("skip2fleet")
+        .tags(["skip2fleet"])
+        .refresh("10s")
+        .time("now-1h", "now")
+        .with_variable(devices)
+    )
+    stats = [p for p in PANELS if p.kind == "stat"]
+    others = [p for p in PANELS if p.kind != "stat"]
+    places = [GridPos(h=4, w=6, x=6 * i, y=0) for i in range(len(stats))]
+    places += [GridPos(h=8, w=12, x=12 * (i % 2), y=4 + 8 * (i // 2)) for i in range(len(others))]
+    for spec, place in zip(stats + others, places, strict=True):
+        panel = (
+            builders[spec.kind]()
+            .title(spec.title)
+            .unit(spec.unit)
+            .datasource(source)
+            .grid_pos(place)
+            .with_target(prometheus.Dataquery().expr(spec.expr).legend_format(spec.legend))
+        )
+        built = built.with_panel(panel)
+    return json.loads(JSONEncoder(sort_keys=True, indent=2).encode(built.build()))
+
+
+def panel_queries(dashboard_json: dict) -> dict[str, str]:
+    """Title -> PromQL of every panel of a dashboard."""
+    return {p["title"]: t["expr"] for p in dashboard_json["panels"] for t in p["targets"]}
+
+
+def write_monitoring(fleet: FleetConfig, out: Path) -> list[Path]:
+    prometheus_url = f"http://127.0.0.1:{fleet.coordinator.prometheus_port}"
+    files = {
+        "prometheus.yml": yaml.safe_dump(prometheus_config(fleet), sort_keys=False),
+        "alerts.yml": yaml.safe_dump(alert_rules(), sort_keys=False, allow_unicode=True),
+        "grafana/provisioning/datasources/skip2fleet.yml": yaml.safe_dump({
+            "apiVersion": 1,
+            "datasources": [{"name": "skip2fleet Prometheus", "uid": DATASOURCE_UID,
+                             "type": "prometheus", "access": "proxy", "url": prometheus_url,
+                             "isDefault": True}],
+        }, sort_keys=False),
+        "grafana/provisioning/dashboards/skip2fleet.yml": yaml.safe_dump({
+            "apiVersion": 1,
+            "providers": [{"name": "skip2fleet", "type": "file", "folder": "skip2fleet",
+                           "options": {"path": str((out / "grafana" / "dashboards").resolve())}}],
+        }, sort_keys=False),
+        "grafana/dashboards/skip2fleet.json": json.dumps(dashboard(fleet), indent=2) + "\n",
+    }  # fmt: skip
+    return [write_text_atomic(out / name, text) for name, text in files.items()]
+
+
+monitor_app = typer.Typer(no_args_is_help=True, help="Prometheus and Grafana for the fleet.")
+
+
+@monitor_app.command("config")
+def config_command(
+    config: Annotated[Path, typer.Option(help="The fleet file.")] = Path("fleet.yaml"),
+    out: Annotated[Path, typer.Option(help="Folder to write the files into.")] = Path("monitoring"),
+) -> None:
+    """Write prometheus.yml, alert rules, Grafana provisioning and the dashboard."""
+    for path in write_monitoring(load_config(config), out):
+        typer.echo(f"wrote {path}")

@@ -1,0 +1,112 @@
+"""Monitoring: the files `fleet monitor config` writes pass promtool, the alerts fire when they
+should, and every dashboard panel's query returns data from a real Prometheus that scraped real
+`fleet agent`s (on fixture sysfs trees) and a Pushgateway that a simulated run pushed to."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from server.cli import app
+from server.loopback import (
+    Processes,
+    free_port,
+    prometheus_query,
+    start_prometheus,
+    start_pushgateway,
+    wait_for,
+)
+from server.monitoring import panel_queries, write_monitoring
+from server.simulate import resolve_fleet
+from shared.config import as_yaml_dict, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ("prometheus", "prometheus-pushgateway", "promtool")
+needs_prometheus = pytest.mark.skipif(
+    not all(shutil.which(tool) for tool in TOOLS),
+    reason="Debian's prometheus and prometheus-pushgateway are missing (.ci/run installs them)",
+)
+
+
+@needs_prometheus
+def test_written_config_and_rules_pass_promtool(tmp_path):
+    result = CliRunner().invoke(app, ["monitor", "config", "--config", str(ROOT / "fleet.yaml"),
+                                      "--out", str(tmp_path)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    for check in (["check", "config", "prometheus.yml"], ["check", "rules", "alerts.yml"]):
+        done = subprocess.run(["promtool", *check], cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+    shutil.copy(ROOT / "tests" / "fixtures" / "alerts_test.yml", tmp_path)
+    done = subprocess.run(["promtool", "test", "rules", "alerts_test.yml"], cwd=tmp_path,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_dashboard_has_every_panel_with_the_device_variable(tmp_path):
+    write_monitoring(load_config(ROOT / "fleet.yaml"), tmp_path)
+    board = json.loads((tmp_path / "grafana" / "dashboards" / "skip2fleet.json").read_text())
+    assert board["templating"]["list"][0]["name"] == "device"
+    queries = panel_queries(board)
+    assert len(queries) == 11 and all(queries.values())
+    assert sum("$device" in q for q in queries.values()) >= 8
+    for panel in board["panels"]:
+        assert panel["datasource"]["uid"] == "skip2fleet-prometheus"
+
+
+def fixture_sysfs(root: Path, watts: float, celsius: float) -> Path:
+    (root / "class" / "hwmon" / "hwmon4").mkdir(parents=True)
+    (root / "class" / "hwmon" / "hwmon4" / "name").write_text("ina260\n")
+    (root / "class" / "hwmon" / "hwmon4" / "power1_input").write_text(f"{int(watts * 1e6)}\n")
+    (root / "class" / "thermal" / "thermal_zone0").mkdir(parents=True)
+    (root / "class" / "thermal" / "thermal_zone0" / "temp").write_text(f"{int(celsius * 1e3)}\n")
+    return root
+
+
+@needs_prometheus
+def test_every_panel_returns_data_from_a_real_prometheus(tmp_path):
+    gateway_port, prometheus_port = free_port(), free_port()
+    data = as_yaml_dict(resolve_fleet(None, 2, 1, "generated", None, None))
+    data["coordinator"]["pushgateway"] = f"127.0.0.1:{gateway_port}"
+    data["coordinator"]["prometheus_port"] = prometheus_port
+    for device in data["devices"]:
+        device.update(host="127.0.0.1", agent_port=free_port(), probe="hwmon")
+    data["training"]["epochs"] = 20
+    (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(data))
+    fleet = parse_config(data)
+    write_monitoring(fleet, tmp_path / "monitoring")
+    processes = Processes(tmp_path / "logs")
+    try:
+        start_pushgateway(processes, gateway_port)
+        start_prometheus(processes, tmp_path / "monitoring", prometheus_port)
+        for i, device in enumerate(fleet.devices):
+            sysfs = fixture_sysfs(tmp_path / f"sys-{device.name}", 2.0 + i, 50.0 + i)
+            processes.start(f"agent-{device.name}", [
+                "fleet", "agent", "--config", str(tmp_path / "fleet.yaml"), "--device",
+                device.name, "--address", "127.0.0.1", "--sys-root", str(sysfs),
+                "--state-dir", str(tmp_path / "run" / "devices" / device.name),
+            ], dict(os.environ))  # fmt: skip
+        result = CliRunner().invoke(app, ["simulate", "--config", str(tmp_path / "fleet.yaml"),
+                                          "--out", str(tmp_path / "run")])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        wait_for(lambda: len(prometheus_query(prometheus_port, 'up{job="skip2fleet-agents"} == 1'))
+                 == 2, 60, "both agents scraped")  # fmt: skip
+        wait_for(lambda: prometheus_query(prometheus_port, "skip2fleet_round_number"), 30,
+                 "the pushed round")  # fmt: skip
+        board = json.loads((tmp_path / "monitoring/grafana/dashboards/skip2fleet.json").read_text())
+        empty = []
+        for title, query in panel_queries(board).items():
+            expr = query.replace("$device", ".*")
+            if not wait_for(lambda e=expr: prometheus_query(prometheus_port, e), 20, title):
+                empty.append(title)
+        assert empty == []
+        power = prometheus_query(prometheus_port, 'skip2fleet_device_power_watts{device="sim-2"}')
+        assert float(power[0]["value"][1]) == pytest.approx(3.0)
+    finally:
+        processes.stop_all()
