@@ -12,6 +12,7 @@ from typer.core import TyperGroup
 from client.agent import agent_command
 from server import options as opt
 from server.bench import bench_app
+from server.bench_monitor import monitor_command as monitor_bench_command
 from server.monitoring import monitor_app
 from server.progress import progress, stderr
 from server.run import certs_command, run_command
@@ -43,6 +44,7 @@ app = typer.Typer(
     add_completion=False,
     help="skip2fleet: fine-tune small models on fleets of edge devices with Skip2-LoRA.",
 )
+bench_app.command("monitor")(monitor_bench_command)
 app.add_typer(bench_app, name="bench")
 app.add_typer(monitor_app, name="monitor")
 app.command("simulate")(simulate_command)

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -169,7 +170,9 @@ class _NotDeprecation(logging.Filter):
         return "DEPRECATED FEATURE" not in record.getMessage()
 
 
-def run_simulation(folder: RunFolder, devices: int) -> None:
+def run_simulation(
+    folder: RunFolder, devices: int, on_round: Callable[[dict], None] = print_round
+) -> None:
     """Flower's Simulation Engine (Ray) with the ServerApp in this process."""
     from flwr.simulation import run_simulation as flower_simulation
 
@@ -177,7 +180,7 @@ def run_simulation(folder: RunFolder, devices: int) -> None:
 
     logging.getLogger("flwr").addFilter(_NotDeprecation())
     flower_simulation(
-        server_app=make_server_app(folder.path, on_round=print_round),
+        server_app=make_server_app(folder.path, on_round=on_round),
         client_app=client_app,
         num_supernodes=devices,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},

@@ -110,3 +110,70 @@ def test_every_panel_returns_data_from_a_real_prometheus(tmp_path):
         assert float(power[0]["value"][1]) == pytest.approx(3.0)
     finally:
         processes.stop_all()
+
+
+def collect(collector) -> dict[str, float]:
+    """{name{labels}: value} of one collection."""
+    values = {}
+    for family in collector.collect():
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}"] = sample.value
+    return values
+
+
+def test_agent_leaves_out_what_it_cannot_read_and_counts_it(tmp_path):
+    from client.agent import DeviceCollector
+    from client.power import PowerSampler
+    from client.probes import HwmonPower, ThermalZones
+
+    sysfs = fixture_sysfs(tmp_path / "sys", 2.0, 55.0)
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc" / "stat").write_text("cpu  1 0 1 8 0 0 0 0 0 0\n")
+    (tmp_path / "proc" / "meminfo").write_text("MemTotal: 1000 kB\nMemAvailable: 400 kB\n")
+    (tmp_path / "state").mkdir()
+    figures = {
+        "round": 3,
+        "acc_before": 60.0,
+        "acc_after": 95.0,
+        "forward_ms": 0.01,
+        "backward_ms": 0.02,
+        "update_ms": 0.003,
+        "finetune_s": 1.5,
+        "energy_joules": 4.2,
+    }
+    (tmp_path / "state" / "last-finetune.json").write_text(json.dumps(figures))  # fmt: skip
+    sampler = PowerSampler(HwmonPower(sysfs / "class" / "hwmon"))
+    sampler._started = sampler._last = 0.0
+    sampler.sample()
+    collector = DeviceCollector(sampler, ThermalZones(sysfs / "class" / "thermal"),
+                                tmp_path / "proc", tmp_path / "state")  # fmt: skip
+    values = collect(collector)
+    assert values["skip2fleet_device_power_watts{estimated=false,source=hwmon}"] == 2.0
+    assert values["skip2fleet_device_temperature_celsius{}"] == 55.0
+    assert values["skip2fleet_device_memory_available_bytes{}"] == 400 * 1024
+    assert values["skip2fleet_last_finetune_accuracy_ratio{phase=after}"] == 0.95
+    assert values["skip2fleet_last_finetune_round{}"] == 3
+
+    (sysfs / "class" / "hwmon" / "hwmon4" / "power1_input").unlink()  # the meter is unplugged
+    (sysfs / "class" / "thermal" / "thermal_zone0" / "temp").write_text("garbage\n")
+    sampler.sample()
+    values = collect(collector)
+    assert not any(name.startswith("skip2fleet_device_power_watts") for name in values)
+    assert not any(name.startswith("skip2fleet_device_temperature") for name in values)
+    assert values["skip2fleet_probe_errors_total{kind=vanished,probe=hwmon}"] == 1
+    assert values["skip2fleet_probe_errors_total{kind=garbage,probe=thermal}"] == 1
+    assert "skip2fleet_device_energy_joules_total{estimated=false,source=hwmon}" in values
+
+
+def test_a_pushgateway_that_is_down_costs_one_line_per_round(tmp_path, caplog):
+    data = as_yaml_dict(resolve_fleet(None, 2, 2, "generated", None, None))
+    data["coordinator"]["pushgateway"] = f"127.0.0.1:{free_port()}"  # nothing listens there
+    (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(data))
+    with caplog.at_level("WARNING", logger="skip2fleet"):
+        result = CliRunner().invoke(app, ["simulate", "--config", str(tmp_path / "fleet.yaml"),
+                                          "--out", str(tmp_path / "run")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    warnings = [r.getMessage() for r in caplog.records if "Pushgateway" in r.getMessage()]
+    assert len(warnings) == 2 and "round 1" in warnings[0] and "round 2" in warnings[1]
+    assert (tmp_path / "run" / "rounds" / "002" / "round.json").is_file()
