@@ -112,7 +112,7 @@ def coordinate(grid: Grid, folder: RunFolder, on_round: RoundListener) -> None:
     device_of: dict[int, str] = {}
     state_root = str(folder.path / "devices")
     for number in range((done[-1] if done else 0) + 1, fed.rounds + 1):
-        started = time.monotonic()
+        started, started_at = time.monotonic(), time.time()
         plan = plan_for(config, number, digest, state_root)
         first = number == (done[-1] if done else 0) + 1
         messages = []
@@ -150,6 +150,7 @@ def coordinate(grid: Grid, folder: RunFolder, on_round: RoundListener) -> None:
         }
         result.update(
             round=number,
+            started_at=started_at,
             duration_s=time.monotonic() - started,
             aggregation=fed.aggregation,
             svd_relative_error=aggregate.svd_relative_error,

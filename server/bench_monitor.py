@@ -63,7 +63,7 @@ def measure_monitoring(seconds: float, rounds: int, workdir: Path) -> dict:
     processes = Processes(workdir / "logs")
     try:
         start_pushgateway(processes, gateway_port)
-        start_prometheus(processes, workdir / "monitoring", prometheus_port)
+        start_prometheus(processes, workdir / "monitoring" / "prometheus", prometheus_port)
         agent = processes.start("agent", [
             "fleet", "agent", "--config", str(workdir / "fleet.yaml"), "--device",
             fleet.devices[0].name, "--address", "127.0.0.1", "--hz", "10",

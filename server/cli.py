@@ -13,6 +13,7 @@ from client.agent import agent_command
 from server import options as opt
 from server.bench import bench_app
 from server.bench_monitor import monitor_command as monitor_bench_command
+from server.deploy import deploy_command, status_command
 from server.monitoring import monitor_app
 from server.progress import progress, stderr
 from server.run import certs_command, run_command
@@ -51,6 +52,8 @@ app.command("simulate")(simulate_command)
 app.command("run")(run_command)
 app.command("certs")(certs_command)
 app.command("agent")(agent_command)
+app.command("deploy")(deploy_command)
+app.command("status")(status_command)
 
 
 def pretrained_base(task: Task, epochs: int, seed: int) -> base_model.Model:
@@ -164,3 +167,7 @@ def finetune_command(
         typer.echo(f"wrote {out}")
     if json_out is not None:
         write_text_atomic(json_out, json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":  # `python -m server.cli`, as the coordinator role calls it
+    app()

@@ -1,7 +1,7 @@
 """`fleet monitor config`: Prometheus and Grafana files for the fleet, written from fleet.yaml.
 
-    prometheus.yml          the device agents (labelled by device) and the Pushgateway
-    alerts.yml              a device down, a device too hot, a round with refused replies
+    prometheus/prometheus.yml  the device agents (labelled by device) and the Pushgateway
+    prometheus/alerts.yml      a device down, a device too hot, a round with refused replies
     grafana/provisioning/   the Prometheus datasource and the dashboard provider
     grafana/dashboards/skip2fleet.json
 
@@ -175,8 +175,8 @@ def panel_queries(dashboard_json: dict) -> dict[str, str]:
 def write_monitoring(fleet: FleetConfig, out: Path) -> list[Path]:
     prometheus_url = f"http://127.0.0.1:{fleet.coordinator.prometheus_port}"
     files = {
-        "prometheus.yml": yaml.safe_dump(prometheus_config(fleet), sort_keys=False),
-        "alerts.yml": yaml.safe_dump(alert_rules(), sort_keys=False, allow_unicode=True),
+        "prometheus/prometheus.yml": yaml.safe_dump(prometheus_config(fleet), sort_keys=False),
+        "prometheus/alerts.yml": yaml.safe_dump(alert_rules(), sort_keys=False, allow_unicode=True),
         "grafana/provisioning/datasources/skip2fleet.yml": yaml.safe_dump({
             "apiVersion": 1,
             "datasources": [{"name": "skip2fleet Prometheus", "uid": DATASOURCE_UID,

@@ -18,7 +18,15 @@ from server.certs import Credentials, ensure_credentials
 from server.progress import stderr
 from server.runs import RunFolder
 from server.simulate import pretrained_for, print_round
-from server.superlink import CONNECTION, flwr, state_dir, write_app, write_connection
+from server.superlink import (
+    CONNECTION,
+    flwr,
+    register_nodes,
+    registered_nodes,
+    state_dir,
+    write_app,
+    write_connection,
+)
 from shared import model as base_model
 from shared.config import FleetConfig, as_yaml_dict, load_config
 from shared.errors import FleetError
@@ -35,7 +43,12 @@ def credentials_for(fleet: FleetConfig) -> Credentials:
                               [d.name for d in fleet.devices])  # fmt: skip
 
 
-def certs_command(config: ConfigPath = Path("fleet.yaml")) -> None:
+def certs_command(
+    config: ConfigPath = Path("fleet.yaml"),
+    register: Annotated[
+        bool, typer.Option(help="Also register the node keys with the running SuperLink.")
+    ] = False,
+) -> None:
     """Create the CA, the SuperLink's TLS certificate and a node key per device (once)."""
     fleet = load_config(config)
     creds = credentials_for(fleet)
@@ -43,6 +56,12 @@ def certs_command(config: ConfigPath = Path("fleet.yaml")) -> None:
     typer.echo(f"SuperLink TLS       {creds.server_cert} / {creds.server_key}")
     for device in fleet.devices:
         typer.echo(f"node key {device.name:<10} {creds.node_key(device.name)}")
+    if register:
+        write_connection(fleet, creds)
+        before = registered_nodes(fleet)
+        ids = register_nodes(fleet, creds, [d.name for d in fleet.devices])
+        new = [name for name in ids if name not in before]
+        typer.echo(f"registered {len(new)} new node key(s){': ' + ', '.join(new) if new else ''}")
 
 
 def start_run(fleet: FleetConfig, folder: RunFolder, clientapp: str = "client.app:app") -> str:

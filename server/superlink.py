@@ -123,13 +123,19 @@ def flwr(config: FleetConfig, *args: str, timeout: float = 60) -> dict:
     return answer
 
 
+def registered_nodes(config: FleetConfig) -> dict[str, int]:
+    """Device name -> node id, as far as fleet's registry remembers (see `register_nodes`)."""
+    path = state_dir(config) / "nodes.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def register_nodes(config: FleetConfig, creds: Credentials, devices: list[str]) -> dict[str, int]:
     """Register the devices' node keys with the SuperLink; ones it already holds are kept.
 
     Flower's node list does not show names, so `<state_dir>/nodes.json` remembers which node id
     belongs to which device."""
     registry_path = state_dir(config) / "nodes.json"
-    registry = json.loads(registry_path.read_text()) if registry_path.is_file() else {}
+    registry = registered_nodes(config)
     listed = {int(n["node-id"]) for n in flwr(config, "supernode", "list", CONNECTION)["nodes"]}
     for device in devices:
         if registry.get(device) in listed:

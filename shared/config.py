@@ -81,6 +81,8 @@ class Device:
     idle_watts: float = 1.0  # for the cpu-model probe: the board idle and at full load
     full_watts: float = 3.0
     agent_port: int = 9101  # where `fleet agent` serves its metrics
+    install_dir: str = "/opt/skip2fleet"  # venv, configuration, keys and state on the device
+    python: str = "/usr/bin/python3"  # the device's Python (3.11 or newer, with venv)
     rank: int | None = None  # overrides training.rank for this device
 
 

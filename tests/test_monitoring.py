@@ -40,11 +40,12 @@ def test_written_config_and_rules_pass_promtool(tmp_path):
     result = CliRunner().invoke(app, ["monitor", "config", "--config", str(ROOT / "fleet.yaml"),
                                       "--out", str(tmp_path)])  # fmt: skip
     assert result.exit_code == 0, result.output
+    folder = tmp_path / "prometheus"
     for check in (["check", "config", "prometheus.yml"], ["check", "rules", "alerts.yml"]):
-        done = subprocess.run(["promtool", *check], cwd=tmp_path, capture_output=True, text=True)
+        done = subprocess.run(["promtool", *check], cwd=folder, capture_output=True, text=True)
         assert done.returncode == 0, done.stdout + done.stderr
-    shutil.copy(ROOT / "tests" / "fixtures" / "alerts_test.yml", tmp_path)
-    done = subprocess.run(["promtool", "test", "rules", "alerts_test.yml"], cwd=tmp_path,
+    shutil.copy(ROOT / "tests" / "fixtures" / "alerts_test.yml", folder)
+    done = subprocess.run(["promtool", "test", "rules", "alerts_test.yml"], cwd=folder,
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -84,7 +85,7 @@ def test_every_panel_returns_data_from_a_real_prometheus(tmp_path):
     processes = Processes(tmp_path / "logs")
     try:
         start_pushgateway(processes, gateway_port)
-        start_prometheus(processes, tmp_path / "monitoring", prometheus_port)
+        start_prometheus(processes, tmp_path / "monitoring" / "prometheus", prometheus_port)
         for i, device in enumerate(fleet.devices):
             sysfs = fixture_sysfs(tmp_path / f"sys-{device.name}", 2.0 + i, 50.0 + i)
             processes.start(f"agent-{device.name}", [

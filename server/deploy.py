@@ -1,0 +1,303 @@
+"""`fleet deploy` and `fleet status`: putting the fleet in place with Ansible, and looking at it.
+
+`fleet deploy` renders the inventory and every service's command line from fleet.yaml (the same
+functions the loopback deployment uses), creates the credentials once, builds a wheelhouse of
+the project and its dependencies once per build (devices need no package index), writes the
+monitoring configuration, and runs `ansible/site.yml` through ansible-runner, printing each
+host's tasks as they finish. A host that cannot be reached is named in the summary, the others
+are still deployed, and the exit code is 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from client.supernode import supernode_command
+from server.monitoring import write_monitoring
+from server.progress import stderr
+from server.run import ConfigPath, credentials_for
+from server.superlink import CONNECTION, flwr, registered_nodes, state_dir, superlink_command
+from shared.config import Device, FleetConfig, load_config
+from shared.errors import FleetError
+
+PROJECT = Path(__file__).resolve().parents[1]
+ANSIBLE_DIR = PROJECT / "ansible"
+SUPERNODE_PORT = 9094
+MIN_FREE_MB = 600
+
+
+def build_id() -> str:
+    """A hash of the project's code: a new build means a new wheelhouse and a reinstall."""
+    digest = hashlib.sha256()
+    sources = [PROJECT / "pyproject.toml"]
+    for package in ("server", "client", "shared"):
+        sources += (PROJECT / package).rglob("*.py")
+    for path in sorted(sources):
+        digest.update(path.relative_to(PROJECT).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def wheelhouse(fleet: FleetConfig, build: str) -> Path:
+    """`wheelhouse-<build>.tar.gz`: the project and every dependency as wheels, built once."""
+    archive = state_dir(fleet) / "wheelhouse" / f"wheelhouse-{build}.tar.gz"
+    if archive.is_file():
+        return archive
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        wheels = Path(tmp) / f"wheelhouse-{build}"
+        stderr.print(f"building the wheelhouse of build {build} (once per build)")
+        command = [sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(wheels)]
+        done = subprocess.run([*command, str(PROJECT)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise FleetError(f"pip wheel failed: {done.stderr.strip()[-400:]}")
+        partial = archive.with_suffix(".partial")
+        with tarfile.open(partial, "w:gz") as tar:
+            tar.add(wheels, arcname=wheels.name)
+        partial.replace(archive)
+    return archive
+
+
+def device_etc(fleet: FleetConfig, device: Device) -> Path:
+    """A device's etc/ (fleet file, CA certificate, node key) as one archive named by its
+    content hash; the device unpacks it only when that hash is new to it."""
+    creds = credentials_for(fleet)
+    files = {"etc/fleet.yaml": fleet_source(fleet), "etc/ca.crt": creds.ca_cert,
+             "etc/node.key": creds.node_key(device.name)}  # fmt: skip
+    return content_archive(state_dir(fleet) / "devices" / device.name, "etc", files, 0o600)
+
+
+def content_archive(folder: Path, kind: str, files: dict[str, Path], mode: int) -> Path:
+    """`<kind>-<hash>.tar` in `folder`: the files under their names, and a `.<kind>-<hash>`
+    marker beside them, so that a host unpacks it only when the content is new to it."""
+    digest = hashlib.sha256(
+        b"".join(name.encode() + path.read_bytes() for name, path in sorted(files.items()))
+    ).hexdigest()[:12]
+    archive = folder / f"{kind}-{digest}.tar"
+    if not archive.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        marker = folder / f".{kind}-{digest}"
+        marker.write_text("")
+        with tarfile.open(archive, "w") as tar:
+            for name, path in {**files, marker.name: marker}.items():
+                info = tar.gettarinfo(str(path), name)
+                info.mode = mode
+                with path.open("rb") as handle:
+                    tar.addfile(info, handle)
+    return archive
+
+
+def monitoring_archive(fleet: FleetConfig) -> Path:
+    """The coordinator's Prometheus and Grafana files, written from fleet.yaml, as one archive."""
+    out = state_dir(fleet) / "monitoring"
+    written = write_monitoring(fleet, out)
+    return content_archive(state_dir(fleet), "monitoring",
+                           {str(p.relative_to(out)): p for p in written}, 0o644)  # fmt: skip
+
+
+def fleet_source(fleet: FleetConfig) -> Path:
+    return Path(fleet.source).resolve()
+
+
+def device_vars(fleet: FleetConfig, device: Device) -> dict:
+    home = Path(device.install_dir)
+    superlink = f"{fleet.coordinator.address}:{fleet.coordinator.port}"
+    tls = fleet.coordinator.tls
+    supernode = supernode_command(
+        superlink, device.name, home / "state", SUPERNODE_PORT,
+        home / "etc" / "ca.crt" if tls else None, home / "etc" / "node.key" if tls else None,
+        Path(device.data.data_dir) if device.data.data_dir else None,
+    )  # fmt: skip
+    return {
+        "ansible_host": device.host,
+        "ansible_user": device.ssh_user,
+        "ansible_python_interpreter": device.python,
+        "install_dir": str(home),
+        "device_etc": str(device_etc(fleet, device)),
+        "supernode_argv": [str(home / "venv" / "bin" / supernode[0]), *supernode[1:]],
+        "agent_argv": [
+            str(home / "venv" / "bin" / "fleet"),
+            "agent",
+            "--config",
+            str(home / "etc" / "fleet.yaml"),
+            "--device",
+            device.name,
+            "--state-dir",
+            str(home / "state"),
+            "--address",
+            device.host,
+            "--port",
+            str(device.agent_port),
+        ],
+    }
+
+
+def coordinator_vars(fleet: FleetConfig, fleet_file: Path) -> dict:
+    state = state_dir(fleet)
+    bin_dir = Path(sys.executable).parent
+    superlink = superlink_command(fleet, credentials_for(fleet), host=fleet.coordinator.address)
+    gateway = fleet.coordinator.pushgateway or "127.0.0.1:9091"
+    return {
+        "ansible_connection": "local",
+        "ansible_python_interpreter": sys.executable,
+        "coordinator_dir": str(state / "coordinator"),
+        "monitoring_archive": str(monitoring_archive(fleet)),
+        "fleet_cli": f"{sys.executable} -m server.cli",
+        "superlink_argv": [str(bin_dir / superlink[0]), *superlink[1:]],
+        "pushgateway_argv": ["prometheus-pushgateway", f"--web.listen-address={gateway}"],
+        "prometheus_argv": [
+            "prometheus",
+            f"--config.file={state / 'coordinator/prometheus/prometheus.yml'}",
+            f"--storage.tsdb.path={state / 'coordinator/prometheus/data'}",
+            f"--web.listen-address=127.0.0.1:{fleet.coordinator.prometheus_port}",
+        ],
+    }
+
+
+def deploy(fleet: FleetConfig, fleet_file: Path, check: bool, limit: list[str],
+           ssh_key: Path | None) -> dict:  # fmt: skip
+    import ansible_runner
+
+    unknown = sorted(set(limit) - {d.name for d in fleet.devices})
+    if unknown:
+        raise FleetError(f"--limit: no device {', '.join(map(repr, unknown))} in {fleet_file}")
+    credentials_for(fleet)
+    build = build_id()
+    extravars = {
+        "fleet_file": str(fleet_file.resolve()),
+        "build_id": build,
+        "wheelhouse_archive": str(wheelhouse(fleet, build)),
+        "min_free_mb": MIN_FREE_MB,
+    }
+    inventory = {"all": {"children": {
+        "coordinator": {"hosts": {"coordinator": coordinator_vars(fleet, fleet_file)}},
+        "devices": {"hosts": {d.name: device_vars(fleet, d) for d in fleet.devices}},
+    }}}  # fmt: skip
+    reasons: dict[str, str] = {}
+
+    def on_event(event: dict) -> bool:
+        data = event.get("event_data", {})
+        kind = event.get("event", "")
+        outcome = {
+            "runner_on_ok": "changed" if data.get("res", {}).get("changed") else "ok",
+            "runner_on_failed": "FAILED",
+            "runner_on_unreachable": "UNREACHABLE",
+        }.get(kind)
+        if outcome and not (kind == "runner_on_failed" and data.get("ignore_errors")):
+            stderr.print(f"  {data.get('host', '?'):<12} {outcome:<11} {data.get('task', '')}"
+                         f" ({data.get('duration', 0):.1f} s)", highlight=False)  # fmt: skip
+            if outcome in ("FAILED", "UNREACHABLE"):
+                reasons[data["host"]] = str(data.get("res", {}).get("msg", "")).strip()[:300]
+        return True
+
+    runner_dir = state_dir(fleet) / "ansible"
+    shutil.rmtree(runner_dir / "inventory", ignore_errors=True)
+    runner_dir.mkdir(parents=True, exist_ok=True)
+    ssh_args = "-o UserKnownHostsFile=/dev/null -o ControlMaster=auto -o ControlPersist=60s"
+    result = ansible_runner.run(
+        private_data_dir=str(runner_dir),
+        project_dir=str(ANSIBLE_DIR),
+        playbook=str(ANSIBLE_DIR / "site.yml"),
+        inventory=inventory,
+        extravars=extravars,
+        limit=",".join(["coordinator", *limit]) if limit else None,
+        cmdline="--check" if check else None,
+        event_handler=on_event,
+        quiet=True,
+        envvars={
+            "ANSIBLE_HOST_KEY_CHECKING": "False",
+            "ANSIBLE_SSH_ARGS": ssh_args,
+            "ANSIBLE_PIPELINING": "True",
+            "ANSIBLE_FORKS": "10",
+            "ANSIBLE_ROLES_PATH": str(ANSIBLE_DIR / "roles"),
+            "ANSIBLE_PYTHON_INTERPRETER": "auto_silent",
+            **({"ANSIBLE_PRIVATE_KEY_FILE": str(ssh_key)} if ssh_key else {}),
+        },
+    )
+    stats = result.stats or {}
+    hosts = sorted(set().union(*(stats.get(k, {}) for k in ("ok", "changed", "failures", "dark",
+                                                             "skipped"))))  # fmt: skip
+    return {
+        "hosts": {h: {k: stats.get(key, {}).get(h, 0) for k, key in
+                      (("ok", "ok"), ("changed", "changed"), ("failed", "failures"),
+                       ("unreachable", "dark"))} for h in hosts},
+        "reasons": reasons,
+        "status": result.status,
+    }  # fmt: skip
+
+
+def deploy_command(
+    config: ConfigPath = Path("fleet.yaml"),
+    check: Annotated[bool, typer.Option(help="A dry run: show what would change.")] = False,
+    limit: Annotated[
+        list[str] | None, typer.Option(help="Deploy only this device (repeatable).")
+    ] = None,
+    ssh_key: Annotated[Path | None, typer.Option(help="SSH private key for the devices.")] = None,
+) -> None:
+    """Install and start the coordinator's and the devices' services with Ansible."""
+    fleet = load_config(config)
+    started = time.monotonic()
+    summary = deploy(fleet, config, check, limit or [], ssh_key)
+    typer.echo(f"deploy took {time.monotonic() - started:.1f} s")
+    typer.echo(f"{'host':<12} {'ok':>4} {'changed':>8} {'failed':>7} {'unreachable':>12}")
+    for host, counts in summary["hosts"].items():
+        typer.echo(f"{host:<12} {counts['ok']:>4} {counts['changed']:>8} {counts['failed']:>7} "
+                   f"{counts['unreachable']:>12}")  # fmt: skip
+    broken = {h: c for h, c in summary["hosts"].items() if c["failed"] or c["unreachable"]}
+    for host in broken:
+        typer.echo(f"{host}: {summary['reasons'].get(host) or 'failed'}", err=True)
+    if broken or summary["status"] != "successful":
+        raise typer.Exit(1)
+
+
+def agent_figures(device: Device) -> dict[str, float] | None:
+    """The device agent's metrics, or None when it does not answer."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://{device.host}:{device.agent_port}/metrics",
+                                    timeout=3) as response:  # fmt: skip
+            text = response.read().decode()
+    except OSError:
+        return None
+    return {
+        sample.name + "".join(f"|{v}" for v in sample.labels.values()): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def status_command(config: ConfigPath = Path("fleet.yaml")) -> None:
+    """Each device: registered and online at the SuperLink, agent up, last round and accuracy."""
+    fleet = load_config(config)
+    registry = registered_nodes(fleet)
+    try:
+        listed = flwr(fleet, "supernode", "list", CONNECTION, timeout=15)["nodes"]
+        nodes = {int(node["node-id"]): node["status"] for node in listed}
+    except FleetError as exc:
+        stderr.print(f"SuperLink not reachable: {exc}")
+        nodes = {}
+    typer.echo(f"{'device':<12} {'registered':<11} {'SuperLink':<10} {'agent':<6} "
+               f"{'round':>5} {'accuracy':>9}")  # fmt: skip
+    for device in fleet.devices:
+        node = registry.get(device.name)
+        figures = agent_figures(device)
+        last = (figures or {}).get("skip2fleet_last_finetune_round")
+        after = (figures or {}).get("skip2fleet_last_finetune_accuracy_ratio|after")
+        typer.echo(
+            f"{device.name:<12} {'yes' if node is not None else 'no':<11} "
+            f"{nodes.get(node, '-') if node is not None else '-':<10} "
+            f"{'up' if figures is not None else 'down':<6} "
+            f"{int(last) if last is not None else '-':>5} "
+            f"{f'{after * 100:.2f} %' if after is not None else '-':>9}"
+        )

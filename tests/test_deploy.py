@@ -1,0 +1,114 @@
+"""`fleet deploy` over real SSH to fake devices (network namespaces with sshd on a private
+bridge), then `fleet run` across them and Prometheus scraping their agents; a device that is
+down is named and the others are still deployed. Everything is torn down, also on failure:
+the coordinator's services by their pid files, the devices by killing their namespaces."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from server.cli import app
+from server.loopback import free_port, prometheus_query, wait_for
+from tests.fakehosts import COORDINATOR_IP, fake_hosts, ssh_keypair
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("sshd") or not shutil.which("ansible-playbook"),
+    reason="needs root (network namespaces), sshd and ansible (.ci/run installs them)",
+)
+
+
+def test_playbook_syntax():
+    playbook = str(ROOT / "ansible" / "site.yml")
+    command = ["ansible-playbook", "--syntax-check", "-i", "localhost,", playbook]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def stop_coordinator_services(state: Path) -> None:
+    for pidfile in (state / "coordinator" / "run").glob("*.pid"):
+        subprocess.run(["start-stop-daemon", "--stop", "--retry", "TERM/30/KILL/5",
+                        "--pidfile", str(pidfile)], capture_output=True)  # fmt: skip
+
+
+def deploy(path: Path, key: Path) -> tuple[int, float, str]:
+    started = time.monotonic()
+    done = subprocess.run(["fleet", "deploy", "--config", str(path), "--ssh-key", str(key)],
+                          capture_output=True, text=True)  # fmt: skip
+    return done.returncode, time.monotonic() - started, done.stdout + done.stderr
+
+
+def summary(output: str) -> dict[str, list[int]]:
+    rows = [line.split() for line in output.splitlines() if line.split()[:1] and
+            line.split()[0] in ("coordinator", "pi-1", "pi-2", "pi-3", "pi-4") and
+            len(line.split()) == 5 and line.split()[1].isdigit()]  # fmt: skip
+    return {row[0]: [int(v) for v in row[1:]] for row in rows}
+
+
+def test_deploy_twice_then_two_rounds_across_the_devices(tmp_path):
+    key = ssh_keypair(tmp_path)
+    state = tmp_path / "state"
+    try:
+        with fake_hosts(tmp_path, 4, key) as hosts:
+            os.kill(int((hosts[3].folder / "sshd.pid").read_text()), signal.SIGTERM)  # pi-4 is down
+            config = {
+                "coordinator": {"address": COORDINATOR_IP, "port": free_port(),
+                                "state_dir": str(state), "pushgateway": f"127.0.0.1:{free_port()}",
+                                "prometheus_port": free_port()},
+                "training": {"epochs": 30, "pretrain_epochs": 5},
+                "federation": {"rounds": 2, "min_devices": 3, "round_timeout_s": 90},
+                "devices": [{"name": f"pi-{i + 1}", "host": h.address, "ssh_user": "root",
+                             "data": {"partition": i}, "install_dir": str(h.folder / "opt")}
+                            for i, h in enumerate(hosts)],
+            }  # fmt: skip
+            path = tmp_path / "fleet.yaml"
+            path.write_text(yaml.safe_dump(config))
+
+            code, cold_s, output = deploy(path, key)
+            assert code == 1, output  # pi-4 cannot be reached ...
+            rows = summary(output)
+            assert rows["pi-4"][3] == 1 and "pi-4" in output.split("unreachable")[-1]
+            reachable = ("coordinator", "pi-1", "pi-2", "pi-3")
+            assert all(rows[h][2] == rows[h][3] == 0 for h in reachable), output
+
+            code, warm_s, output = deploy(path, key)  # ... the others are deployed, and stay so
+            rows = summary(output)
+            assert all(rows[h][1] == 0 for h in reachable), output
+            print(f"cold deploy {cold_s:.1f} s, second deploy {warm_s:.1f} s")
+
+            status = CliRunner().invoke(app, ["status", "--config", str(path)])
+            for device in ("pi-1", "pi-2", "pi-3"):
+                line = next(line for line in status.output.splitlines() if line.startswith(device))
+                assert "online" in line and " up " in line, status.output
+
+            deployed_at = time.time()
+            run = tmp_path / "run"
+            result = CliRunner().invoke(app, ["run", "--config", str(path), "--out", str(run)])
+            assert result.exit_code == 0, result.output
+            first = json.loads((run / "rounds" / "001" / "round.json").read_text())
+            print(f"round 1 started {first['started_at'] - deployed_at:.1f} s after the deploy")
+            last = json.loads((run / "rounds" / "002" / "round.json").read_text())
+            assert sorted(last["devices"]) == ["pi-1", "pi-2", "pi-3"]
+            assert last["missing"] == ["pi-4"]
+            assert all(d["acc_after"] > d["acc_before"] for d in last["devices"].values())
+
+            port = config["coordinator"]["prometheus_port"]
+            up = 'up{job="skip2fleet-agents"} == 1'
+            scraped = wait_for(lambda: len(prometheus_query(port, up)) == 3 or None, 30, "agents")
+            assert scraped
+            rounds = wait_for(
+                lambda: prometheus_query(port, "skip2fleet_round_number"), 30, "round"
+            )
+            assert float(rounds[0]["value"][1]) == 2
+    finally:
+        stop_coordinator_services(state)
