@@ -47,27 +47,35 @@ class DeviceCollector:
 
     def collect(self):
         errors = CounterMetricFamily(
-            "skip2fleet_probe_errors", "Probe readings skipped, by probe and kind.",
+            "skip2fleet_probe_errors",
+            "Probe readings skipped, by probe and kind.",
             labels=["probe", "kind"],
-        )  # fmt: skip
+        )
         if self.sampler is not None:
             probe = self.sampler.probe
             labels = [probe.source, str(probe.estimated).lower()]
             if self.sampler.last_watts is not None:
-                power = GaugeMetricFamily(f"{PREFIX}_power_watts", "Power drawn by the board.",
-                                          labels=["source", "estimated"])  # fmt: skip
+                power = GaugeMetricFamily(
+                    f"{PREFIX}_power_watts",
+                    "Power drawn by the board.",
+                    labels=["source", "estimated"],
+                )
                 power.add_metric(labels, self.sampler.last_watts)
                 yield power
-            energy = CounterMetricFamily(f"{PREFIX}_energy_joules", "Energy since the agent "
-                                         "started.", labels=["source", "estimated"])  # fmt: skip
+            energy = CounterMetricFamily(
+                f"{PREFIX}_energy_joules",
+                "Energy since the agent started.",
+                labels=["source", "estimated"],
+            )
             energy.add_metric(labels, self.sampler.joules)
             yield energy
             for kind, count in self.sampler.errors.items():
                 errors.add_metric([probe.source, kind], count)
         try:
             celsius = self.thermal.celsius()
-            yield GaugeMetricFamily(f"{PREFIX}_temperature_celsius", "Hottest thermal zone.",
-                                    value=celsius)  # fmt: skip
+            yield GaugeMetricFamily(
+                f"{PREFIX}_temperature_celsius", "Hottest thermal zone.", value=celsius
+            )
         except ProbeError as exc:
             self.errors[("thermal", exc.kind)] += 1
         for (probe_name, kind), count in self.errors.items():
@@ -85,16 +93,20 @@ class DeviceCollector:
             previous, self._cpu_previous = self._cpu_previous, (total, idle)
             if previous is not None and total > previous[0]:
                 busy = 1 - (idle - previous[1]) / (total - previous[0])
-                yield GaugeMetricFamily(f"{PREFIX}_cpu_busy_ratio", "CPU busy share since the "
-                                        "previous scrape.", value=busy)  # fmt: skip
+                yield GaugeMetricFamily(
+                    f"{PREFIX}_cpu_busy_ratio",
+                    "CPU busy share since the previous scrape.",
+                    value=busy,
+                )
             meminfo = {
                 line.split(":")[0]: float(line.split()[1]) * 1024
                 for line in (self.proc_root / "meminfo").read_text().splitlines()
                 if line.split(":")[0] in ("MemTotal", "MemAvailable")
             }
             for key, name in (("MemTotal", "total"), ("MemAvailable", "available")):
-                yield GaugeMetricFamily(f"{PREFIX}_memory_{name}_bytes", f"Memory, {name}.",
-                                        value=meminfo[key])  # fmt: skip
+                yield GaugeMetricFamily(
+                    f"{PREFIX}_memory_{name}_bytes", f"Memory, {name}.", value=meminfo[key]
+                )
         except (OSError, ValueError, IndexError, KeyError):
             self.errors[("proc", "garbage")] += 1
 
@@ -115,13 +127,15 @@ class DeviceCollector:
         for key, (name, help_text) in simple.items():
             if key in figures:
                 yield GaugeMetricFamily(f"{prefix}_{name}", help_text, value=figures[key])
-        accuracy = GaugeMetricFamily(f"{prefix}_accuracy_ratio", "Accuracy on the device's "
-                                     "held-out data.", labels=["phase"])  # fmt: skip
+        accuracy = GaugeMetricFamily(
+            f"{prefix}_accuracy_ratio", "Accuracy on the device's held-out data.", labels=["phase"]
+        )
         for phase in ("before", "after"):
             accuracy.add_metric([phase], figures.get(f"acc_{phase}", 0.0) / 100)
         yield accuracy
-        batch = GaugeMetricFamily(f"{prefix}_train_batch_seconds", "Time per training batch.",
-                                  labels=["phase"])  # fmt: skip
+        batch = GaugeMetricFamily(
+            f"{prefix}_train_batch_seconds", "Time per training batch.", labels=["phase"]
+        )
         for phase in ("forward", "backward", "update"):
             batch.add_metric([phase], figures.get(f"{phase}_ms", 0.0) / 1e3)
         yield batch
@@ -152,11 +166,14 @@ def agent_command(
         )
     probe = power_probe(entry.probe, sys_root, proc_root, entry.idle_watts, entry.full_watts)
     sampler = PowerSampler(probe, hz).start() if probe is not None else None
-    collector = DeviceCollector(sampler, ThermalZones(sys_root / "class" / "thermal"), proc_root,
-                                state_dir.expanduser())  # fmt: skip
+    collector = DeviceCollector(
+        sampler, ThermalZones(sys_root / "class" / "thermal"), proc_root, state_dir.expanduser()
+    )
     stop = serve(collector, address, port or entry.agent_port)
-    typer.echo(f"agent for {device}: probe {probe.source if probe else 'none'}, "
-               f"http://{address}:{port or entry.agent_port}/metrics")  # fmt: skip
+    typer.echo(
+        f"agent for {device}: probe {probe.source if probe else 'none'}, "
+        f"http://{address}:{port or entry.agent_port}/metrics"
+    )
     stop.wait()
     if sampler is not None:
         sampler.stop()

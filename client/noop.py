@@ -30,10 +30,32 @@ def train(msg: Message, context: Context) -> Message:
         context.state["noop"] = ConfigRecord({"dims": list(dims)})
     dims = tuple(context.state["noop"]["dims"])
     size = packed_size(get_method(plan.method), dims, plan.ranks[index])
-    reply = RecordDict({ADAPTERS: vector_record(np.zeros(size, np.float32)),
-                        "device": ConfigRecord({"name": plan.devices[index]})})  # fmt: skip
-    figures = Figures(0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0, 0, 0.0,
-                      plan.ranks[index], peak_rss_bytes(), 0.0, 0.0, 0.0, 0)  # fmt: skip
+    reply = RecordDict(
+        {
+            ADAPTERS: vector_record(np.zeros(size, np.float32)),
+            "device": ConfigRecord({"name": plan.devices[index]}),
+        }
+    )
+    figures = Figures(
+        0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0,
+        0,
+        0.0,
+        plan.ranks[index],
+        peak_rss_bytes(),
+        0.0,
+        0.0,
+        0.0,
+        0,
+    )
     reply[FIGURES] = figures.record()
     reply[FIGURES]["uplink_bytes"] = float(wire_bytes(reply))
     return Message(content=reply, reply_to=msg)

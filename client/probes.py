@@ -55,8 +55,7 @@ def _read_number(path: Path) -> float:
 
 def run_command(command: list[str]) -> str:
     try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=5,
-                              check=True).stdout  # fmt: skip
+        return subprocess.run(command, capture_output=True, text=True, timeout=5, check=True).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         raise ProbeError("vanished", f"{' '.join(command)} ({exc})") from None
 
@@ -213,9 +212,13 @@ class ThermalZones:
 
 
 def power_probe(
-    kind: str, sys_root: Path = Path("/sys"), proc_root: Path = Path("/proc"),
-    idle_watts: float = 1.0, full_watts: float = 3.0, run: Runner = run_command,
-) -> PowerProbe | None:  # fmt: skip
+    kind: str,
+    sys_root: Path = Path("/sys"),
+    proc_root: Path = Path("/proc"),
+    idle_watts: float = 1.0,
+    full_watts: float = 3.0,
+    run: Runner = run_command,
+) -> PowerProbe | None:
     """The probe fleet.yaml names; `auto` takes the first that is there (the model last)."""
     candidates = {
         "hwmon": HwmonPower(sys_root / "class" / "hwmon"),

@@ -19,9 +19,21 @@ def supernode_command(
     node_config = f"device='{device}' state-dir='{state_dir}'"
     if data_dir is not None:
         node_config += f" data-dir='{data_dir}'"
-    command = ["flower-supernode", "--superlink", superlink, "--node-config", node_config,
-               "--port", str(port)]  # fmt: skip
+    command = [
+        "flower-supernode",
+        "--superlink",
+        superlink,
+        "--node-config",
+        node_config,
+        "--port",
+        str(port),
+    ]
     if ca_cert is not None and node_key is not None:
-        return [*command, "--root-certificates", str(ca_cert),
-                "--auth-supernode-private-key", str(node_key)]  # fmt: skip
+        return [
+            *command,
+            "--root-certificates",
+            str(ca_cert),
+            "--auth-supernode-private-key",
+            str(node_key),
+        ]
     return [*command, "--insecure"]

@@ -136,8 +136,14 @@ def coordinate(grid: Grid, folder: RunFolder, on_round: RoundListener) -> None:
         answered = set(result["devices"]) | set(result["refused"])
         result["missing"] = [d.name for d in config.devices if d.name not in answered]
         if len(updates) < fed.min_devices:
-            reasons = [f"no answer from {', '.join(result['missing'])} within "
-                       f"{fed.round_timeout_s:.0f} s"] if result["missing"] else []  # fmt: skip
+            reasons = (
+                [
+                    f"no answer from {', '.join(result['missing'])} within "
+                    f"{fed.round_timeout_s:.0f} s"
+                ]
+                if result["missing"]
+                else []
+            )
             reasons += [f"{name} refused: {why}" for name, why in result["refused"].items()]
             raise FleetError(
                 f"round {number}: {len(updates)} usable replies, {fed.min_devices} needed; "
@@ -208,6 +214,7 @@ def judge(
             continue
         result["devices"][name] = figures.__dict__
         received[name] = vector
-        updates.append(Update(name, unpack(vector, method, dims, ranks[name]), figures.samples,
-                              ranks[name]))  # fmt: skip
+        updates.append(
+            Update(name, unpack(vector, method, dims, ranks[name]), figures.samples, ranks[name])
+        )
     return result, updates, received

@@ -169,11 +169,13 @@ def measure_rounds(fleet: FleetConfig, workdir: Path) -> dict:
             rounds = [folder.round_result(n) for n in folder.completed_rounds()]
             runs[label] = {
                 "round_s": [r["duration_s"] for r in rounds],
-                "peak_rss_bytes": max(d["peak_rss_bytes"] for r in rounds
-                                      for d in r["devices"].values()),
-            }  # fmt: skip
-    extra = [a - b for a, b in zip(runs["skip2fleet"]["round_s"], runs["noop"]["round_s"],
-                                   strict=True)]  # fmt: skip
+                "peak_rss_bytes": max(
+                    d["peak_rss_bytes"] for r in rounds for d in r["devices"].values()
+                ),
+            }
+    extra = [
+        a - b for a, b in zip(runs["skip2fleet"]["round_s"], runs["noop"]["round_s"], strict=True)
+    ]
     return {
         "dataset": fleet.task.dataset,
         "devices": len(fleet.devices),

@@ -54,8 +54,9 @@ def hwmon_fixture(root: Path) -> Path:
 def measure_monitoring(seconds: float, rounds: int, workdir: Path) -> dict:
     gateway_port, prometheus_port = free_port(), free_port()
     data = as_yaml_dict(resolve_fleet(None, 1, rounds, "generated", None, None))
-    data["coordinator"].update(pushgateway=f"127.0.0.1:{gateway_port}",
-                               prometheus_port=prometheus_port)  # fmt: skip
+    data["coordinator"].update(
+        pushgateway=f"127.0.0.1:{gateway_port}", prometheus_port=prometheus_port
+    )
     data["devices"][0].update(host="127.0.0.1", agent_port=free_port(), probe="hwmon")
     fleet = parse_config(data)
     (workdir / "fleet.yaml").write_text(json.dumps(data))  # JSON is YAML
@@ -64,11 +65,24 @@ def measure_monitoring(seconds: float, rounds: int, workdir: Path) -> dict:
     try:
         start_pushgateway(processes, gateway_port)
         start_prometheus(processes, workdir / "monitoring" / "prometheus", prometheus_port)
-        agent = processes.start("agent", [
-            "fleet", "agent", "--config", str(workdir / "fleet.yaml"), "--device",
-            fleet.devices[0].name, "--address", "127.0.0.1", "--hz", "10",
-            "--sys-root", str(hwmon_fixture(workdir / "sys")),
-        ], dict(os.environ))  # fmt: skip
+        agent = processes.start(
+            "agent",
+            [
+                "fleet",
+                "agent",
+                "--config",
+                str(workdir / "fleet.yaml"),
+                "--device",
+                fleet.devices[0].name,
+                "--address",
+                "127.0.0.1",
+                "--hz",
+                "10",
+                "--sys-root",
+                str(hwmon_fixture(workdir / "sys")),
+            ],
+            dict(os.environ),
+        )
         up = f'up{{job="{AGENT_JOB}"}} == 1'
         wait_for(lambda: prometheus_query(prometheus_port, up), 60, "the agent's first scrape")
         typer.echo(f"agent scraped; measuring its CPU time over {seconds:.0f} s")

@@ -72,8 +72,11 @@ def device_etc(fleet: FleetConfig, device: Device) -> Path:
     """A device's etc/ (fleet file, CA certificate, node key) as one archive named by its
     content hash; the device unpacks it only when that hash is new to it."""
     creds = credentials_for(fleet)
-    files = {"etc/fleet.yaml": fleet_source(fleet), "etc/ca.crt": creds.ca_cert,
-             "etc/node.key": creds.node_key(device.name)}  # fmt: skip
+    files = {
+        "etc/fleet.yaml": fleet_source(fleet),
+        "etc/ca.crt": creds.ca_cert,
+        "etc/node.key": creds.node_key(device.name),
+    }
     return content_archive(state_dir(fleet) / "devices" / device.name, "etc", files, 0o600)
 
 
@@ -101,8 +104,9 @@ def monitoring_archive(fleet: FleetConfig) -> Path:
     """The coordinator's Prometheus and Grafana files, written from fleet.yaml, as one archive."""
     out = state_dir(fleet) / "monitoring"
     written = write_monitoring(fleet, out)
-    return content_archive(state_dir(fleet), "monitoring",
-                           {str(p.relative_to(out)): p for p in written}, 0o644)  # fmt: skip
+    return content_archive(
+        state_dir(fleet), "monitoring", {str(p.relative_to(out)): p for p in written}, 0o644
+    )
 
 
 def fleet_source(fleet: FleetConfig) -> Path:
@@ -114,10 +118,14 @@ def device_vars(fleet: FleetConfig, device: Device) -> dict:
     superlink = f"{fleet.coordinator.address}:{fleet.coordinator.port}"
     tls = fleet.coordinator.tls
     supernode = supernode_command(
-        superlink, device.name, home / "state", SUPERNODE_PORT,
-        home / "etc" / "ca.crt" if tls else None, home / "etc" / "node.key" if tls else None,
+        superlink,
+        device.name,
+        home / "state",
+        SUPERNODE_PORT,
+        home / "etc" / "ca.crt" if tls else None,
+        home / "etc" / "node.key" if tls else None,
         Path(device.data.data_dir) if device.data.data_dir else None,
-    )  # fmt: skip
+    )
     return {
         "ansible_host": device.host,
         "ansible_user": device.ssh_user,
@@ -164,8 +172,9 @@ def coordinator_vars(fleet: FleetConfig, fleet_file: Path) -> dict:
     }
 
 
-def deploy(fleet: FleetConfig, fleet_file: Path, check: bool, limit: list[str],
-           ssh_key: Path | None) -> dict:  # fmt: skip
+def deploy(
+    fleet: FleetConfig, fleet_file: Path, check: bool, limit: list[str], ssh_key: Path | None
+) -> dict:
     import ansible_runner
 
     unknown = sorted(set(limit) - {d.name for d in fleet.devices})
@@ -179,10 +188,14 @@ def deploy(fleet: FleetConfig, fleet_file: Path, check: bool, limit: list[str],
         "wheelhouse_archive": str(wheelhouse(fleet, build)),
         "min_free_mb": MIN_FREE_MB,
     }
-    inventory = {"all": {"children": {
-        "coordinator": {"hosts": {"coordinator": coordinator_vars(fleet, fleet_file)}},
-        "devices": {"hosts": {d.name: device_vars(fleet, d) for d in fleet.devices}},
-    }}}  # fmt: skip
+    inventory = {
+        "all": {
+            "children": {
+                "coordinator": {"hosts": {"coordinator": coordinator_vars(fleet, fleet_file)}},
+                "devices": {"hosts": {d.name: device_vars(fleet, d) for d in fleet.devices}},
+            }
+        }
+    }
     reasons: dict[str, str] = {}
 
     def on_event(event: dict) -> bool:
@@ -194,8 +207,11 @@ def deploy(fleet: FleetConfig, fleet_file: Path, check: bool, limit: list[str],
             "runner_on_unreachable": "UNREACHABLE",
         }.get(kind)
         if outcome and not (kind == "runner_on_failed" and data.get("ignore_errors")):
-            stderr.print(f"  {data.get('host', '?'):<12} {outcome:<11} {data.get('task', '')}"
-                         f" ({data.get('duration', 0):.1f} s)", highlight=False)  # fmt: skip
+            stderr.print(
+                f"  {data.get('host', '?'):<12} {outcome:<11} {data.get('task', '')}"
+                f" ({data.get('duration', 0):.1f} s)",
+                highlight=False,
+            )
             if outcome in ("FAILED", "UNREACHABLE"):
                 reasons[data["host"]] = str(data.get("res", {}).get("msg", "")).strip()[:300]
         return True
@@ -225,15 +241,25 @@ def deploy(fleet: FleetConfig, fleet_file: Path, check: bool, limit: list[str],
         },
     )
     stats = result.stats or {}
-    hosts = sorted(set().union(*(stats.get(k, {}) for k in ("ok", "changed", "failures", "dark",
-                                                             "skipped"))))  # fmt: skip
+    hosts = sorted(
+        set().union(*(stats.get(k, {}) for k in ("ok", "changed", "failures", "dark", "skipped")))
+    )
     return {
-        "hosts": {h: {k: stats.get(key, {}).get(h, 0) for k, key in
-                      (("ok", "ok"), ("changed", "changed"), ("failed", "failures"),
-                       ("unreachable", "dark"))} for h in hosts},
+        "hosts": {
+            h: {
+                k: stats.get(key, {}).get(h, 0)
+                for k, key in (
+                    ("ok", "ok"),
+                    ("changed", "changed"),
+                    ("failed", "failures"),
+                    ("unreachable", "dark"),
+                )
+            }
+            for h in hosts
+        },
         "reasons": reasons,
         "status": result.status,
-    }  # fmt: skip
+    }
 
 
 def deploy_command(
@@ -251,8 +277,10 @@ def deploy_command(
     typer.echo(f"deploy took {time.monotonic() - started:.1f} s")
     typer.echo(f"{'host':<12} {'ok':>4} {'changed':>8} {'failed':>7} {'unreachable':>12}")
     for host, counts in summary["hosts"].items():
-        typer.echo(f"{host:<12} {counts['ok']:>4} {counts['changed']:>8} {counts['failed']:>7} "
-                   f"{counts['unreachable']:>12}")  # fmt: skip
+        typer.echo(
+            f"{host:<12} {counts['ok']:>4} {counts['changed']:>8} {counts['failed']:>7} "
+            f"{counts['unreachable']:>12}"
+        )
     broken = {h: c for h, c in summary["hosts"].items() if c["failed"] or c["unreachable"]}
     for host in broken:
         typer.echo(f"{host}: {summary['reasons'].get(host) or 'failed'}", err=True)
@@ -265,8 +293,9 @@ def agent_figures(device: Device) -> dict[str, float] | None:
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
-        with urllib.request.urlopen(f"http://{device.host}:{device.agent_port}/metrics",
-                                    timeout=3) as response:  # fmt: skip
+        with urllib.request.urlopen(
+            f"http://{device.host}:{device.agent_port}/metrics", timeout=3
+        ) as response:
             text = response.read().decode()
     except OSError:
         return None
@@ -287,8 +316,10 @@ def status_command(config: ConfigPath = Path("fleet.yaml")) -> None:
     except FleetError as exc:
         stderr.print(f"SuperLink not reachable: {exc}")
         nodes = {}
-    typer.echo(f"{'device':<12} {'registered':<11} {'SuperLink':<10} {'agent':<6} "
-               f"{'round':>5} {'accuracy':>9}")  # fmt: skip
+    typer.echo(
+        f"{'device':<12} {'registered':<11} {'SuperLink':<10} {'agent':<6} "
+        f"{'round':>5} {'accuracy':>9}"
+    )
     for device in fleet.devices:
         node = registry.get(device.name)
         figures = agent_figures(device)

@@ -46,8 +46,9 @@ class Processes:
 
     def start(self, name: str, command: list[str], env: dict) -> subprocess.Popen:
         with (self.folder / f"{name}.log").open("w") as log:
-            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True)  # fmt: skip
+            process = subprocess.Popen(
+                command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self.started[name] = process
         return process
 
@@ -98,9 +99,15 @@ def loopback_deployment(fleet: FleetConfig, folder: Path) -> Iterator[Processes]
         superlink = f"127.0.0.1:{fleet.coordinator.port}"
         for device in fleet.devices:
             data_dir = Path(device.data.data_dir) if device.data.data_dir else None
-            command = supernode_command(superlink, device.name, folder / "devices" / device.name,
-                                        free_port(), creds.ca_cert, creds.node_key(device.name),
-                                        data_dir)  # fmt: skip
+            command = supernode_command(
+                superlink,
+                device.name,
+                folder / "devices" / device.name,
+                free_port(),
+                creds.ca_cert,
+                creds.node_key(device.name),
+                data_dir,
+            )
             processes.start(device.name, command, env)
         yield processes
     finally:
@@ -109,17 +116,25 @@ def loopback_deployment(fleet: FleetConfig, folder: Path) -> Iterator[Processes]
 
 def start_prometheus(processes: Processes, config_dir: Path, port: int) -> None:
     """Debian's Prometheus on loopback with `config_dir/prometheus.yml`, its data beside it."""
-    processes.start("prometheus", [
-        "prometheus", f"--config.file={config_dir / 'prometheus.yml'}",
-        f"--storage.tsdb.path={config_dir / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}",
-        "--web.enable-lifecycle",
-    ], dict(os.environ))  # fmt: skip
+    processes.start(
+        "prometheus",
+        [
+            "prometheus",
+            f"--config.file={config_dir / 'prometheus.yml'}",
+            f"--storage.tsdb.path={config_dir / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--web.enable-lifecycle",
+        ],
+        dict(os.environ),
+    )
 
 
 def start_pushgateway(processes: Processes, port: int) -> None:
-    processes.start("pushgateway", ["prometheus-pushgateway",
-                                    f"--web.listen-address=127.0.0.1:{port}"],
-                    dict(os.environ))  # fmt: skip
+    processes.start(
+        "pushgateway",
+        ["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{port}"],
+        dict(os.environ),
+    )
 
 
 def prometheus_query(port: int, expr: str) -> list[dict]:

@@ -32,8 +32,11 @@ def round_registry(result: dict, method: str) -> CollectorRegistry:
         result["duration_s"]
     )
     outcome = gauge("skip2fleet_round_devices", "Devices by outcome.", ("outcome",))
-    for name, count in (("ok", len(result["devices"])), ("refused", len(result["refused"])),
-                        ("missing", len(result["missing"]))):  # fmt: skip
+    for name, count in (
+        ("ok", len(result["devices"])),
+        ("refused", len(result["refused"])),
+        ("missing", len(result["missing"])),
+    ):
         outcome.labels(number, name).set(count)
     gauge("skip2fleet_round_refused_replies", "Replies refused in the round.").labels(number).set(
         len(result["refused"])
@@ -44,20 +47,29 @@ def round_registry(result: dict, method: str) -> CollectorRegistry:
         ).set(result["svd_relative_error"])
 
     per_device = ("device", "method")
-    accuracy = gauge("skip2fleet_device_accuracy_ratio", "Accuracy on the device's held-out "
-                     "data.", (*per_device, "phase"))  # fmt: skip
-    batch = gauge("skip2fleet_device_train_batch_seconds", "Time per training batch.",
-                  (*per_device, "phase"))  # fmt: skip
-    power = gauge("skip2fleet_device_finetune_power_watts", "Power during the fine-tune.",
-                  (*per_device, "stat"))  # fmt: skip
+    accuracy = gauge(
+        "skip2fleet_device_accuracy_ratio",
+        "Accuracy on the device's held-out data.",
+        (*per_device, "phase"),
+    )
+    batch = gauge(
+        "skip2fleet_device_train_batch_seconds", "Time per training batch.", (*per_device, "phase")
+    )
+    power = gauge(
+        "skip2fleet_device_finetune_power_watts",
+        "Power during the fine-tune.",
+        (*per_device, "stat"),
+    )
     scalars = {
-        "finetune_s": gauge("skip2fleet_device_finetune_seconds", "Fine-tune wall time.",
-                            per_device),
+        "finetune_s": gauge(
+            "skip2fleet_device_finetune_seconds", "Fine-tune wall time.", per_device
+        ),
         "uplink_bytes": gauge("skip2fleet_device_uplink_bytes", "Bytes of the reply.", per_device),
-        "energy_joules": gauge("skip2fleet_device_finetune_energy_joules",
-                               "Energy of the fine-tune.", per_device),
+        "energy_joules": gauge(
+            "skip2fleet_device_finetune_energy_joules", "Energy of the fine-tune.", per_device
+        ),
         "cache_bytes": gauge("skip2fleet_device_cache_bytes", "Skip2 cache size.", per_device),
-    }  # fmt: skip
+    }
     for device, figures in result["devices"].items():
         labels = (number, device, method)
         for phase in ("before", "after"):
@@ -75,10 +87,15 @@ def push_round(gateway: str, run: str, method: str, result: dict) -> str | None:
     """Push the round's figures; returns the reason if the Pushgateway could not take them."""
     try:
         registry = round_registry(result, method)
-        push_to_gateway(gateway, job=JOB, grouping_key={"run": run}, registry=registry,
-                        timeout=PUSH_TIMEOUT_S)  # fmt: skip
+        push_to_gateway(
+            gateway, job=JOB, grouping_key={"run": run}, registry=registry, timeout=PUSH_TIMEOUT_S
+        )
     except OSError as exc:  # URLError and connection errors are OSErrors
-        log.warning("round %s: Pushgateway %s unreachable (%s); figures are in the run folder",
-                    result["round"], gateway, exc)  # fmt: skip
+        log.warning(
+            "round %s: Pushgateway %s unreachable (%s); figures are in the run folder",
+            result["round"],
+            gateway,
+            exc,
+        )
         return str(exc)
     return None

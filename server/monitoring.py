@@ -47,22 +47,44 @@ PANELS = (
     PanelSpec("Last round", "max(skip2fleet_round_number)", "round", "none", "stat"),
     PanelSpec("Device agents", f'up{{job="{AGENT_JOB}", {DEVICE}}}', "{{device}}", "none"),
     PanelSpec("Round duration", "skip2fleet_round_duration_seconds", "round {{round}}", "s"),
-    PanelSpec("Accuracy before / after", f"skip2fleet_device_accuracy_ratio{{{DEVICE}}}",
-              "{{device}} {{phase}}", "percentunit", "bargauge"),
-    PanelSpec("Train time per batch", f"skip2fleet_device_train_batch_seconds{{{DEVICE}}}",
-              "{{device}} {{phase}}", "s", "bargauge"),
-    PanelSpec("Fine-tune time", f"skip2fleet_device_finetune_seconds{{{DEVICE}}}", "{{device}}",
-              "s"),
-    PanelSpec("Power", f"skip2fleet_device_power_watts{{{DEVICE}}}", "{{device}} ({{source}})",
-              "watt"),
-    PanelSpec("Energy per fine-tune", f"skip2fleet_device_finetune_energy_joules{{{DEVICE}}}",
-              "{{device}}", "joule", "bargauge"),
-    PanelSpec("Temperature", f"skip2fleet_device_temperature_celsius{{{DEVICE}}}", "{{device}}",
-              "celsius"),
-    PanelSpec("Bytes sent per round",
-              f"sum by (round) (skip2fleet_device_uplink_bytes{{{DEVICE}}})", "round {{round}}",
-              "bytes", "bargauge"),
-)  # fmt: skip
+    PanelSpec(
+        "Accuracy before / after",
+        f"skip2fleet_device_accuracy_ratio{{{DEVICE}}}",
+        "{{device}} {{phase}}",
+        "percentunit",
+        "bargauge",
+    ),
+    PanelSpec(
+        "Train time per batch",
+        f"skip2fleet_device_train_batch_seconds{{{DEVICE}}}",
+        "{{device}} {{phase}}",
+        "s",
+        "bargauge",
+    ),
+    PanelSpec(
+        "Fine-tune time", f"skip2fleet_device_finetune_seconds{{{DEVICE}}}", "{{device}}", "s"
+    ),
+    PanelSpec(
+        "Power", f"skip2fleet_device_power_watts{{{DEVICE}}}", "{{device}} ({{source}})", "watt"
+    ),
+    PanelSpec(
+        "Energy per fine-tune",
+        f"skip2fleet_device_finetune_energy_joules{{{DEVICE}}}",
+        "{{device}}",
+        "joule",
+        "bargauge",
+    ),
+    PanelSpec(
+        "Temperature", f"skip2fleet_device_temperature_celsius{{{DEVICE}}}", "{{device}}", "celsius"
+    ),
+    PanelSpec(
+        "Bytes sent per round",
+        f"sum by (round) (skip2fleet_device_uplink_bytes{{{DEVICE}}})",
+        "round {{round}}",
+        "bytes",
+        "bargauge",
+    ),
+)
 
 
 def prometheus_config(fleet: FleetConfig) -> dict:
@@ -79,10 +101,14 @@ def prometheus_config(fleet: FleetConfig) -> dict:
                 ],
             },
             # The coordinator's pushed figures carry their own device, run and round labels.
-            {"job_name": PUSH_JOB, "honor_labels": True, "scrape_interval": PUSH_SCRAPE_INTERVAL,
-             "static_configs": [{"targets": [gateway]}]},
+            {
+                "job_name": PUSH_JOB,
+                "honor_labels": True,
+                "scrape_interval": PUSH_SCRAPE_INTERVAL,
+                "static_configs": [{"targets": [gateway]}],
+            },
         ],
-    }  # fmt: skip
+    }
 
 
 def alert_rules() -> dict:
@@ -128,8 +154,9 @@ def dashboard(fleet: FleetConfig) -> dict:
         from grafana_foundation_sdk.cog.encoder import JSONEncoder
         from grafana_foundation_sdk.models.dashboard import DataSourceRef, GridPos, VariableRefresh
     except ImportError:
-        raise FleetError("the dashboard needs grafana-foundation-sdk: "
-                         "pip install 'skip2fleet[monitor]'") from None  # fmt: skip
+        raise FleetError(
+            "the dashboard needs grafana-foundation-sdk: pip install 'skip2fleet[monitor]'"
+        ) from None
     source = DataSourceRef(type_val="prometheus", uid=DATASOURCE_UID)
     builders = {"timeseries": timeseries.Panel, "stat": stat.Panel, "bargauge": bargauge.Panel}
     devices = (
@@ -177,19 +204,38 @@ def write_monitoring(fleet: FleetConfig, out: Path) -> list[Path]:
     files = {
         "prometheus/prometheus.yml": yaml.safe_dump(prometheus_config(fleet), sort_keys=False),
         "prometheus/alerts.yml": yaml.safe_dump(alert_rules(), sort_keys=False, allow_unicode=True),
-        "grafana/provisioning/datasources/skip2fleet.yml": yaml.safe_dump({
-            "apiVersion": 1,
-            "datasources": [{"name": "skip2fleet Prometheus", "uid": DATASOURCE_UID,
-                             "type": "prometheus", "access": "proxy", "url": prometheus_url,
-                             "isDefault": True}],
-        }, sort_keys=False),
-        "grafana/provisioning/dashboards/skip2fleet.yml": yaml.safe_dump({
-            "apiVersion": 1,
-            "providers": [{"name": "skip2fleet", "type": "file", "folder": "skip2fleet",
-                           "options": {"path": str((out / "grafana" / "dashboards").resolve())}}],
-        }, sort_keys=False),
+        "grafana/provisioning/datasources/skip2fleet.yml": yaml.safe_dump(
+            {
+                "apiVersion": 1,
+                "datasources": [
+                    {
+                        "name": "skip2fleet Prometheus",
+                        "uid": DATASOURCE_UID,
+                        "type": "prometheus",
+                        "access": "proxy",
+                        "url": prometheus_url,
+                        "isDefault": True,
+                    }
+                ],
+            },
+            sort_keys=False,
+        ),
+        "grafana/provisioning/dashboards/skip2fleet.yml": yaml.safe_dump(
+            {
+                "apiVersion": 1,
+                "providers": [
+                    {
+                        "name": "skip2fleet",
+                        "type": "file",
+                        "folder": "skip2fleet",
+                        "options": {"path": str((out / "grafana" / "dashboards").resolve())},
+                    }
+                ],
+            },
+            sort_keys=False,
+        ),
         "grafana/dashboards/skip2fleet.json": json.dumps(dashboard(fleet), indent=2) + "\n",
-    }  # fmt: skip
+    }
     return [write_text_atomic(out / name, text) for name, text in files.items()]
 
 

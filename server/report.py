@@ -10,23 +10,59 @@ from shared.errors import FleetError
 
 # Skip2-LoRA paper, Raspberry Pi Zero 2 W, C: training time per batch in ms.
 PAPER_BATCH_MS = {
-    "fan": {"ft-all": 5.864, "ft-last": 2.633, "lora-all": 4.113, "lora-last": 2.642,
-            "skip-lora": 2.952, "skip2-lora": 0.450},
-    "har": {"ft-all": 11.323, "ft-last": 6.179, "lora-all": 7.459, "lora-last": 6.031,
-            "skip-lora": 6.328, "skip2-lora": 0.595},
-}  # fmt: skip
+    "fan": {
+        "ft-all": 5.864,
+        "ft-last": 2.633,
+        "lora-all": 4.113,
+        "lora-last": 2.642,
+        "skip-lora": 2.952,
+        "skip2-lora": 0.450,
+    },
+    "har": {
+        "ft-all": 11.323,
+        "ft-last": 6.179,
+        "lora-all": 7.459,
+        "lora-last": 6.031,
+        "skip-lora": 6.328,
+        "skip2-lora": 0.595,
+    },
+}
 # The paper's test accuracy in percent: before fine-tuning, and after, per method (means).
 PAPER_ACCURACY = {
-    "fan-damage1": {"before": 60.61, "ft-all": 98.73, "ft-last": 94.19, "ft-bias": 79.42,
-                    "ft-all-lora": 98.63, "lora-all": 98.26, "lora-last": 94.67,
-                    "skip-lora": 96.07, "skip2-lora": 96.19},
-    "fan-damage2": {"before": 51.86, "ft-all": 88.12, "ft-last": 92.43, "ft-bias": 79.56,
-                    "ft-all-lora": 88.88, "lora-all": 86.45, "lora-last": 93.55,
-                    "skip-lora": 93.24, "skip2-lora": 93.46},
-    "har": {"before": 79.97, "ft-all": 90.99, "ft-last": 89.31, "ft-bias": 82.21,
-            "ft-all-lora": 90.40, "lora-all": 91.09, "lora-last": 89.79, "skip-lora": 92.10,
-            "skip2-lora": 91.99},
-}  # fmt: skip
+    "fan-damage1": {
+        "before": 60.61,
+        "ft-all": 98.73,
+        "ft-last": 94.19,
+        "ft-bias": 79.42,
+        "ft-all-lora": 98.63,
+        "lora-all": 98.26,
+        "lora-last": 94.67,
+        "skip-lora": 96.07,
+        "skip2-lora": 96.19,
+    },
+    "fan-damage2": {
+        "before": 51.86,
+        "ft-all": 88.12,
+        "ft-last": 92.43,
+        "ft-bias": 79.56,
+        "ft-all-lora": 88.88,
+        "lora-all": 86.45,
+        "lora-last": 93.55,
+        "skip-lora": 93.24,
+        "skip2-lora": 93.46,
+    },
+    "har": {
+        "before": 79.97,
+        "ft-all": 90.99,
+        "ft-last": 89.31,
+        "ft-bias": 82.21,
+        "ft-all-lora": 90.40,
+        "lora-all": 91.09,
+        "lora-last": 89.79,
+        "skip-lora": 92.10,
+        "skip2-lora": 91.99,
+    },
+}
 
 Chart = Callable[[Path], None]
 
@@ -63,16 +99,22 @@ def timing_report(results: dict) -> tuple[str, Chart]:
         )
     cache = {n: r["cache_bytes"] for n, r in methods.items() if r["cache_bytes"]}
     for name, size in cache.items():
-        lines += ["", f"{name} cache: {size} bytes, built in "
-                  f"{methods[name]['prepare_seconds'] * 1e3:.1f} ms."]  # fmt: skip
+        lines += [
+            "",
+            f"{name} cache: {size} bytes, built in "
+            f"{methods[name]['prepare_seconds'] * 1e3:.1f} ms.",
+        ]
 
     def chart(path: Path) -> None:
         plt = _pyplot()
         names = list(methods)
         fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.5))
         left = [0.0] * len(names)
-        for phase, colour in (("forward", "#4c72b0"), ("backward", "#dd8452"),
-                              ("update", "#55a868")):  # fmt: skip
+        for phase, colour in (
+            ("forward", "#4c72b0"),
+            ("backward", "#dd8452"),
+            ("update", "#55a868"),
+        ):
             widths = [methods[n]["train_batch_ms"][phase] * 1e3 for n in names]
             ax.barh(names, widths, left=left, color=colour, label=phase)
             left = [a + b for a, b in zip(left, widths, strict=True)]
@@ -113,8 +155,15 @@ def accuracy_report(results: dict) -> tuple[str, Chart]:
         fig, ax = plt.subplots(figsize=(9, 4))
         ax.bar(names, means, yerr=stds, color="#4c72b0", capsize=3, label="after fine-tuning")
         if paper:
-            ax.scatter(names, [paper.get(n) for n in names], color="black", marker="_", s=300,
-                       zorder=3, label="paper")  # fmt: skip
+            ax.scatter(
+                names,
+                [paper.get(n) for n in names],
+                color="black",
+                marker="_",
+                s=300,
+                zorder=3,
+                label="paper",
+            )
         ax.axhline(before["mean"], color="#c44e52", linestyle="--", label="before fine-tuning")
         ax.set_ylabel("test accuracy %")
         ax.set_ylim(max(0.0, min([*means, before["mean"]]) - 10), 100)
@@ -143,25 +192,42 @@ def federated_report(summary: dict) -> tuple[str, Chart]:
         "|---|---:|---:|---:|---:|",
     ]
     for name, d in last.items():
-        lines.append(f"| {name} | {d['acc_before']:.2f} | {d['acc_after']:.2f} "
-                     f"| {d['train_batch_ms']:.4f} | {d['uplink_bytes']:.0f} |")  # fmt: skip
-    lines += ["", "| round | duration s | devices | refused | missing | max uplink bytes |",
-              "|---:|---:|---:|---|---|---:|"]  # fmt: skip
+        lines.append(
+            f"| {name} | {d['acc_before']:.2f} | {d['acc_after']:.2f} "
+            f"| {d['train_batch_ms']:.4f} | {d['uplink_bytes']:.0f} |"
+        )
+    lines += [
+        "",
+        "| round | duration s | devices | refused | missing | max uplink bytes |",
+        "|---:|---:|---:|---|---|---:|",
+    ]
     for r in rounds:
         uplink = max((d["uplink_bytes"] for d in r["devices"].values()), default=0)
-        lines.append(f"| {r['round']} | {r['duration_s']:.1f} | {len(r['devices'])} "
-                     f"| {', '.join(r['refused']) or '-'} | {', '.join(r['missing']) or '-'} "
-                     f"| {uplink:.0f} |")  # fmt: skip
+        lines.append(
+            f"| {r['round']} | {r['duration_s']:.1f} | {len(r['devices'])} "
+            f"| {', '.join(r['refused']) or '-'} | {', '.join(r['missing']) or '-'} "
+            f"| {uplink:.0f} |"
+        )
 
     def chart(path: Path) -> None:
         plt = _pyplot()
         fig, (acc, dur, up) = plt.subplots(1, 3, figsize=(13, 4))
         names = list(last)
         xs = range(len(names))
-        acc.bar([x - 0.2 for x in xs], [last[n]["acc_before"] for n in names], 0.4,
-                color="#c44e52", label="before")  # fmt: skip
-        acc.bar([x + 0.2 for x in xs], [last[n]["acc_after"] for n in names], 0.4,
-                color="#4c72b0", label="after")  # fmt: skip
+        acc.bar(
+            [x - 0.2 for x in xs],
+            [last[n]["acc_before"] for n in names],
+            0.4,
+            color="#c44e52",
+            label="before",
+        )
+        acc.bar(
+            [x + 0.2 for x in xs],
+            [last[n]["acc_after"] for n in names],
+            0.4,
+            color="#4c72b0",
+            label="after",
+        )
         acc.set_xticks(list(xs), names, rotation=45)
         acc.set_ylabel("test accuracy % (own data)")
         acc.set_title(f"per device, after round {rounds[-1]['round']}")
@@ -174,8 +240,9 @@ def federated_report(summary: dict) -> tuple[str, Chart]:
         sent = [sum(d["uplink_bytes"] for d in r["devices"].values()) for r in rounds]
         up.bar([n - 0.2 for n in numbers], down, 0.4, color="#937860", label="to devices")
         up.bar([n + 0.2 for n in numbers], sent, 0.4, color="#8172b3", label="from devices")
-        up.axhline(summary["full_model_bytes"], color="black", linestyle="--",
-                   label="one full model")  # fmt: skip
+        up.axhline(
+            summary["full_model_bytes"], color="black", linestyle="--", label="one full model"
+        )
         up.set_yscale("log")
         up.set_ylabel("bytes, all devices")
         up.set_title("bytes per round")

@@ -39,8 +39,9 @@ STATUS_EVERY_S = 3.0
 def credentials_for(fleet: FleetConfig) -> Credentials:
     """The fleet's CA, SuperLink certificate and node keys (created once, in the state folder)."""
     addresses = sorted({fleet.coordinator.address, "127.0.0.1", "localhost"})
-    return ensure_credentials(state_dir(fleet) / "credentials", addresses,
-                              [d.name for d in fleet.devices])  # fmt: skip
+    return ensure_credentials(
+        state_dir(fleet) / "credentials", addresses, [d.name for d in fleet.devices]
+    )
 
 
 def certs_command(
@@ -68,8 +69,9 @@ def start_run(fleet: FleetConfig, folder: RunFolder, clientapp: str = "client.ap
     """Submit the run folder's rounds to the SuperLink; returns Flower's run id."""
     write_connection(fleet, credentials_for(fleet))
     app_dir = write_app(fleet, clientapp)
-    answer = flwr(fleet, "run", str(app_dir), CONNECTION, "--run-config",
-                  f"run-dir='{folder.path}'")  # fmt: skip
+    answer = flwr(
+        fleet, "run", str(app_dir), CONNECTION, "--run-config", f"run-dir='{folder.path}'"
+    )
     return str(answer["run-id"])
 
 
@@ -96,13 +98,17 @@ def follow(fleet: FleetConfig, folder: RunFolder, run_id: str) -> None:
             next_status = time.monotonic() + STATUS_EVERY_S
             continue  # print the rounds written meanwhile before leaving
         if time.monotonic() > deadline:
-            raise FleetError(f"run {run_id} still {status} after its rounds' time; see "
-                             f"`flwr ls` and the SuperLink log")  # fmt: skip
+            raise FleetError(
+                f"run {run_id} still {status} after its rounds' time; see "
+                f"`flwr ls` and the SuperLink log"
+            )
         time.sleep(POLL_S)
     if status != "finished:completed" or len(printed) < fleet.federation.rounds:
         reason = folder.failure() or details or "see the SuperLink log"
-        raise FleetError(f"run {run_id} {status} after {len(printed)} of "
-                         f"{fleet.federation.rounds} rounds: {reason}")  # fmt: skip
+        raise FleetError(
+            f"run {run_id} {status} after {len(printed)} of "
+            f"{fleet.federation.rounds} rounds: {reason}"
+        )
 
 
 def run_command(
@@ -123,11 +129,14 @@ def run_command(
     else:
         fleet = load_config(config)
         model = base_model.load(base) if base is not None else pretrained_for(fleet)
-        folder = RunFolder.create(out or Path("runs") / time.strftime("run-%Y%m%d-%H%M%S"),
-                                  as_yaml_dict(fleet), model)  # fmt: skip
+        folder = RunFolder.create(
+            out or Path("runs") / time.strftime("run-%Y%m%d-%H%M%S"), as_yaml_dict(fleet), model
+        )
     address = f"{fleet.coordinator.address}:{fleet.coordinator.port}"
-    stderr.print(f"submitting {fleet.federation.rounds} rounds to the SuperLink at {address}; "
-                 f"run folder {folder.path}")  # fmt: skip
+    stderr.print(
+        f"submitting {fleet.federation.rounds} rounds to the SuperLink at {address}; "
+        f"run folder {folder.path}"
+    )
     typer.echo("round  duration   devices  accuracy before -> after  train batch  uplink/device")
     run_id = start_run(fleet, folder)
     follow(fleet, folder, run_id)

@@ -55,8 +55,10 @@ class RunFolder:
             parse_config(data, str(self.path / "fleet.yaml"))
             (self.path / "fleet.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
         elif self.completed_rounds()[-1:] == [config.federation.rounds]:
-            raise FleetError(f"{self.path}: all {config.federation.rounds} rounds are done; "
-                             "pass --rounds to go further")  # fmt: skip
+            raise FleetError(
+                f"{self.path}: all {config.federation.rounds} rounds are done; "
+                "pass --rounds to go further"
+            )
         return self
 
     def record_failure(self, reason: str) -> None:

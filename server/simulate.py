@@ -71,14 +71,22 @@ def resolve_fleet(
 def pretrained_for(fleet: FleetConfig) -> base_model.Model:
     """The base model, pretrained on the coordinator's source data for the fleet's task."""
     task = fleet.task
-    options = TaskOptions(Path(task.data_dir) if task.data_dir else None, task.source_room,
-                          task.subjects, fleet.training.seed)  # fmt: skip
+    options = TaskOptions(
+        Path(task.data_dir) if task.data_dir else None,
+        task.source_room,
+        task.subjects,
+        fleet.training.seed,
+    )
     source, classes = source_split(task.dataset, options)
     epochs = fleet.training.pretrain_epochs
     with progress(epochs, f"pretraining on {task.dataset}") as advance:
-        return pretrain(source.x, source.y, len(classes),
-                        PretrainConfig(epochs=epochs, seed=fleet.training.seed),
-                        on_epoch=lambda e, loss: advance(f"pretrained epoch {e + 1}"))  # fmt: skip
+        return pretrain(
+            source.x,
+            source.y,
+            len(classes),
+            PretrainConfig(epochs=epochs, seed=fleet.training.seed),
+            on_epoch=lambda e, loss: advance(f"pretrained epoch {e + 1}"),
+        )
 
 
 def print_round(result: dict) -> None:
@@ -87,8 +95,15 @@ def print_round(result: dict) -> None:
     after = sum(d["acc_after"] for d in devices.values()) / max(len(devices), 1)
     uplink = max((d["uplink_bytes"] for d in devices.values()), default=0)
     batch = sum(d["train_batch_ms"] for d in devices.values()) / max(len(devices), 1)
-    problems = ", ".join([*(f"{n} refused" for n in result["refused"]),
-                          *(f"{n} missing" for n in result["missing"])]) or "-"  # fmt: skip
+    problems = (
+        ", ".join(
+            [
+                *(f"{n} refused" for n in result["refused"]),
+                *(f"{n} missing" for n in result["missing"]),
+            ]
+        )
+        or "-"
+    )
     svd = result.get("svd_relative_error")
     typer.echo(
         f"{result['round']:>5}  {result['duration_s']:>6.1f} s  {len(devices):>3} ok  "
@@ -136,8 +151,10 @@ def simulate_command(
     wall = time.monotonic() - started
     rounds_done = [folder.round_result(n) for n in folder.completed_rounds()]
     if len(rounds_done) < fleet.federation.rounds:
-        raise FleetError(f"the simulation ended after {len(rounds_done)} of "
-                         f"{fleet.federation.rounds} rounds; see the log above")  # fmt: skip
+        raise FleetError(
+            f"the simulation ended after {len(rounds_done)} of "
+            f"{fleet.federation.rounds} rounds; see the log above"
+        )
     dims = base_model.dims(base)
     rank = fleet.training.rank
     summary = {

@@ -83,17 +83,23 @@ def superlink_command(config: FleetConfig, creds: Credentials, host: str = "0.0.
     """The `flower-superlink` command line of the coordinator's service."""
     command = [
         "flower-superlink",
-        "--database", str(state_dir(config) / "superlink.db"),
-        "--host", host,
-        "--port", str(config.coordinator.port),
-    ]  # fmt: skip
+        "--database",
+        str(state_dir(config) / "superlink.db"),
+        "--host",
+        host,
+        "--port",
+        str(config.coordinator.port),
+    ]
     if config.coordinator.tls:
         command += [
-            "--ssl-ca-certfile", str(creds.ca_cert),
-            "--ssl-certfile", str(creds.server_cert),
-            "--ssl-keyfile", str(creds.server_key),
+            "--ssl-ca-certfile",
+            str(creds.ca_cert),
+            "--ssl-certfile",
+            str(creds.server_cert),
+            "--ssl-keyfile",
+            str(creds.server_key),
             "--enable-supernode-auth",
-        ]  # fmt: skip
+        ]
     else:
         command.append("--insecure")
     return command
@@ -140,8 +146,15 @@ def register_nodes(config: FleetConfig, creds: Credentials, devices: list[str]) 
     for device in devices:
         if registry.get(device) in listed:
             continue
-        answer = flwr(config, "supernode", "register", str(creds.node_public_key(device)),
-                      CONNECTION, "--name", device)  # fmt: skip
+        answer = flwr(
+            config,
+            "supernode",
+            "register",
+            str(creds.node_public_key(device)),
+            CONNECTION,
+            "--name",
+            device,
+        )
         registry[device] = int(answer["node-id"])
         write_text_atomic(registry_path, json.dumps(registry, indent=2) + "\n")
     return {device: registry[device] for device in devices}

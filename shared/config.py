@@ -135,10 +135,12 @@ def _build(cls: type, raw: Any, source: str, where: str) -> Any:
     for name, value in raw.items():
         values[name] = _coerce(hints[name], value, source, _join(where, name))
     missing = [
-        name for name, f in fields.items()
-        if name not in values and f.default is dataclasses.MISSING
+        name
+        for name, f in fields.items()
+        if name not in values
+        and f.default is dataclasses.MISSING
         and f.default_factory is dataclasses.MISSING
-    ]  # fmt: skip
+    ]
     if missing:
         raise ConfigError(f"{source}: {_join(where, missing[0])}: required")
     return cls(**values)
@@ -173,8 +175,10 @@ def _check(config: FleetConfig) -> None:
         raise ConfigError(f"{src}: {where}: {problem}")
 
     if config.task.dataset not in TASKS:
-        fail("task.dataset", f"unknown dataset {config.task.dataset!r}; choose from "
-             f"{', '.join(TASKS)}")  # fmt: skip
+        fail(
+            "task.dataset",
+            f"unknown dataset {config.task.dataset!r}; choose from {', '.join(TASKS)}",
+        )
     if config.task.source_room not in SOURCE_ROOMS:
         fail("task.source_room", f"must be one of {', '.join(SOURCE_ROOMS)}")
     if config.task.data_dir is not None and not Path(config.task.data_dir).expanduser().is_dir():
@@ -211,12 +215,17 @@ def _check(config: FleetConfig) -> None:
         if not 0 < device.agent_port < 65536:
             fail(f"devices[{i}].agent_port", "must be a TCP port, 1 to 65535")
     if fed.min_devices > max(len(config.devices), 1):
-        fail("federation.min_devices", f"is {fed.min_devices} but the fleet has "
-             f"{len(config.devices)} devices")  # fmt: skip
+        fail(
+            "federation.min_devices",
+            f"is {fed.min_devices} but the fleet has {len(config.devices)} devices",
+        )
     ranks = {config.rank_of(d) for d in config.devices}
     if fed.aggregation == "fedavg" and len(ranks) > 1:
-        fail("federation.aggregation", "fedavg averages A and B element-wise and needs one "
-             f"rank on every device, found ranks {sorted(ranks)}; use svd")  # fmt: skip
+        fail(
+            "federation.aggregation",
+            "fedavg averages A and B element-wise and needs one "
+            f"rank on every device, found ranks {sorted(ranks)}; use svd",
+        )
 
 
 def as_yaml_dict(config: FleetConfig) -> dict:

@@ -118,11 +118,16 @@ class FineTuner:
             A, B = self.params[f"A{k}"], self.params[f"B{k}"]
             A[...] = _kaiming_uniform(init, A.shape)
             self.lora[k] = _Lora(
-                A=A, B=B, gA=self.grads[f"A{k}"], gB=self.grads[f"B{k}"],
+                A=A,
+                B=B,
+                gA=self.grads[f"A{k}"],
+                gB=self.grads[f"B{k}"],
                 gain=self.folded[k].scale * self.scaling,
-                u=np.zeros((n, rank), dtype), v=np.zeros((n, d[k + 1]), dtype),
-                du=np.zeros((n, rank), dtype), dx=np.zeros((n, d[k]), dtype),
-            )  # fmt: skip
+                u=np.zeros((n, rank), dtype),
+                v=np.zeros((n, d[k + 1]), dtype),
+                du=np.zeros((n, rank), dtype),
+                dx=np.zeros((n, d[k]), dtype),
+            )
 
         self.pairs = adapter_pairs(method, self.dims, rank)
         if method.skip:

@@ -20,11 +20,23 @@ from shared.errors import FleetError
 BN_EPS = 1e-5
 HIDDEN = 96
 ARRAY_NAMES = (
-    "in_mean", "in_std",
-    "W0", "b0", "gamma0", "beta0", "mean0", "var0",
-    "W1", "b1", "gamma1", "beta1", "mean1", "var1",
-    "W2", "b2",
-)  # fmt: skip
+    "in_mean",
+    "in_std",
+    "W0",
+    "b0",
+    "gamma0",
+    "beta0",
+    "mean0",
+    "var0",
+    "W1",
+    "b1",
+    "gamma1",
+    "beta1",
+    "mean1",
+    "var1",
+    "W2",
+    "b2",
+)
 
 Model = dict[str, np.ndarray]
 

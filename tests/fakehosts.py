@@ -1,7 +1,8 @@
 """Fake devices for deployment tests: network namespaces on a private bridge, each with its own
 sshd (key login), hostname, /etc/hosts and empty resolv.conf (so name lookups do not wait).
 
-Only addresses inside namespaces made here are used (10.231.0.0/24 on a bridge of our own).
+Only addresses inside namespaces made here are used (10.231.0.0/24 and 10.232.0.0/24 on bridges
+of our own). `systemd_host` boots a Debian root with systemd-nspawn for the systemd path.
 Teardown kills every process of each namespace, waits until none are left, then removes links,
 namespaces and the bridge, so that the next set-up does not fail with "File exists".
 """
@@ -72,8 +73,9 @@ def fake_hosts(folder: Path, count: int, login_key: Path) -> Iterator[list[FakeH
             host = FakeHost(name, f"{SUBNET}.{11 + i}", folder / name)
             host.folder.mkdir(parents=True, exist_ok=True)
             _ip("netns", "add", name)
-            _ip("link", "add", f"veth-{name}", "type", "veth", "peer", "name", "eth0",
-                "netns", name)  # fmt: skip
+            _ip(
+                "link", "add", f"veth-{name}", "type", "veth", "peer", "name", "eth0", "netns", name
+            )
             _ip("link", "set", f"veth-{name}", "master", BRIDGE, "up")
             inside = ["ip", "netns", "exec", name]
             for command in (
@@ -87,8 +89,19 @@ def fake_hosts(folder: Path, count: int, login_key: Path) -> Iterator[list[FakeH
             )
             (host.folder / "resolv.conf").write_text("")
             if not (host.folder / "host_key").exists():
-                subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
-                                str(host.folder / "host_key")], check=True)  # fmt: skip
+                subprocess.run(
+                    [
+                        "ssh-keygen",
+                        "-q",
+                        "-t",
+                        "ed25519",
+                        "-N",
+                        "",
+                        "-f",
+                        str(host.folder / "host_key"),
+                    ],
+                    check=True,
+                )
             (host.folder / "authorized_keys").write_text(login_key.with_suffix(".pub").read_text())
             (host.folder / "sshd_config").write_text(
                 f"ListenAddress {host.address}\nHostKey {host.folder / 'host_key'}\n"
@@ -104,14 +117,31 @@ def fake_hosts(folder: Path, count: int, login_key: Path) -> Iterator[list[FakeH
                 f"mount --bind {host.folder / 'resolv.conf'} /etc/resolv.conf && "
                 f"exec /usr/sbin/sshd -D -f {host.folder / 'sshd_config'}"
             )
-            subprocess.Popen([*inside, "unshare", "--uts", "--mount", "--propagation", "private",
-                              "sh", "-c", script], start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+            subprocess.Popen(
+                [
+                    *inside,
+                    "unshare",
+                    "--uts",
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "sh",
+                    "-c",
+                    script,
+                ],
+                start_new_session=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             hosts.append(host)
         for host in hosts:  # sshd is up when it accepts a login
             deadline = time.monotonic() + 20
-            while subprocess.run(ssh_command(host, login_key, "true"), capture_output=True,
-                                 timeout=20).returncode != 0:  # fmt: skip
+            while (
+                subprocess.run(
+                    ssh_command(host, login_key, "true"), capture_output=True, timeout=20
+                ).returncode
+                != 0
+            ):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"sshd of {host.name} did not come up")
                 time.sleep(0.2)
@@ -121,6 +151,119 @@ def fake_hosts(folder: Path, count: int, login_key: Path) -> Iterator[list[FakeH
 
 
 def ssh_command(host: FakeHost, key: Path, *command: str) -> list[str]:
-    return ["ssh", "-i", str(key), "-o", "StrictHostKeyChecking=no", "-o",
-            "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
-            f"root@{host.address}", *command]  # fmt: skip
+    return [
+        "ssh",
+        "-i",
+        str(key),
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "LogLevel=ERROR",
+        f"root@{host.address}",
+        *command,
+    ]
+
+
+SYSTEMD_ROOT = Path(os.environ.get("SKIP2FLEET_TEST_ROOTFS", "/var/tmp/skip2fleet-bookworm"))
+SYSTEMD_BRIDGE, SYSTEMD_SUBNET = "s2fbr9", "10.232.0"
+SYSTEMD_PACKAGES = "systemd,systemd-sysv,dbus,openssh-server,python3,python3-venv,iproute2,procps"
+
+
+def systemd_root() -> Path:
+    """A Debian bookworm root with systemd, sshd and Python, made once and reused (booted with
+    --volatile=overlay, so every test gets it unchanged)."""
+    marker = SYSTEMD_ROOT / ".skip2fleet-complete"
+    if not marker.exists():
+        subprocess.run(["rm", "-rf", str(SYSTEMD_ROOT)], check=True)
+        subprocess.run(
+            [
+                "debootstrap",
+                "--variant=minbase",
+                f"--include={SYSTEMD_PACKAGES}",
+                "bookworm",
+                str(SYSTEMD_ROOT),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        marker.write_text("")
+    return SYSTEMD_ROOT
+
+
+@contextlib.contextmanager
+def systemd_host(folder: Path, login_key: Path) -> Iterator[FakeHost]:
+    """A device whose PID 1 is systemd: systemd-nspawn --boot in a network namespace."""
+    name = "s2fsd"
+    host = FakeHost(name, f"{SYSTEMD_SUBNET}.11", folder / name)
+    host.folder.mkdir(parents=True, exist_ok=True)
+    root = systemd_root()
+    cleanup = [
+        ["ip", "link", "del", f"veth-{name}"],
+        ["ip", "netns", "del", name],
+        ["ip", "link", "del", SYSTEMD_BRIDGE],
+    ]
+    for command in cleanup:
+        subprocess.run(command, capture_output=True)
+    container = None
+    try:
+        _ip("link", "add", SYSTEMD_BRIDGE, "type", "bridge")
+        _ip("addr", "add", f"{SYSTEMD_SUBNET}.1/24", "dev", SYSTEMD_BRIDGE)
+        _ip("link", "set", SYSTEMD_BRIDGE, "up")
+        _ip("netns", "add", name)
+        _ip("link", "add", f"veth-{name}", "type", "veth", "peer", "name", "eth0", "netns", name)
+        _ip("link", "set", f"veth-{name}", "master", SYSTEMD_BRIDGE, "up")
+        for command in (
+            ["ip", "addr", "add", f"{host.address}/24", "dev", "eth0"],
+            ["ip", "link", "set", "eth0", "up"],
+            ["ip", "link", "set", "lo", "up"],
+        ):
+            subprocess.run(["ip", "netns", "exec", name, *command], check=True, capture_output=True)
+        container = subprocess.Popen(
+            [
+                "systemd-nspawn",
+                "--boot",
+                "--register=no",
+                "--keep-unit",
+                "--volatile=overlay",
+                f"--network-namespace-path=/run/netns/{name}",
+                f"--machine={name}",
+                "-D",
+                str(root),
+                f"--bind-ro={login_key.with_suffix('.pub')}:/root/.ssh/authorized_keys",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=(host.folder / "console.log").open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while (
+            subprocess.run(
+                ssh_command(host, login_key, "systemctl is-system-running --wait"),
+                capture_output=True,
+                timeout=60,
+            ).returncode
+            != 0
+        ):
+            if time.monotonic() > deadline or container.poll() is not None:
+                raise RuntimeError(f"the systemd device did not boot; see {host.folder}")
+            time.sleep(1)
+        yield host
+    finally:
+        if container is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(container.pid, signal.SIGTERM)
+            try:
+                container.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(container.pid, signal.SIGKILL)
+                container.wait()
+        for pid in _netns_pids(name):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for command in cleanup:
+            subprocess.run(command, capture_output=True)

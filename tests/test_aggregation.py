@@ -27,8 +27,9 @@ def random_update(name: str, rank: int, samples: int, seed: int, method=SKIP2) -
 
 def products(theta: np.ndarray, rank: int, method=SKIP2) -> list[np.ndarray]:
     arrays = unflatten(theta, trainable_shapes(method, DIMS, rank))
-    return [arrays[p.a][p.rows, p.cols] @ arrays[p.b][p.cols]
-            for p in adapter_pairs(method, DIMS, rank)]  # fmt: skip
+    return [
+        arrays[p.a][p.rows, p.cols] @ arrays[p.b][p.cols] for p in adapter_pairs(method, DIMS, rank)
+    ]
 
 
 def test_none_sends_nothing_back():
@@ -48,8 +49,10 @@ def test_svd_recovers_the_exact_mean_product_when_the_rank_allows():
     a, b = random_update("a", 1, 10, 0), random_update("b", 1, 30, 1)
     wide = Update("c", random_update("c", 2, 1, 2).theta, 1e-9, 2)  # takes the rank-2 result
     result = STRATEGIES["svd"]([a, b, wide], SKIP2, DIMS)
-    mean = [0.25 * pa + 0.75 * pb for pa, pb in zip(products(a.theta, 1), products(b.theta, 1),
-                                                     strict=True)]  # fmt: skip
+    mean = [
+        0.25 * pa + 0.75 * pb
+        for pa, pb in zip(products(a.theta, 1), products(b.theta, 1), strict=True)
+    ]
     for got, want in zip(products(result.per_device["c"], 2), mean, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     # at rank 1 the same mean cannot be represented: the error is reported, not hidden
@@ -58,8 +61,10 @@ def test_svd_recovers_the_exact_mean_product_when_the_rank_allows():
 
 def test_svd_is_unbiased_where_fedavg_is_not():
     a, b = random_update("a", 2, 10, 0), random_update("b", 2, 10, 1)
-    exact = [0.5 * pa + 0.5 * pb for pa, pb in zip(products(a.theta, 2), products(b.theta, 2),
-                                                   strict=True)]  # fmt: skip
+    exact = [
+        0.5 * pa + 0.5 * pb
+        for pa, pb in zip(products(a.theta, 2), products(b.theta, 2), strict=True)
+    ]
     fed = products(STRATEGIES["fedavg"]([a, b], SKIP2, DIMS).per_device["a"], 2)
     err = lambda got: sum(np.linalg.norm(g - e) for g, e in zip(got, exact, strict=True))  # noqa: E731
     svd = STRATEGIES["svd"]([a, b], SKIP2, DIMS)
@@ -69,10 +74,13 @@ def test_svd_is_unbiased_where_fedavg_is_not():
 def test_svd_averages_plain_arrays_of_lora_methods():
     method = get_method("ft-all-lora")
     a, b = random_update("a", 2, 10, 0, method), random_update("b", 2, 10, 1, method)
-    merged = unflatten(STRATEGIES["svd"]([a, b], method, DIMS).per_device["a"],
-                       trainable_shapes(method, DIMS, 2))  # fmt: skip
-    mean_w0 = 0.5 * (unflatten(a.theta, trainable_shapes(method, DIMS, 2))["W0"]
-                     + unflatten(b.theta, trainable_shapes(method, DIMS, 2))["W0"])  # fmt: skip
+    merged = unflatten(
+        STRATEGIES["svd"]([a, b], method, DIMS).per_device["a"], trainable_shapes(method, DIMS, 2)
+    )
+    mean_w0 = 0.5 * (
+        unflatten(a.theta, trainable_shapes(method, DIMS, 2))["W0"]
+        + unflatten(b.theta, trainable_shapes(method, DIMS, 2))["W0"]
+    )
     np.testing.assert_allclose(merged["W0"], mean_w0, rtol=1e-6)
 
 
@@ -80,8 +88,10 @@ def test_svd_keeps_the_rank_when_the_product_has_fewer_columns():
     """A skip product is d x C; with C = 3 < rank 4 the fourth column of A stays zero."""
     a, b = random_update("a", 4, 10, 0), random_update("b", 4, 10, 1)
     result = STRATEGIES["svd"]([a, b], SKIP2, DIMS)
-    exact = [0.5 * pa + 0.5 * pb for pa, pb in zip(products(a.theta, 4), products(b.theta, 4),
-                                                   strict=True)]  # fmt: skip
+    exact = [
+        0.5 * pa + 0.5 * pb
+        for pa, pb in zip(products(a.theta, 4), products(b.theta, 4), strict=True)
+    ]
     for got, want in zip(products(result.per_device["a"], 4), exact, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     assert result.svd_relative_error < 1e-5

@@ -31,8 +31,9 @@ def test_pretrain_then_finetune_improves_accuracy(tmp_path):
     assert result.exit_code == 0, result.output
     assert "sha256" in result.output
     out, report = tmp_path / "adapters.npz", tmp_path / "ft.json"
-    result = fleet("finetune", "--base", str(base), "--epochs", "50", "--out", str(out),
-                   "--json", str(report))  # fmt: skip
+    result = fleet(
+        "finetune", "--base", str(base), "--epochs", "50", "--out", str(out), "--json", str(report)
+    )
     assert result.exit_code == 0, result.output
     figures = json.loads(report.read_text())
     assert figures["accuracy_after"] > figures["accuracy_before"] + 10
@@ -43,8 +44,18 @@ def test_pretrain_then_finetune_improves_accuracy(tmp_path):
 
 def test_bench_timing_writes_json_markdown_and_chart(tmp_path):
     report = tmp_path / "timing.json"
-    result = fleet("bench", "timing", "--epochs", "2", "--repeats", "2",
-                   "--out-dir", str(tmp_path), "--json", str(report))  # fmt: skip
+    result = fleet(
+        "bench",
+        "timing",
+        "--epochs",
+        "2",
+        "--repeats",
+        "2",
+        "--out-dir",
+        str(tmp_path),
+        "--json",
+        str(report),
+    )
     assert result.exit_code == 0, result.output
     timing = json.loads(report.read_text())
     assert timing["dataset"] == "generated" and timing["batch_size"] == 20
@@ -60,9 +71,22 @@ def test_bench_timing_writes_json_markdown_and_chart(tmp_path):
 
 def test_bench_accuracy_writes_json(tmp_path):
     report = tmp_path / "accuracy.json"
-    result = fleet("bench", "accuracy", "--trials", "2", "--epochs", "30",
-                   "--methods", "ft-last,skip2-lora", "--pretrain-epochs", "5",
-                   "--out-dir", str(tmp_path), "--json", str(report))  # fmt: skip
+    result = fleet(
+        "bench",
+        "accuracy",
+        "--trials",
+        "2",
+        "--epochs",
+        "30",
+        "--methods",
+        "ft-last,skip2-lora",
+        "--pretrain-epochs",
+        "5",
+        "--out-dir",
+        str(tmp_path),
+        "--json",
+        str(report),
+    )
     assert result.exit_code == 0, result.output
     accuracy = json.loads(report.read_text())
     assert accuracy["trials"] == 2 and len(accuracy["before"]["trials"]) == 2
@@ -90,8 +114,9 @@ def test_bad_input_exits_2_with_a_message(tmp_path, args, message):
 
 def test_bad_input_writes_nothing(tmp_path):
     out = tmp_path / "adapters.npz"
-    result = fleet("finetune", "--method", "ft-all", "--lr", "50", "--epochs", "5",
-                   "--out", str(out))  # fmt: skip
+    result = fleet(
+        "finetune", "--method", "ft-all", "--lr", "50", "--epochs", "5", "--out", str(out)
+    )
     assert result.exit_code == 2
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
@@ -99,7 +124,19 @@ def test_bad_input_writes_nothing(tmp_path):
 def test_base_for_other_features_is_refused(tmp_path, data_dir):
     base = tmp_path / "base.npz"
     assert fleet("pretrain", "--out", str(base), "--epochs", "1").exit_code == 0
-    result = runner.invoke(app, ["finetune", "--base", str(base), "--dataset", "har",
-                                 "--data-dir", str(data_dir), "--epochs", "1"])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "finetune",
+            "--base",
+            str(base),
+            "--dataset",
+            "har",
+            "--data-dir",
+            str(data_dir),
+            "--epochs",
+            "1",
+        ],
+    )
     assert result.exit_code == 2
     assert "takes 64 features, har has 220" in result.output

@@ -66,8 +66,9 @@ def test_simulate_with_a_bad_fleet_exits_2_and_starts_nothing(tmp_path):
     config["federation"]["rounds"] = 0
     (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(config))
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["simulate", "--config", str(tmp_path / "fleet.yaml"),
-                                      "--out", str(out)])  # fmt: skip
+    result = CliRunner().invoke(
+        app, ["simulate", "--config", str(tmp_path / "fleet.yaml"), "--out", str(out)]
+    )
     assert result.exit_code == 2
     assert "federation.rounds: must be at least 1" in result.output
     assert not out.exists()

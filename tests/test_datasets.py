@@ -111,8 +111,9 @@ def write_uci(folder: Path, rows_per_subject: int = 24, n_features: int = 561) -
     for part, subjects in (("train", (1, 3)), ("test", (2,))):
         (folder / part).mkdir(parents=True)
         s = np.repeat(subjects, rows_per_subject)
-        y = np.tile(np.repeat(np.arange(1, 7), -(-rows_per_subject // 6))[:rows_per_subject],
-                    len(subjects))  # fmt: skip
+        y = np.tile(
+            np.repeat(np.arange(1, 7), -(-rows_per_subject // 6))[:rows_per_subject], len(subjects)
+        )
         x = rng.uniform(-1, 1, (len(s), n_features))
         np.savetxt(folder / part / f"X_{part}.txt", x, fmt="%.7e")
         np.savetxt(folder / part / f"y_{part}.txt", y, fmt="%d")

@@ -37,21 +37,31 @@ def test_playbook_syntax():
 
 def stop_coordinator_services(state: Path) -> None:
     for pidfile in (state / "coordinator" / "run").glob("*.pid"):
-        subprocess.run(["start-stop-daemon", "--stop", "--retry", "TERM/30/KILL/5",
-                        "--pidfile", str(pidfile)], capture_output=True)  # fmt: skip
+        subprocess.run(
+            ["start-stop-daemon", "--stop", "--retry", "TERM/30/KILL/5", "--pidfile", str(pidfile)],
+            capture_output=True,
+        )
 
 
 def deploy(path: Path, key: Path) -> tuple[int, float, str]:
     started = time.monotonic()
-    done = subprocess.run(["fleet", "deploy", "--config", str(path), "--ssh-key", str(key)],
-                          capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        ["fleet", "deploy", "--config", str(path), "--ssh-key", str(key)],
+        capture_output=True,
+        text=True,
+    )
     return done.returncode, time.monotonic() - started, done.stdout + done.stderr
 
 
 def summary(output: str) -> dict[str, list[int]]:
-    rows = [line.split() for line in output.splitlines() if line.split()[:1] and
-            line.split()[0] in ("coordinator", "pi-1", "pi-2", "pi-3", "pi-4") and
-            len(line.split()) == 5 and line.split()[1].isdigit()]  # fmt: skip
+    rows = [
+        line.split()
+        for line in output.splitlines()
+        if line.split()[:1]
+        and line.split()[0] in ("coordinator", "pi-1", "pi-2", "pi-3", "pi-4")
+        and len(line.split()) == 5
+        and line.split()[1].isdigit()
+    ]
     return {row[0]: [int(v) for v in row[1:]] for row in rows}
 
 
@@ -62,15 +72,26 @@ def test_deploy_twice_then_two_rounds_across_the_devices(tmp_path):
         with fake_hosts(tmp_path, 4, key) as hosts:
             os.kill(int((hosts[3].folder / "sshd.pid").read_text()), signal.SIGTERM)  # pi-4 is down
             config = {
-                "coordinator": {"address": COORDINATOR_IP, "port": free_port(),
-                                "state_dir": str(state), "pushgateway": f"127.0.0.1:{free_port()}",
-                                "prometheus_port": free_port()},
+                "coordinator": {
+                    "address": COORDINATOR_IP,
+                    "port": free_port(),
+                    "state_dir": str(state),
+                    "pushgateway": f"127.0.0.1:{free_port()}",
+                    "prometheus_port": free_port(),
+                },
                 "training": {"epochs": 30, "pretrain_epochs": 5},
                 "federation": {"rounds": 2, "min_devices": 3, "round_timeout_s": 90},
-                "devices": [{"name": f"pi-{i + 1}", "host": h.address, "ssh_user": "root",
-                             "data": {"partition": i}, "install_dir": str(h.folder / "opt")}
-                            for i, h in enumerate(hosts)],
-            }  # fmt: skip
+                "devices": [
+                    {
+                        "name": f"pi-{i + 1}",
+                        "host": h.address,
+                        "ssh_user": "root",
+                        "data": {"partition": i},
+                        "install_dir": str(h.folder / "opt"),
+                    }
+                    for i, h in enumerate(hosts)
+                ],
+            }
             path = tmp_path / "fleet.yaml"
             path.write_text(yaml.safe_dump(config))
 
@@ -110,5 +131,48 @@ def test_deploy_twice_then_two_rounds_across_the_devices(tmp_path):
                 lambda: prometheus_query(port, "skip2fleet_round_number"), 30, "round"
             )
             assert float(rounds[0]["value"][1]) == 2
+    finally:
+        stop_coordinator_services(state)
+
+
+@pytest.mark.skipif(
+    not shutil.which("systemd-nspawn") or not shutil.which("debootstrap"),
+    reason="needs systemd-nspawn and debootstrap (.ci/run installs them)",
+)
+def test_a_systemd_device_gets_units_and_fine_tunes(tmp_path):
+    from tests.fakehosts import SYSTEMD_SUBNET, ssh_command, systemd_host
+
+    key = ssh_keypair(tmp_path)
+    state = tmp_path / "state"
+    try:
+        with systemd_host(tmp_path, key) as host:
+            config = {
+                "coordinator": {
+                    "address": f"{SYSTEMD_SUBNET}.1",
+                    "port": free_port(),
+                    "state_dir": str(state),
+                    "prometheus_port": free_port(),
+                    "pushgateway": f"127.0.0.1:{free_port()}",
+                },
+                "training": {"epochs": 30, "pretrain_epochs": 5},
+                "federation": {"rounds": 1, "min_devices": 1, "round_timeout_s": 90},
+                "devices": [{"name": "pi-sd", "host": host.address, "ssh_user": "root"}],
+            }
+            path = tmp_path / "fleet.yaml"
+            path.write_text(yaml.safe_dump(config))
+            code, _, output = deploy(path, key)
+            assert code == 0, output
+            units = subprocess.run(
+                ssh_command(
+                    host, key, "systemctl", "is-active", "skip2fleet-supernode", "skip2fleet-agent"
+                ),
+                capture_output=True,
+                text=True,
+            )
+            assert units.stdout.split() == ["active", "active"]
+            result = CliRunner().invoke(
+                app, ["run", "--config", str(path), "--out", str(tmp_path / "run")]
+            )
+            assert result.exit_code == 0, result.output
     finally:
         stop_coordinator_services(state)

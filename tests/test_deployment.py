@@ -24,12 +24,16 @@ DEVICES = ["pi-1", "pi-2", "pi-3"]
 @pytest.fixture
 def loopback_fleet(tmp_path):
     config = {
-        "coordinator": {"address": "127.0.0.1", "port": free_port(),
-                        "state_dir": str(tmp_path / "state"), "tls": True},
+        "coordinator": {
+            "address": "127.0.0.1",
+            "port": free_port(),
+            "state_dir": str(tmp_path / "state"),
+            "tls": True,
+        },
         "training": {"epochs": 50, "pretrain_epochs": 10},
         "federation": {"rounds": 2, "min_devices": 3, "round_timeout_s": 60},
         "devices": [{"name": n, "data": {"partition": i}} for i, n in enumerate(DEVICES)],
-    }  # fmt: skip
+    }
     path = tmp_path / "fleet.yaml"
     path.write_text(yaml.safe_dump(config))
     fleet = load_config(path)
@@ -59,9 +63,13 @@ def test_an_unregistered_node_is_refused(loopback_fleet, tmp_path):
     fleet, _, processes = loopback_fleet
     keys = ensure_credentials(tmp_path / "intruder-keys", ["127.0.0.1"], ["intruder"])
     command = supernode_command(
-        f"127.0.0.1:{fleet.coordinator.port}", "intruder", tmp_path / "intruder", free_port(),
-        credentials_for(fleet).ca_cert, keys.node_key("intruder"),
-    )  # fmt: skip
+        f"127.0.0.1:{fleet.coordinator.port}",
+        "intruder",
+        tmp_path / "intruder",
+        free_port(),
+        credentials_for(fleet).ca_cert,
+        keys.node_key("intruder"),
+    )
     intruder = processes.start("intruder", command, flower_env(fleet))
     assert intruder.wait(timeout=120) != 0
     assert "Failed to activate SuperNode" in processes.log("intruder")

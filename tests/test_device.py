@@ -24,11 +24,25 @@ def base():
 
 
 def plan(base, round_=1, **changes) -> RoundPlan:
-    values = dict(round=round_, method="skip2-lora", epochs=20, lr=0.01, batch_size=20, seed=0,
-                  base_sha256=base_model.sha256(base), dataset="generated", data_dir="",
-                  source_room="silentA", state_root="", devices=["a", "b"], partitions=["0", "1"],
-                  ranks=[4, 2], probes=["cpu-model", "none"], idle_watts=[1.0, 1.0],
-                  full_watts=[3.0, 3.0])  # fmt: skip
+    values = dict(
+        round=round_,
+        method="skip2-lora",
+        epochs=20,
+        lr=0.01,
+        batch_size=20,
+        seed=0,
+        base_sha256=base_model.sha256(base),
+        dataset="generated",
+        data_dir="",
+        source_room="silentA",
+        state_root="",
+        devices=["a", "b"],
+        partitions=["0", "1"],
+        ranks=[4, 2],
+        probes=["cpu-model", "none"],
+        idle_watts=[1.0, 1.0],
+        full_watts=[3.0, 3.0],
+    )
     return RoundPlan(**{**values, **changes})
 
 
@@ -55,8 +69,9 @@ def test_first_round_stores_base_and_cache_then_reuses_them(tmp_path, base):
     again = Figures.from_record(second[FIGURES])
     assert again.cache_built == 0
     before = unpack(vector, get_method("skip2-lora"), base_model.dims(base), 2)
-    after = unpack(record_vector(second[ADAPTERS]), get_method("skip2-lora"),
-                   base_model.dims(base), 2)  # fmt: skip
+    after = unpack(
+        record_vector(second[ADAPTERS]), get_method("skip2-lora"), base_model.dims(base), 2
+    )
     assert not np.array_equal(before, after)  # it continued training its own adapters
     assert (tmp_path / "last-finetune.json").is_file()
 

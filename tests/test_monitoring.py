@@ -37,16 +37,18 @@ needs_prometheus = pytest.mark.skipif(
 
 @needs_prometheus
 def test_written_config_and_rules_pass_promtool(tmp_path):
-    result = CliRunner().invoke(app, ["monitor", "config", "--config", str(ROOT / "fleet.yaml"),
-                                      "--out", str(tmp_path)])  # fmt: skip
+    result = CliRunner().invoke(
+        app, ["monitor", "config", "--config", str(ROOT / "fleet.yaml"), "--out", str(tmp_path)]
+    )
     assert result.exit_code == 0, result.output
     folder = tmp_path / "prometheus"
     for check in (["check", "config", "prometheus.yml"], ["check", "rules", "alerts.yml"]):
         done = subprocess.run(["promtool", *check], cwd=folder, capture_output=True, text=True)
         assert done.returncode == 0, done.stdout + done.stderr
     shutil.copy(ROOT / "tests" / "fixtures" / "alerts_test.yml", folder)
-    done = subprocess.run(["promtool", "test", "rules", "alerts_test.yml"], cwd=folder,
-                          capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        ["promtool", "test", "rules", "alerts_test.yml"], cwd=folder, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -88,18 +90,39 @@ def test_every_panel_returns_data_from_a_real_prometheus(tmp_path):
         start_prometheus(processes, tmp_path / "monitoring" / "prometheus", prometheus_port)
         for i, device in enumerate(fleet.devices):
             sysfs = fixture_sysfs(tmp_path / f"sys-{device.name}", 2.0 + i, 50.0 + i)
-            processes.start(f"agent-{device.name}", [
-                "fleet", "agent", "--config", str(tmp_path / "fleet.yaml"), "--device",
-                device.name, "--address", "127.0.0.1", "--sys-root", str(sysfs),
-                "--state-dir", str(tmp_path / "run" / "devices" / device.name),
-            ], dict(os.environ))  # fmt: skip
-        result = CliRunner().invoke(app, ["simulate", "--config", str(tmp_path / "fleet.yaml"),
-                                          "--out", str(tmp_path / "run")])  # fmt: skip
+            processes.start(
+                f"agent-{device.name}",
+                [
+                    "fleet",
+                    "agent",
+                    "--config",
+                    str(tmp_path / "fleet.yaml"),
+                    "--device",
+                    device.name,
+                    "--address",
+                    "127.0.0.1",
+                    "--sys-root",
+                    str(sysfs),
+                    "--state-dir",
+                    str(tmp_path / "run" / "devices" / device.name),
+                ],
+                dict(os.environ),
+            )
+        result = CliRunner().invoke(
+            app,
+            ["simulate", "--config", str(tmp_path / "fleet.yaml"), "--out", str(tmp_path / "run")],
+        )
         assert result.exit_code == 0, result.output
-        wait_for(lambda: len(prometheus_query(prometheus_port, 'up{job="skip2fleet-agents"} == 1'))
-                 == 2, 60, "both agents scraped")  # fmt: skip
-        wait_for(lambda: prometheus_query(prometheus_port, "skip2fleet_round_number"), 30,
-                 "the pushed round")  # fmt: skip
+        wait_for(
+            lambda: len(prometheus_query(prometheus_port, 'up{job="skip2fleet-agents"} == 1')) == 2,
+            60,
+            "both agents scraped",
+        )
+        wait_for(
+            lambda: prometheus_query(prometheus_port, "skip2fleet_round_number"),
+            30,
+            "the pushed round",
+        )
         board = json.loads((tmp_path / "monitoring/grafana/dashboards/skip2fleet.json").read_text())
         empty = []
         for title, query in panel_queries(board).items():
@@ -143,12 +166,13 @@ def test_agent_leaves_out_what_it_cannot_read_and_counts_it(tmp_path):
         "finetune_s": 1.5,
         "energy_joules": 4.2,
     }
-    (tmp_path / "state" / "last-finetune.json").write_text(json.dumps(figures))  # fmt: skip
+    (tmp_path / "state" / "last-finetune.json").write_text(json.dumps(figures))
     sampler = PowerSampler(HwmonPower(sysfs / "class" / "hwmon"))
     sampler._started = sampler._last = 0.0
     sampler.sample()
-    collector = DeviceCollector(sampler, ThermalZones(sysfs / "class" / "thermal"),
-                                tmp_path / "proc", tmp_path / "state")  # fmt: skip
+    collector = DeviceCollector(
+        sampler, ThermalZones(sysfs / "class" / "thermal"), tmp_path / "proc", tmp_path / "state"
+    )
     values = collect(collector)
     assert values["skip2fleet_device_power_watts{estimated=false,source=hwmon}"] == 2.0
     assert values["skip2fleet_device_temperature_celsius{}"] == 55.0
@@ -172,8 +196,10 @@ def test_a_pushgateway_that_is_down_costs_one_line_per_round(tmp_path, caplog):
     data["coordinator"]["pushgateway"] = f"127.0.0.1:{free_port()}"  # nothing listens there
     (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(data))
     with caplog.at_level("WARNING", logger="skip2fleet"):
-        result = CliRunner().invoke(app, ["simulate", "--config", str(tmp_path / "fleet.yaml"),
-                                          "--out", str(tmp_path / "run")])  # fmt: skip
+        result = CliRunner().invoke(
+            app,
+            ["simulate", "--config", str(tmp_path / "fleet.yaml"), "--out", str(tmp_path / "run")],
+        )
     assert result.exit_code == 0, result.output
     warnings = [r.getMessage() for r in caplog.records if "Pushgateway" in r.getMessage()]
     assert len(warnings) == 2 and "round 1" in warnings[0] and "round 2" in warnings[1]

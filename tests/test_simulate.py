@@ -31,8 +31,9 @@ def simulate(*args: str) -> dict:
 
 def test_generated_fleet_improves_and_only_adapters_travel_after_round_1(tmp_path):
     report = tmp_path / "sim.json"
-    simulate("--devices", "3", "--rounds", "2", "--out", str(tmp_path / "run"),
-             "--json", str(report))  # fmt: skip
+    simulate(
+        "--devices", "3", "--rounds", "2", "--out", str(tmp_path / "run"), "--json", str(report)
+    )
     summary = json.loads(report.read_text())
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     for device in summary["rounds"][-1]["devices"].values():
@@ -46,8 +47,20 @@ def test_generated_fleet_improves_and_only_adapters_travel_after_round_1(tmp_pat
 
 def test_har_devices_send_at_most_a_fifteenth_of_the_model(tmp_path, data_dir):
     report = tmp_path / "har.json"
-    simulate("--dataset", "har", "--data-dir", str(data_dir), "--devices", "5", "--rounds", "2",
-             "--out", str(tmp_path / "run"), "--json", str(report))  # fmt: skip
+    simulate(
+        "--dataset",
+        "har",
+        "--data-dir",
+        str(data_dir),
+        "--devices",
+        "5",
+        "--rounds",
+        "2",
+        "--out",
+        str(tmp_path / "run"),
+        "--json",
+        str(report),
+    )
     summary = json.loads(report.read_text())
     last = summary["rounds"][-1]["devices"]
     assert sorted(last) == ["sim-1", "sim-2", "sim-3", "sim-4", "sim-5"]
@@ -76,12 +89,14 @@ def test_a_device_sending_nan_is_refused_and_does_not_poison_the_average(tmp_pat
     from flwr.simulation import run_simulation
 
     fleet = resolve_fleet(None, 3, 1, "generated", None, "fedavg")
-    fleet = dataclasses.replace(fleet, federation=dataclasses.replace(fleet.federation,
-                                                                      min_devices=2))  # fmt: skip
+    fleet = dataclasses.replace(
+        fleet, federation=dataclasses.replace(fleet.federation, min_devices=2)
+    )
     base = base_model.init_model(64, 3, np.random.default_rng(0))
     folder = RunFolder.create(tmp_path / "run", as_yaml_dict(fleet), base)
-    run_simulation(server_app=make_server_app(folder.path), client_app=poisoning_client(1),
-                   num_supernodes=3)  # fmt: skip
+    run_simulation(
+        server_app=make_server_app(folder.path), client_app=poisoning_client(1), num_supernodes=3
+    )
     result = folder.round_result(1)
     assert result["refused"] == {"sim-2": "adapters hold NaN or Inf"}
     assert sorted(result["devices"]) == ["sim-1", "sim-3"]

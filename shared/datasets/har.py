@@ -95,10 +95,12 @@ def raw_windows(
     clean = (window_labels == first[:, None]).all(axis=1) & (first >= 1) & (first <= 6)
     starts = starts[clean]
     windows = np.lib.stride_tricks.sliding_window_view(signals, WINDOW, axis=0)
-    features = np.concatenate([
-        window_features(windows[starts[i : i + CHUNK]].transpose(0, 2, 1))
-        for i in range(0, len(starts), CHUNK)
-    ])  # fmt: skip
+    features = np.concatenate(
+        [
+            window_features(windows[starts[i : i + CHUNK]].transpose(0, 2, 1))
+            for i in range(0, len(starts), CHUNK)
+        ]
+    )
     return features, first[clean].astype(np.int64) - 1, subject[starts].astype(np.int64)
 
 
@@ -161,8 +163,9 @@ def _read_table(path: Path) -> np.ndarray:
     except ValueError:
         raise DataError(f"{path}: not a whitespace-separated numeric table") from None
     if not np.all(np.isfinite(table)):
-        raise DataError(f"{path}: row {int(np.flatnonzero(~np.isfinite(table).all(1))[0])} "
-                        "holds NaN or Inf")  # fmt: skip
+        raise DataError(
+            f"{path}: row {int(np.flatnonzero(~np.isfinite(table).all(1))[0])} holds NaN or Inf"
+        )
     return table
 
 

@@ -33,9 +33,12 @@ def window_features(windows: np.ndarray) -> np.ndarray:
     signals = np.concatenate(triaxial + magnitudes, axis=2)
     quantiles = np.percentile(signals, [25, 50, 75], axis=1)
     time_domain = [
-        signals.mean(axis=1), signals.std(axis=1), signals.min(axis=1), signals.max(axis=1),
+        signals.mean(axis=1),
+        signals.std(axis=1),
+        signals.min(axis=1),
+        signals.max(axis=1),
         *quantiles,
-    ]  # fmt: skip
+    ]
     centred = signals - signals.mean(axis=1, keepdims=True)
     power = np.abs(np.fft.rfft(centred, axis=1)) ** 2 / WINDOW
     freqs = np.fft.rfftfreq(WINDOW, d=1.0 / RATE_HZ)
