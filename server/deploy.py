@@ -150,7 +150,7 @@ def device_vars(fleet: FleetConfig, device: Device) -> dict:
     }
 
 
-def coordinator_vars(fleet: FleetConfig, fleet_file: Path) -> dict:
+def coordinator_vars(fleet: FleetConfig) -> dict:
     state = state_dir(fleet)
     bin_dir = Path(sys.executable).parent
     superlink = superlink_command(fleet, credentials_for(fleet), host=fleet.coordinator.address)
@@ -180,7 +180,7 @@ def deploy(
     unknown = sorted(set(limit) - {d.name for d in fleet.devices})
     if unknown:
         raise FleetError(f"--limit: no device {', '.join(map(repr, unknown))} in {fleet_file}")
-    credentials_for(fleet)
+    credentials_for(fleet)  # the CA, SuperLink certificate and node keys exist before any host
     build = build_id()
     extravars = {
         "fleet_file": str(fleet_file.resolve()),
@@ -191,7 +191,7 @@ def deploy(
     inventory = {
         "all": {
             "children": {
-                "coordinator": {"hosts": {"coordinator": coordinator_vars(fleet, fleet_file)}},
+                "coordinator": {"hosts": {"coordinator": coordinator_vars(fleet)}},
                 "devices": {"hosts": {d.name: device_vars(fleet, d) for d in fleet.devices}},
             }
         }
