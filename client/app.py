@@ -13,7 +13,6 @@ import resource
 from pathlib import Path
 from time import perf_counter
 
-import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -129,7 +128,7 @@ def _fine_tune(content: RecordDict, node_config: dict, plan: RoundPlan, index: i
     )
     figures = Figures(
         samples=len(tune),
-        loss=_cross_entropy(predict(tune.x), tune.y),
+        loss=base_model.cross_entropy(predict(tune.x), tune.y),
         acc_before=base_model.accuracy(base_model.forward_frozen(model, test.x)[-1], test.y),
         acc_after=base_model.accuracy(predict(test.x), test.y),
         forward_ms=split["forward"],
@@ -147,19 +146,18 @@ def _fine_tune(content: RecordDict, node_config: dict, plan: RoundPlan, index: i
         peak_watts=meter.peak_watts if probe else 0.0,
         power_estimated=int(bool(probe and probe.estimated)),
     )
-    reply[FIGURES] = figures.record()
-    reply[FIGURES]["uplink_bytes"] = float(wire_bytes(reply))  # a double: its size is fixed
+    finish_reply(reply, figures)
     store.save_figures({"device": name, "round": plan.round, **reply[FIGURES]})
     return reply
+
+
+def finish_reply(reply: RecordDict, figures: Figures) -> None:
+    """Add the figures to a reply, `uplink_bytes` measured on the reply as it will be sent
+    (a double: setting it does not change the reply's size)."""
+    reply[FIGURES] = figures.record()
+    reply[FIGURES]["uplink_bytes"] = float(wire_bytes(reply))
 
 
 def peak_rss_bytes() -> int:
     """The peak resident memory of this process (Linux reports kilobytes)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
-    z = logits.astype(np.float64)
-    z -= z.max(axis=1, keepdims=True)
-    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return float(-np.mean(log_p[np.arange(len(y)), y]))

@@ -11,12 +11,12 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.app import identify, peak_rss_bytes
+from client.app import finish_reply, identify, peak_rss_bytes
 from shared import model as base_model
 from shared.adapters import packed_size
 from shared.methods import get_method
-from shared.protocol import ADAPTERS, BASE, FIGURES, PLAN, Figures, RoundPlan
-from shared.records import record_model, vector_record, wire_bytes
+from shared.protocol import ADAPTERS, BASE, PLAN, Figures, RoundPlan
+from shared.records import record_model, vector_record
 
 app = ClientApp()
 
@@ -56,6 +56,5 @@ def train(msg: Message, context: Context) -> Message:
         0.0,
         0,
     )
-    reply[FIGURES] = figures.record()
-    reply[FIGURES]["uplink_bytes"] = float(wire_bytes(reply))
+    finish_reply(reply, figures)
     return Message(content=reply, reply_to=msg)

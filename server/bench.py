@@ -19,11 +19,12 @@ import typer
 
 from server import options as opt
 from server.loopback import loopback_deployment, on_loopback
+from server.pretraining import fleet_base
 from server.progress import progress
 from server.report import accuracy_report, timing_report
 from server.run import follow, start_run
 from server.runs import RunFolder
-from server.simulate import pretrained_for, resolve_fleet
+from server.simulate import resolve_fleet
 from shared import model as base_model
 from shared.atomic import write_text_atomic
 from shared.config import FleetConfig, as_yaml_dict
@@ -159,7 +160,7 @@ def _write(results: dict, kind: str, out_dir: Path, json_out: Path | None) -> No
 def measure_rounds(fleet: FleetConfig, workdir: Path) -> dict:
     """The same rounds with a no-op ClientApp and with the real one, on one loopback deployment."""
     fleet = on_loopback(fleet, workdir / "state")
-    base = pretrained_for(fleet)
+    base = fleet_base(fleet)
     runs = {}
     with loopback_deployment(fleet, workdir):
         for label, clientapp in (("noop", "client.noop:app"), ("skip2fleet", "client.app:app")):

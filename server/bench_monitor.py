@@ -31,8 +31,9 @@ from server.loopback import (
     wait_for,
 )
 from server.monitoring import AGENT_JOB, write_monitoring
+from server.pretraining import fleet_base
 from server.runs import RunFolder
-from server.simulate import pretrained_for, resolve_fleet, run_simulation
+from server.simulate import resolve_fleet, run_simulation
 from shared.atomic import write_text_atomic
 from shared.config import as_yaml_dict, parse_config
 
@@ -108,7 +109,7 @@ def measure_monitoring(seconds: float, rounds: int, workdir: Path) -> dict:
             wait_for(lambda: prometheus_query(prometheus_port, query), 30, "the round", 0.05)
             latencies.append(time.monotonic() - pushed)
 
-        folder = RunFolder.create(workdir / "run", data, pretrained_for(fleet))
+        folder = RunFolder.create(workdir / "run", data, fleet_base(fleet))
         run_simulation(folder, 1, on_round)
         return {
             "seconds": seconds,

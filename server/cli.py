@@ -15,16 +15,17 @@ from server.bench import bench_app
 from server.bench_monitor import monitor_command as monitor_bench_command
 from server.deploy import deploy_command, status_command
 from server.monitoring import monitor_app
+from server.pretraining import pretrain_shown
 from server.progress import progress, stderr
 from server.run import certs_command, run_command
 from server.simulate import simulate_command
 from shared import model as base_model
 from shared.adapters import save_adapters
 from shared.atomic import write_text_atomic
-from shared.datasets import Task, load_task
+from shared.datasets import load_task
 from shared.errors import FleetError
 from shared.methods import METHODS, get_method
-from shared.pretrain import PretrainConfig, pretrain
+from shared.pretrain import PretrainConfig
 from shared.train import FineTuneConfig, finetune
 
 
@@ -56,18 +57,6 @@ app.command("deploy")(deploy_command)
 app.command("status")(status_command)
 
 
-def pretrained_base(task: Task, epochs: int, seed: int) -> base_model.Model:
-    """Pretrain on the task's source domain, showing progress per epoch."""
-    with progress(epochs, f"pretraining on {task.name}") as advance:
-        return pretrain(
-            task.pretrain.x,
-            task.pretrain.y,
-            len(task.classes),
-            PretrainConfig(epochs=epochs, seed=seed),
-            on_epoch=lambda epoch, loss: advance(f"pretrained epoch {epoch + 1}, loss {loss:.3f}"),
-        )
-
-
 @app.command("pretrain")
 def pretrain_command(
     out: Annotated[Path, typer.Option(help="Where to write the base model (.npz).")] = Path(
@@ -82,7 +71,7 @@ def pretrain_command(
 ) -> None:
     """Pretrain the base model on the task's source domain and save it with its sha256."""
     task = load_task(dataset, opt.task_options(data_dir, source_room, subjects, seed))
-    model = pretrained_base(task, epochs, seed)
+    model = pretrain_shown(task.pretrain, len(task.classes), task.name, epochs, seed)
     digest = base_model.save(model, out)
     source = base_model.accuracy(
         base_model.forward_frozen(model, task.pretrain.x)[-1], task.pretrain.y
@@ -117,7 +106,9 @@ def finetune_command(
     chosen = get_method(method)
     task = load_task(dataset, opt.task_options(data_dir, source_room, subjects, seed))
     if base is None:
-        model = pretrained_base(task, PretrainConfig().epochs, seed)
+        model = pretrain_shown(
+            task.pretrain, len(task.classes), task.name, PretrainConfig().epochs, seed
+        )
     else:
         model = base_model.load(base)
         if base_model.dims(model)[0] != task.n_features:

@@ -24,6 +24,7 @@ from typing import Annotated
 import typer
 
 from client.supernode import supernode_command
+from server.certs import Credentials
 from server.monitoring import write_monitoring
 from server.progress import stderr
 from server.run import ConfigPath, credentials_for
@@ -68,10 +69,9 @@ def wheelhouse(fleet: FleetConfig, build: str) -> Path:
     return archive
 
 
-def device_etc(fleet: FleetConfig, device: Device) -> Path:
+def device_etc(fleet: FleetConfig, device: Device, creds: Credentials) -> Path:
     """A device's etc/ (fleet file, CA certificate, node key) as one archive named by its
     content hash; the device unpacks it only when that hash is new to it."""
-    creds = credentials_for(fleet)
     files = {
         "etc/fleet.yaml": fleet_source(fleet),
         "etc/ca.crt": creds.ca_cert,
@@ -113,7 +113,7 @@ def fleet_source(fleet: FleetConfig) -> Path:
     return Path(fleet.source).resolve()
 
 
-def device_vars(fleet: FleetConfig, device: Device) -> dict:
+def device_vars(fleet: FleetConfig, device: Device, creds: Credentials) -> dict:
     home = Path(device.install_dir)
     superlink = f"{fleet.coordinator.address}:{fleet.coordinator.port}"
     tls = fleet.coordinator.tls
@@ -131,7 +131,7 @@ def device_vars(fleet: FleetConfig, device: Device) -> dict:
         "ansible_user": device.ssh_user,
         "ansible_python_interpreter": device.python,
         "install_dir": str(home),
-        "device_etc": str(device_etc(fleet, device)),
+        "device_etc": str(device_etc(fleet, device, creds)),
         "supernode_argv": [str(home / "venv" / "bin" / supernode[0]), *supernode[1:]],
         "agent_argv": [
             str(home / "venv" / "bin" / "fleet"),
@@ -150,10 +150,10 @@ def device_vars(fleet: FleetConfig, device: Device) -> dict:
     }
 
 
-def coordinator_vars(fleet: FleetConfig) -> dict:
+def coordinator_vars(fleet: FleetConfig, creds: Credentials) -> dict:
     state = state_dir(fleet)
     bin_dir = Path(sys.executable).parent
-    superlink = superlink_command(fleet, credentials_for(fleet), host=fleet.coordinator.address)
+    superlink = superlink_command(fleet, creds, host=fleet.coordinator.address)
     gateway = fleet.coordinator.pushgateway or "127.0.0.1:9091"
     return {
         "ansible_connection": "local",
@@ -180,7 +180,7 @@ def deploy(
     unknown = sorted(set(limit) - {d.name for d in fleet.devices})
     if unknown:
         raise FleetError(f"--limit: no device {', '.join(map(repr, unknown))} in {fleet_file}")
-    credentials_for(fleet)  # the CA, SuperLink certificate and node keys exist before any host
+    creds = credentials_for(fleet)  # created once, before any host needs them
     build = build_id()
     extravars = {
         "fleet_file": str(fleet_file.resolve()),
@@ -191,8 +191,8 @@ def deploy(
     inventory = {
         "all": {
             "children": {
-                "coordinator": {"hosts": {"coordinator": coordinator_vars(fleet)}},
-                "devices": {"hosts": {d.name: device_vars(fleet, d) for d in fleet.devices}},
+                "coordinator": {"hosts": {"coordinator": coordinator_vars(fleet, creds)}},
+                "devices": {"hosts": {d.name: device_vars(fleet, d, creds) for d in fleet.devices}},
             }
         }
     }

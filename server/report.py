@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import typer
+
 from shared.atomic import write_atomic
 from shared.errors import FleetError
 
@@ -253,6 +255,30 @@ def federated_report(summary: dict) -> tuple[str, Chart]:
         _save(fig, path)
 
     return "\n".join(lines) + "\n", chart
+
+
+def print_round(result: dict) -> None:
+    devices = result["devices"]
+    before = sum(d["acc_before"] for d in devices.values()) / max(len(devices), 1)
+    after = sum(d["acc_after"] for d in devices.values()) / max(len(devices), 1)
+    uplink = max((d["uplink_bytes"] for d in devices.values()), default=0)
+    batch = sum(d["train_batch_ms"] for d in devices.values()) / max(len(devices), 1)
+    problems = (
+        ", ".join(
+            [
+                *(f"{n} refused" for n in result["refused"]),
+                *(f"{n} missing" for n in result["missing"]),
+            ]
+        )
+        or "-"
+    )
+    svd = result.get("svd_relative_error")
+    typer.echo(
+        f"{result['round']:>5}  {result['duration_s']:>6.1f} s  {len(devices):>3} ok  "
+        f"acc {before:6.2f} -> {after:6.2f} %  batch {batch:.4f} ms  up {uplink:>8.0f} B"
+        + (f"  svd err {svd:.3f}" if svd is not None else "")
+        + f"  {problems}"
+    )
 
 
 def _pyplot():

@@ -15,9 +15,10 @@ from typing import Annotated
 import typer
 
 from server.certs import Credentials, ensure_credentials
+from server.pretraining import fleet_base
 from server.progress import stderr
+from server.report import print_round
 from server.runs import RunFolder
-from server.simulate import pretrained_for, print_round
 from server.superlink import (
     CONNECTION,
     flwr,
@@ -128,7 +129,7 @@ def run_command(
         fleet = folder.config()
     else:
         fleet = load_config(config)
-        model = base_model.load(base) if base is not None else pretrained_for(fleet)
+        model = base_model.load(base) if base is not None else fleet_base(fleet)
         folder = RunFolder.create(
             out or Path("runs") / time.strftime("run-%Y%m%d-%H%M%S"), as_yaml_dict(fleet), model
         )

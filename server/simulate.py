@@ -20,18 +20,17 @@ import typer
 
 from server import options as opt
 from server.app import make_server_app
-from server.progress import progress, stderr
-from server.report import federated_report
+from server.pretraining import fleet_base
+from server.progress import stderr
+from server.report import federated_report, print_round
 from server.runs import RunFolder
 from shared import model as base_model
 from shared.adapters import packed_size
 from shared.atomic import write_text_atomic
 from shared.config import Device, DeviceData, FleetConfig, as_yaml_dict, load_config, parse_config
-from shared.datasets import TaskOptions
-from shared.datasets.federated import default_partitions, source_split
+from shared.datasets.federated import default_partitions
 from shared.errors import FleetError
 from shared.methods import get_method
-from shared.pretrain import PretrainConfig, pretrain
 from shared.records import model_record, vector_record, wire_bytes
 
 DEFAULT_CONFIG = Path("fleet.yaml")
@@ -68,51 +67,6 @@ def resolve_fleet(
     return parse_config(data, str(path or "defaults"))
 
 
-def pretrained_for(fleet: FleetConfig) -> base_model.Model:
-    """The base model, pretrained on the coordinator's source data for the fleet's task."""
-    task = fleet.task
-    options = TaskOptions(
-        Path(task.data_dir) if task.data_dir else None,
-        task.source_room,
-        task.subjects,
-        fleet.training.seed,
-    )
-    source, classes = source_split(task.dataset, options)
-    epochs = fleet.training.pretrain_epochs
-    with progress(epochs, f"pretraining on {task.dataset}") as advance:
-        return pretrain(
-            source.x,
-            source.y,
-            len(classes),
-            PretrainConfig(epochs=epochs, seed=fleet.training.seed),
-            on_epoch=lambda e, loss: advance(f"pretrained epoch {e + 1}"),
-        )
-
-
-def print_round(result: dict) -> None:
-    devices = result["devices"]
-    before = sum(d["acc_before"] for d in devices.values()) / max(len(devices), 1)
-    after = sum(d["acc_after"] for d in devices.values()) / max(len(devices), 1)
-    uplink = max((d["uplink_bytes"] for d in devices.values()), default=0)
-    batch = sum(d["train_batch_ms"] for d in devices.values()) / max(len(devices), 1)
-    problems = (
-        ", ".join(
-            [
-                *(f"{n} refused" for n in result["refused"]),
-                *(f"{n} missing" for n in result["missing"]),
-            ]
-        )
-        or "-"
-    )
-    svd = result.get("svd_relative_error")
-    typer.echo(
-        f"{result['round']:>5}  {result['duration_s']:>6.1f} s  {len(devices):>3} ok  "
-        f"acc {before:6.2f} -> {after:6.2f} %  batch {batch:.4f} ms  up {uplink:>8.0f} B"
-        + (f"  svd err {svd:.3f}" if svd is not None else "")
-        + f"  {problems}"
-    )
-
-
 def simulate_command(
     config: opt.FleetFile = None,
     devices: opt.DeviceCount = None,
@@ -135,7 +89,7 @@ def simulate_command(
     else:
         fleet = resolve_fleet(config, devices, rounds, dataset, data_dir, aggregation)
         out = out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
-        folder = RunFolder.create(out, as_yaml_dict(fleet), pretrained_for(fleet))
+        folder = RunFolder.create(out, as_yaml_dict(fleet), fleet_base(fleet))
     fleet, base = folder.config(), folder.base()
     task = fleet.task
     stderr.print(

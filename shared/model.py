@@ -117,6 +117,14 @@ def accuracy(logits: np.ndarray, y: np.ndarray) -> float:
     return float(100.0 * np.mean(np.argmax(logits, axis=1) == y))
 
 
+def cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
+    """Mean softmax cross-entropy of rows of logits against integer labels."""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-np.mean(log_p[np.arange(len(y)), y]))
+
+
 def sha256(model: Model) -> str:
     """The model's identity: a hash of every array's name, dtype, shape and bytes, in name order."""
     digest = hashlib.sha256()
