@@ -142,13 +142,19 @@ def test_uci_har_with_ragged_rows_is_named(tmp_path):
         read_uci_layout(tmp_path)
 
 
-def test_split_is_sixty_forty_in_time_order_per_subject_and_activity():
-    labels = np.repeat([0, 1], 50)
-    subject = np.ones(100, int)
-    features = np.arange(100, dtype=np.float32)[:, None]
-    task = split_by_subject(features, labels, subject, (1,))
-    assert len(task.finetune) == 60 and len(task.test) == 38
-    assert task.finetune.x[task.finetune.y == 0].max() < task.test.x[task.test.y == 0].min()
+def test_split_is_sixty_forty_in_time_order_per_recording_and_activity():
+    labels = np.tile(np.repeat([0, 1], 50), 2)
+    recording = np.repeat([3, 4], 100)
+    subject = np.ones(200, int)
+    features = np.arange(200, dtype=np.float32)[:, None]
+    task = split_by_subject(features, labels, subject, recording, (1,))
+    assert len(task.finetune) == 120 and len(task.test) == 76
+    for session in (3, 4):  # both recordings are in both splits, the test part always later
+        for activity in (0, 1):
+            rows = features[(recording == session) & (labels == activity), 0]
+            tuned = np.intersect1d(task.finetune.x[:, 0], rows)
+            tested = np.intersect1d(task.test.x[:, 0], rows)
+            assert len(tuned) == 30 and len(tested) == 19 and tuned.max() + 1 < tested.min()
 
 
 def test_window_features_are_finite_and_describe_the_signal():

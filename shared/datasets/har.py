@@ -8,9 +8,12 @@ Two formats are read:
 - the published UCI HAR layout (`train/X_train.txt`, `y_train.txt`, `subject_train.txt` and the
   same under `test/`), its 561 features as they are.
 
-Split: pretrain on every subject outside the target group; for each target subject and activity,
-the first 60 % of its windows in time order are fine-tuned on and the rest tested on, one window
-left out between them so that no sample is in both.
+Split: pretrain on every subject outside the target group; for each target subject, recording and
+activity, the first 60 % of its windows in time order are fine-tuned on and the rest tested on, one
+window left out between them so that no sample is in both. Per recording, because each HAPT subject
+was recorded twice with the phone in different places (on the left of the belt, then where the
+subject chose): a device's held-out data should come from the same sessions as its training data,
+not from a placement it barely saw.
 """
 
 from __future__ import annotations
@@ -42,14 +45,16 @@ def load_har_subject(folder: Path, subject: int) -> Task:
 
 def har_windows(
     folder: Path, only: tuple[int, ...] | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Features, activity (0-5) and subject of the windows, of the `only` subjects if given."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Features, activity (0-5), subject and recording of the windows (of the `only` subjects).
+
+    The UCI layout does not say which recording a window is from: each subject counts as one."""
     if (folder / RAW_FILE).is_file():
         return raw_windows(folder / RAW_FILE, only)
     if (folder / "train" / "X_train.txt").is_file():
         features, labels, subject = read_uci_layout(folder)
         keep = np.isin(subject, only) if only is not None else slice(None)
-        return features[keep], labels[keep], subject[keep]
+        return features[keep], labels[keep], subject[keep], subject[keep]
     raise DataError(
         f"{folder}: no HAR data (expected {RAW_FILE} or the UCI layout train/X_train.txt)"
     )
@@ -57,8 +62,8 @@ def har_windows(
 
 def raw_windows(
     path: Path, only: tuple[int, ...] | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Features, activity (0-5) and subject of every clean window of the raw recordings.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Features, activity (0-5), subject and recording of every clean window of the raw signals.
 
     With `only`, just those subjects' rows of the signals are read from the archive, so a device
     holds its own recordings (about 1 MB) rather than everyone's (27 MB); windows are featurised
@@ -101,7 +106,12 @@ def raw_windows(
             for i in range(0, len(starts), CHUNK)
         ]
     )
-    return features, first[clean].astype(np.int64) - 1, subject[starts].astype(np.int64)
+    return (
+        features,
+        first[clean].astype(np.int64) - 1,
+        subject[starts].astype(np.int64),
+        recording[starts].astype(np.int64),
+    )
 
 
 def _npy_rows(
@@ -170,17 +180,21 @@ def _read_table(path: Path) -> np.ndarray:
 
 
 def split_by_subject(
-    features: np.ndarray, labels: np.ndarray, subject: np.ndarray, targets: tuple[int, ...]
+    features: np.ndarray,
+    labels: np.ndarray,
+    subject: np.ndarray,
+    recording: np.ndarray,
+    targets: tuple[int, ...],
 ) -> Task:
-    """Pretrain on the other subjects; fine-tune/test 60/40 per target subject and activity."""
+    """Pretrain on the other subjects; fine-tune/test 60/40 per target recording and activity."""
     missing = sorted(set(targets) - set(subject.tolist()))
     if missing:
         raise DataError(f"HAR data has no windows of subject(s) {missing}")
     in_target = np.isin(subject, targets)
     tune, test = [], []
-    for s in targets:
+    for session in np.unique(recording[in_target]):
         for activity in range(len(CLASSES)):
-            rows = np.flatnonzero((subject == s) & (labels == activity))
+            rows = np.flatnonzero(in_target & (recording == session) & (labels == activity))
             cut = round(FINETUNE_SHARE * len(rows))
             tune.append(rows[:cut])
             test.append(rows[cut + 1 :])
