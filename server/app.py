@@ -217,4 +217,5 @@ def judge(
         updates.append(
             Update(name, unpack(vector, method, dims, ranks[name]), figures.samples, ranks[name])
         )
+    result["devices"] = {n: result["devices"][n] for n in ranks if n in result["devices"]}
     return result, updates, received

@@ -12,6 +12,7 @@ from typer.core import TyperGroup
 from client.agent import agent_command
 from server import options as opt
 from server.bench import bench_app
+from server.bench_federated import federated_command
 from server.bench_monitor import monitor_command as monitor_bench_command
 from server.deploy import deploy_command, status_command
 from server.monitoring import monitor_app
@@ -47,6 +48,7 @@ app = typer.Typer(
     help="skip2fleet: fine-tune small models on fleets of edge devices with Skip2-LoRA.",
 )
 bench_app.command("monitor")(monitor_bench_command)
+bench_app.command("federated")(federated_command)
 app.add_typer(bench_app, name="bench")
 app.add_typer(monitor_app, name="monitor")
 app.command("simulate")(simulate_command)
