@@ -1,21 +1,19 @@
 """`fleet deploy` and `fleet status`: putting the fleet in place with Ansible, and looking at it.
 
 `fleet deploy` renders the inventory and every service's command line from fleet.yaml (the same
-functions the loopback deployment uses), creates the credentials once, builds a wheelhouse of
-the project and its dependencies once per build (devices need no package index), writes the
-monitoring configuration, and runs `ansible/site.yml` through ansible-runner, printing each
-host's tasks as they finish. A host that cannot be reached is named in the summary, the others
-are still deployed, and the exit code is 1.
+functions the loopback deployment uses), creates the credentials once, writes the monitoring
+configuration, and runs `ansible/site.yml` through ansible-runner, printing each host's tasks as
+they finish. Each device's role has the controller build a wheelhouse for the board's platform
+(`server/wheelhouse.py`) while the coordinator's services start. A host that cannot be reached is
+named in the summary, the others are still deployed, and the exit code is 1.
 """
 
 from __future__ import annotations
 
 import hashlib
 import shutil
-import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -29,44 +27,13 @@ from server.monitoring import write_monitoring
 from server.progress import stderr
 from server.run import ConfigPath, credentials_for
 from server.superlink import CONNECTION, flwr, registered_nodes, state_dir, superlink_command
+from server.wheelhouse import PROJECT, build_id
 from shared.config import Device, FleetConfig, load_config
 from shared.errors import FleetError
 
-PROJECT = Path(__file__).resolve().parents[1]
 ANSIBLE_DIR = PROJECT / "ansible"
 SUPERNODE_PORT = 9094
 MIN_FREE_MB = 600
-
-
-def build_id() -> str:
-    """A hash of the project's code: a new build means a new wheelhouse and a reinstall."""
-    digest = hashlib.sha256()
-    sources = [PROJECT / "pyproject.toml"]
-    for package in ("server", "client", "shared"):
-        sources += (PROJECT / package).rglob("*.py")
-    for path in sorted(sources):
-        digest.update(path.relative_to(PROJECT).as_posix().encode() + path.read_bytes())
-    return digest.hexdigest()[:12]
-
-
-def wheelhouse(fleet: FleetConfig, build: str) -> Path:
-    """`wheelhouse-<build>.tar.gz`: the project and every dependency as wheels, built once."""
-    archive = state_dir(fleet) / "wheelhouse" / f"wheelhouse-{build}.tar.gz"
-    if archive.is_file():
-        return archive
-    archive.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        wheels = Path(tmp) / f"wheelhouse-{build}"
-        stderr.print(f"building the wheelhouse of build {build} (once per build)")
-        command = [sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(wheels)]
-        done = subprocess.run([*command, str(PROJECT)], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise FleetError(f"pip wheel failed: {done.stderr.strip()[-400:]}")
-        partial = archive.with_suffix(".partial")
-        with tarfile.open(partial, "w:gz") as tar:
-            tar.add(wheels, arcname=wheels.name)
-        partial.replace(archive)
-    return archive
 
 
 def device_etc(fleet: FleetConfig, device: Device, creds: Credentials) -> Path:
@@ -185,7 +152,8 @@ def deploy(
     extravars = {
         "fleet_file": str(fleet_file.resolve()),
         "build_id": build,
-        "wheelhouse_archive": str(wheelhouse(fleet, build)),
+        "wheelhouse_command": f"{sys.executable} -m server.wheelhouse {state_dir(fleet)} {build}",
+        "controller_python": sys.executable,
         "min_free_mb": MIN_FREE_MB,
     }
     inventory = {
@@ -217,7 +185,8 @@ def deploy(
         return True
 
     runner_dir = state_dir(fleet) / "ansible"
-    shutil.rmtree(runner_dir / "inventory", ignore_errors=True)
+    for written_once in ("inventory", "env"):  # ansible-runner never overwrites these
+        shutil.rmtree(runner_dir / written_once, ignore_errors=True)
     runner_dir.mkdir(parents=True, exist_ok=True)
     ssh_args = "-o UserKnownHostsFile=/dev/null -o ControlMaster=auto -o ControlPersist=60s"
     result = ansible_runner.run(
