@@ -5,11 +5,14 @@ the coordinator's services by their pid files, the devices by killing their name
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,7 +22,7 @@ from typer.testing import CliRunner
 
 from server.cli import app
 from server.loopback import free_port, prometheus_query, wait_for
-from tests.fakehosts import COORDINATOR_IP, fake_hosts, ssh_keypair
+from tests.fakehosts import COORDINATOR_IP, FakeHost, fake_hosts, ssh_keypair
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(
@@ -43,10 +46,20 @@ def stop_coordinator_services(state: Path) -> None:
         )
 
 
-def deploy(path: Path, key: Path) -> tuple[int, float, str]:
+def services_running(host: FakeHost) -> int:
+    """How many of the device's SuperNode and agent are running in its namespace."""
+    pids = subprocess.run(["ip", "netns", "pids", host.name], capture_output=True, text=True)
+    lines = []
+    for pid in pids.stdout.split():
+        with contextlib.suppress(OSError):
+            lines.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+    return sum(1 for c in lines if "flower-supernode" in c or " agent --config" in c)
+
+
+def deploy(path: Path, key: Path, *options: str) -> tuple[int, float, str]:
     started = time.monotonic()
     done = subprocess.run(
-        ["fleet", "deploy", "--config", str(path), "--ssh-key", str(key)],
+        ["fleet", "deploy", "--config", str(path), "--ssh-key", str(key), *options],
         capture_output=True,
         text=True,
     )
@@ -132,6 +145,67 @@ def test_deploy_twice_then_two_rounds_across_the_devices(tmp_path):
             assert wait_for(lambda: prometheus_query(port, last_round), 30, "round 2 in Prometheus")
     finally:
         stop_coordinator_services(state)
+
+
+def test_a_wrong_key_and_a_full_disk_are_named_and_leave_nothing_running(tmp_path):
+    key, wrong = ssh_keypair(tmp_path), ssh_keypair(Path(tempfile.mkdtemp(dir=tmp_path)))
+    state = tmp_path / "state"
+    small = tmp_path / "small-disk"  # mounted before the hosts' sshd copy the mount table
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", small], check=True)
+    try:
+        with fake_hosts(tmp_path, 2, key) as hosts:
+            config = {
+                "coordinator": {
+                    "address": COORDINATOR_IP,
+                    "port": free_port(),
+                    "state_dir": str(state),
+                    "pushgateway": f"127.0.0.1:{free_port()}",
+                    "prometheus_port": free_port(),
+                },
+                "federation": {"min_devices": 1},
+                "devices": [
+                    {
+                        "name": f"pi-{i + 1}",
+                        "host": host.address,
+                        "ssh_user": "root",
+                        "data": {"partition": i},
+                        "install_dir": str(folder / "opt"),
+                    }
+                    for i, (host, folder) in enumerate(
+                        [(hosts[0], hosts[0].folder), (hosts[1], small)]
+                    )
+                ],
+            }
+            path = tmp_path / "fleet.yaml"
+            path.write_text(yaml.safe_dump(config))
+
+            code, _, output = deploy(path, wrong)
+            assert code == 1, output
+            rows = summary(output)
+            assert rows["pi-1"][3] == rows["pi-2"][3] == 1, output
+            assert "pi-1: " in output and "Permission denied" in output, output
+
+            code, _, output = deploy(path, key, "--limit", "pi-2")
+            assert code == 1, output
+            assert summary(output)["pi-2"][2] == 1, output
+            assert re.search(r"pi-2: only 1\d MB free under .* 600 MB needed", output), output
+            assert not (small / "opt").exists()  # nothing installed, nothing started
+
+            code, _, output = deploy(path, key, "--limit", "pi-1")
+            assert code == 0, output
+            assert services_running(hosts[0]) == 2
+            config["devices"][0]["agent_port"] = 9111  # a new configuration ...
+            path.write_text(yaml.safe_dump(config))
+            etc = hosts[0].folder / "opt" / "etc"
+            shutil.rmtree(etc)
+            etc.write_text("in the way")  # ... that cannot be unpacked
+            code, _, output = deploy(path, key, "--limit", "pi-1")
+            assert code == 1 and "pi-1: " in output, output
+            assert services_running(hosts[0]) == 0  # not left running on the old one
+    finally:
+        stop_coordinator_services(state)
+        subprocess.run(["umount", "--lazy", small], check=False)
 
 
 @pytest.mark.skipif(
