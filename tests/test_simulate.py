@@ -115,3 +115,26 @@ def test_resume_continues_after_the_last_completed_round(tmp_path):
     assert sorted(second["devices"]) == ["sim-1", "sim-2"]
     assert second["svd_relative_error"] is not None
     assert "    2 " in result.output
+
+
+def test_bench_federated_compares_aggregations_over_trials_with_a_base_each(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["bench", "federated", "--devices", "2", "--rounds", "1", "--trials", "2"]
+    args += ["--aggregations", "none,svd", "--workdir", str(tmp_path / "w"), "--json", str(out)]
+    result = runner.invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    results = json.loads(out.read_text())
+    assert list(results["after"]) == ["none", "svd"]
+    before = results["before"]["sim-1"]
+    assert len(before) == 2 and before[0] != before[1]  # a new base per trial
+    run = RunFolder(tmp_path / "w" / "trial2-svd")
+    assert (
+        run.round_result(1)["devices"]["sim-1"]["acc_after"] == results["after"]["svd"]["sim-1"][1]
+    )
+    assert "| sim-1 (0) |" in result.output and "(2/2)" in result.output
+
+
+def test_bench_federated_names_an_unknown_aggregation(tmp_path):
+    args = ["bench", "federated", "--aggregations", "none,mean", "--workdir", str(tmp_path)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "unknown mean" in result.output
