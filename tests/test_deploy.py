@@ -192,9 +192,15 @@ def test_a_wrong_key_and_a_full_disk_are_named_and_leave_nothing_running(tmp_pat
             assert re.search(r"pi-2: only 1\d MB free under .* 600 MB needed", output), output
             assert not (small / "opt").exists()  # nothing installed, nothing started
 
+            code, _, output = deploy(path, key, "--check", "--limit", "pi-1")
+            assert code == 0 and "changed" in output, output  # a dry run says what would change
+            assert not (hosts[0].folder / "opt").exists() and services_running(hosts[0]) == 0
+
             code, _, output = deploy(path, key, "--limit", "pi-1")
             assert code == 0, output
             assert services_running(hosts[0]) == 2
+            code, _, output = deploy(path, key, "--check", "--limit", "pi-1")
+            assert code == 0 and summary(output)["pi-1"][1] == 0, output  # nothing would change
             config["devices"][0]["agent_port"] = 9111  # a new configuration ...
             path.write_text(yaml.safe_dump(config))
             etc = hosts[0].folder / "opt" / "etc"
