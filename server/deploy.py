@@ -181,7 +181,7 @@ def deploy(
                 highlight=False,
             )
             if outcome in ("FAILED", "UNREACHABLE"):
-                reasons[data["host"]] = str(data.get("res", {}).get("msg", "")).strip()[:300]
+                reasons[data["host"]] = str(data.get("res", {}).get("msg", "")).strip()[:600]
         return True
 
     runner_dir = state_dir(fleet) / "ansible"

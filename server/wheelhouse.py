@@ -3,10 +3,10 @@
 A device needs no package index: it gets the project and every dependency as wheels for its own
 machine, Python and C library (a Raspberry Pi is aarch64 whatever the controller is). uv is one of
 them (Flower depends on it): the device unpacks its binary and installs with it in a second or two
-rather than pip's ten. Dependencies are downloaded once per platform and
-dependency list; the project's wheel is built once per build, at the same time. The device role
-asks for its platform's archive while it runs (`python -m server.wheelhouse ...`, delegated to
-the controller), so hosts on one platform share one archive, built under a lock.
+rather than pip's ten. Dependencies are downloaded once per platform and dependency list; the
+project's wheel is built once per build, at the same time. The device role asks for its platform's
+archive while it runs (`python -m server.wheelhouse ...`, delegated to the controller), so hosts on
+one platform share one archive, built under a lock.
 """
 
 from __future__ import annotations
@@ -71,8 +71,13 @@ def wheelhouse(state: Path, build: str, machine: str, python: str, glibc: str) -
         deps = folder / f"deps-{platform}-{deps_key[:12]}"
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
             own = _start([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", tmp, PROJECT])
-            if not deps.is_dir():
-                _download(deps, machine, python, glibc)
+            try:
+                if not deps.is_dir():
+                    _download(deps, machine, python, glibc)
+            except FleetError:
+                own.kill()
+                own.wait()
+                raise
             _finish(own, "building the project's wheel")
             staged = Path(tmp) / name
             staged.mkdir()

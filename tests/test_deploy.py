@@ -207,7 +207,7 @@ def test_a_wrong_key_and_a_full_disk_are_named_and_leave_nothing_running(tmp_pat
             shutil.rmtree(etc)
             etc.write_text("in the way")  # ... that cannot be unpacked
             code, _, output = deploy(path, key, "--limit", "pi-1")
-            assert code == 1 and "pi-1: " in output, output
+            assert code == 1 and "pi-1: Fleet file, CA certificate" in output, output
             assert services_running(hosts[0]) == 0  # not left running on the old one
     finally:
         stop_coordinator_services(state)
