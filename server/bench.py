@@ -30,7 +30,6 @@ from shared.atomic import write_text_atomic
 from shared.config import FleetConfig, as_yaml_dict
 from shared.datasets import Task, load_task
 from shared.engine import count_matmul_flops
-from shared.errors import FleetError
 from shared.methods import Method, parse_methods
 from shared.predictor import Predictor
 from shared.pretrain import PretrainConfig, pretrain
@@ -205,8 +204,7 @@ def round_command(
     (SuperLink with TLS and node authentication, one SuperNode per device) started and stopped
     here."""
     fleet = resolve_fleet(config, devices, rounds, dataset, data_dir, None)
-    if workdir.exists() and any(workdir.iterdir()):
-        raise FleetError(f"{workdir}: not empty; choose another --workdir")
+    opt.fresh_workdir(workdir)
     results = measure_rounds(fleet, workdir)
     noop, real = results["runs"]["noop"], results["runs"]["skip2fleet"]
     typer.echo(

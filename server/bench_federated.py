@@ -116,8 +116,7 @@ def federated_command(
             f"--aggregations: unknown {', '.join(unknown) or '(none given)'}; "
             f"choose from {', '.join(AGGREGATIONS)}"
         )
-    if workdir.exists() and any(workdir.iterdir()):
-        raise FleetError(f"{workdir}: not empty; choose another --workdir")
+    opt.fresh_workdir(workdir)
     fleet = resolve_fleet(config, devices, rounds, dataset, data_dir, None)
     results = measure_federated(fleet, chosen, trials, workdir)
     table = federated_table(results)

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from shared.datasets import TASKS, TaskOptions, parse_subjects
+from shared.errors import FleetError
 from shared.train import FineTuneConfig
 
 _defaults = FineTuneConfig()
@@ -56,3 +57,10 @@ DEFAULT_LR = _defaults.lr
 
 def task_options(data_dir: Path | None, source_room: str, subjects: str, seed: int) -> TaskOptions:
     return TaskOptions(data_dir, source_room, parse_subjects(subjects), seed)
+
+
+def fresh_workdir(workdir: Path) -> Path:
+    """A bench's --workdir: new or empty, so that no earlier run is mixed into its results."""
+    if workdir.exists() and any(workdir.iterdir()):
+        raise FleetError(f"{workdir}: not empty; choose another --workdir")
+    return workdir

@@ -56,6 +56,34 @@ def services_running(host: FakeHost) -> int:
     return sum(1 for c in lines if "flower-supernode" in c or " agent --config" in c)
 
 
+def write_fleet(folder: Path, address: str, devices: list[dict], **sections: dict) -> dict:
+    """fleet.yaml in `folder`: a coordinator on `address` with its state in folder/state and free
+    ports, these devices and any other sections; returns what it wrote."""
+    config = {
+        "coordinator": {
+            "address": address,
+            "port": free_port(),
+            "state_dir": str(folder / "state"),
+            "pushgateway": f"127.0.0.1:{free_port()}",
+            "prometheus_port": free_port(),
+        },
+        **sections,
+        "devices": devices,
+    }
+    (folder / "fleet.yaml").write_text(yaml.safe_dump(config))
+    return config
+
+
+def fake_device(index: int, host: FakeHost, install_root: Path) -> dict:
+    return {
+        "name": f"pi-{index + 1}",
+        "host": host.address,
+        "ssh_user": "root",
+        "data": {"partition": index},
+        "install_dir": str(install_root / "opt"),
+    }
+
+
 def deploy(path: Path, key: Path, *options: str) -> tuple[int, float, str]:
     started = time.monotonic()
     done = subprocess.run(
@@ -84,29 +112,14 @@ def test_deploy_twice_then_two_rounds_across_the_devices(tmp_path):
     try:
         with fake_hosts(tmp_path, 4, key) as hosts:
             os.kill(int((hosts[3].folder / "sshd.pid").read_text()), signal.SIGTERM)  # pi-4 is down
-            config = {
-                "coordinator": {
-                    "address": COORDINATOR_IP,
-                    "port": free_port(),
-                    "state_dir": str(state),
-                    "pushgateway": f"127.0.0.1:{free_port()}",
-                    "prometheus_port": free_port(),
-                },
-                "training": {"epochs": 30, "pretrain_epochs": 5},
-                "federation": {"rounds": 2, "min_devices": 3, "round_timeout_s": 90},
-                "devices": [
-                    {
-                        "name": f"pi-{i + 1}",
-                        "host": h.address,
-                        "ssh_user": "root",
-                        "data": {"partition": i},
-                        "install_dir": str(h.folder / "opt"),
-                    }
-                    for i, h in enumerate(hosts)
-                ],
-            }
+            config = write_fleet(
+                tmp_path,
+                COORDINATOR_IP,
+                [fake_device(i, h, h.folder) for i, h in enumerate(hosts)],
+                training={"epochs": 30, "pretrain_epochs": 5},
+                federation={"rounds": 2, "min_devices": 3, "round_timeout_s": 90},
+            )
             path = tmp_path / "fleet.yaml"
-            path.write_text(yaml.safe_dump(config))
 
             code, cold_s, output = deploy(path, key)
             assert code == 1, output  # pi-4 cannot be reached ...
@@ -155,30 +168,9 @@ def test_a_wrong_key_and_a_full_disk_are_named_and_leave_nothing_running(tmp_pat
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", small], check=True)
     try:
         with fake_hosts(tmp_path, 2, key) as hosts:
-            config = {
-                "coordinator": {
-                    "address": COORDINATOR_IP,
-                    "port": free_port(),
-                    "state_dir": str(state),
-                    "pushgateway": f"127.0.0.1:{free_port()}",
-                    "prometheus_port": free_port(),
-                },
-                "federation": {"min_devices": 1},
-                "devices": [
-                    {
-                        "name": f"pi-{i + 1}",
-                        "host": host.address,
-                        "ssh_user": "root",
-                        "data": {"partition": i},
-                        "install_dir": str(folder / "opt"),
-                    }
-                    for i, (host, folder) in enumerate(
-                        [(hosts[0], hosts[0].folder), (hosts[1], small)]
-                    )
-                ],
-            }
+            devices = [fake_device(0, hosts[0], hosts[0].folder), fake_device(1, hosts[1], small)]
+            config = write_fleet(tmp_path, COORDINATOR_IP, devices, federation={"min_devices": 1})
             path = tmp_path / "fleet.yaml"
-            path.write_text(yaml.safe_dump(config))
 
             code, _, output = deploy(path, wrong)
             assert code == 1, output
@@ -225,20 +217,14 @@ def test_a_systemd_device_gets_units_and_fine_tunes(tmp_path):
     state = tmp_path / "state"
     try:
         with systemd_host(tmp_path, key) as host:
-            config = {
-                "coordinator": {
-                    "address": f"{SYSTEMD_SUBNET}.1",
-                    "port": free_port(),
-                    "state_dir": str(state),
-                    "prometheus_port": free_port(),
-                    "pushgateway": f"127.0.0.1:{free_port()}",
-                },
-                "training": {"epochs": 30, "pretrain_epochs": 5},
-                "federation": {"rounds": 1, "min_devices": 1, "round_timeout_s": 90},
-                "devices": [{"name": "pi-sd", "host": host.address, "ssh_user": "root"}],
-            }
+            write_fleet(
+                tmp_path,
+                f"{SYSTEMD_SUBNET}.1",
+                [{"name": "pi-sd", "host": host.address, "ssh_user": "root"}],
+                training={"epochs": 30, "pretrain_epochs": 5},
+                federation={"rounds": 1, "min_devices": 1, "round_timeout_s": 90},
+            )
             path = tmp_path / "fleet.yaml"
-            path.write_text(yaml.safe_dump(config))
             code, _, output = deploy(path, key)
             assert code == 0, output
             units = subprocess.run(
