@@ -1,1 +1,1 @@
-"""Device side: what runs on each board of the fleet."""
+"""Device side: the Flower ClientApp and what it keeps on disk, and `telemetry` (the agent)."""

@@ -10,13 +10,12 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-
-from client.app import finish_reply, identify, peak_rss_bytes
-from shared import model as base_model
-from shared.adapters import packed_size
-from shared.methods import get_method
-from shared.protocol import ADAPTERS, BASE, PLAN, Figures, RoundPlan
-from shared.records import record_model, vector_record
+from skip2fleet.client.clientapp import finish_reply, identify, peak_rss_bytes
+from skip2fleet.shared import model as base_model
+from skip2fleet.shared.adapters import packed_size
+from skip2fleet.shared.methods import get_method
+from skip2fleet.shared.protocol import ADAPTERS, BASE, PLAN, Figures, RoundPlan
+from skip2fleet.shared.records import record_model, vector_record
 
 app = ClientApp()
 

@@ -13,12 +13,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-
-from shared import model as base_model
-from shared.atomic import write_atomic, write_text_atomic
-from shared.cache import build_cache
-from shared.datasets import Split, TaskOptions
-from shared.datasets.federated import device_split
+from skip2fleet.shared import model as base_model
+from skip2fleet.shared.atomic import write_atomic, write_text_atomic
+from skip2fleet.shared.cache import build_cache
+from skip2fleet.shared.datasets import Split, TaskOptions
+from skip2fleet.shared.datasets.federated import device_split
 
 LAST_FIGURES = "last-finetune.json"
 

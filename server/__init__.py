@@ -1,1 +1,2 @@
-"""Coordinator side: pretraining, benchmarks, the `fleet` command line."""
+"""Coordinator side, by role: `training` (the base model), `federation` (rounds), `operations`
+(deployment and monitoring), `bench` (measurements); `cli` only wires them into `fleet`."""

@@ -10,10 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
-from shared.atomic import write_atomic
-from shared.engine import adapter_pairs, trainable_shapes, unflatten
-from shared.methods import Method
+from skip2fleet.shared.atomic import write_atomic
+from skip2fleet.shared.engine import adapter_pairs, trainable_shapes, unflatten
+from skip2fleet.shared.methods import Method
 
 
 def _parts(method: Method, dims: tuple[int, ...], rank: int, theta: np.ndarray) -> list:

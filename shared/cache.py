@@ -10,8 +10,7 @@ engine's own forward pass, so training from the cache gives the same adapters as
 from __future__ import annotations
 
 import numpy as np
-
-from shared.model import Model, forward_frozen
+from skip2fleet.shared.model import Model, forward_frozen
 
 
 def build_cache(model: Model, x: np.ndarray) -> np.ndarray:

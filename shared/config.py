@@ -15,13 +15,20 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from shared.datasets import DEFAULT_SUBJECTS, SOURCE_ROOMS, TASKS
-from shared.errors import FleetError
-from shared.methods import METHODS
+from skip2fleet.shared.datasets import DEFAULT_SOURCE_ROOM, DEFAULT_SUBJECTS, SOURCE_ROOMS, TASKS
+from skip2fleet.shared.errors import FleetError
+from skip2fleet.shared.methods import METHODS
 
 AGGREGATIONS = ("none", "fedavg", "svd")
 PROBES = ("auto", "hwmon", "pi5-pmic", "rapl", "cpu-model", "none")
+# Bounds of the integer training settings, inclusive; fleet.yaml and the command line share them.
+TRAINING_LIMITS = {
+    "rank": (1, 256),
+    "epochs": (1, 100_000),
+    "batch_size": (1, 65_536),
+    "pretrain_epochs": (1, 100_000),
+}
+MAX_LR = 100.0  # the learning rate lies in (0, MAX_LR]; beyond it, surely a typo
 
 
 class ConfigError(FleetError):
@@ -42,7 +49,7 @@ class Coordinator:
 class TaskConfig:
     dataset: str = "generated"
     data_dir: str | None = None
-    source_room: str = "silentA"
+    source_room: str = DEFAULT_SOURCE_ROOM
     subjects: tuple[int, ...] = DEFAULT_SUBJECTS
 
 
@@ -99,12 +106,29 @@ class FleetConfig:
         return device.rank if device.rank is not None else self.training.rank
 
 
+def state_dir(config: FleetConfig) -> Path:
+    """The coordinator's folder for certificates, node keys, run folders and generated files."""
+    return Path(config.coordinator.state_dir).expanduser()
+
+
 def load_config(path: Path) -> FleetConfig:
+    """Read and check a fleet file; every problem is a `ConfigError` naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a fleet file")
     if not path.is_file():
         raise ConfigError(f"{path}: no such fleet file")
+    data = path.read_bytes()
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+        ) from None
+    if not text.strip():
+        raise ConfigError(f"{path}: empty; see the example fleet.yaml in the README")
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
     return parse_config(raw, str(path))
@@ -185,11 +209,11 @@ def _check(config: FleetConfig) -> None:
         fail("task.data_dir", f"data folder {config.task.data_dir} does not exist")
     if config.training.method not in METHODS:
         fail("training.method", f"unknown method; choose from {', '.join(METHODS)}")
-    for name in ("rank", "epochs", "batch_size", "pretrain_epochs"):
-        if getattr(config.training, name) < 1:
-            fail(f"training.{name}", "must be at least 1")
-    if not config.training.lr > 0:
-        fail("training.lr", "must be positive")
+    for name, (low, high) in TRAINING_LIMITS.items():
+        if not low <= getattr(config.training, name) <= high:
+            fail(f"training.{name}", f"must be between {low} and {high}")
+    if not 0 < config.training.lr <= MAX_LR:
+        fail("training.lr", f"must be above 0 and at most {MAX_LR}")
     fed = config.federation
     if fed.rounds < 1:
         fail("federation.rounds", "must be at least 1")
@@ -208,8 +232,9 @@ def _check(config: FleetConfig) -> None:
         seen.add(device.name)
         if device.probe not in PROBES:
             fail(f"devices[{i}].probe", f"must be one of {', '.join(PROBES)}")
-        if device.rank is not None and device.rank < 1:
-            fail(f"devices[{i}].rank", "must be at least 1")
+        low, high = TRAINING_LIMITS["rank"]
+        if device.rank is not None and not low <= device.rank <= high:
+            fail(f"devices[{i}].rank", f"must be between {low} and {high}")
         if not 0 <= device.idle_watts <= device.full_watts:
             fail(f"devices[{i}].full_watts", "must be at least idle_watts, both non-negative")
         if not 0 < device.agent_port < 65536:

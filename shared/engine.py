@@ -24,11 +24,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-
-from shared.cache import build_cache
-from shared.methods import LAYERS, Method
-from shared.model import Model, dims, fold, standardise
-from shared.predictor import Predictor
+from skip2fleet.shared.cache import build_cache
+from skip2fleet.shared.methods import LAYERS, Method
+from skip2fleet.shared.model import Model, dims, fold, standardise
+from skip2fleet.shared.predictor import Predictor
 
 _matmul = np.matmul  # module-level so that `count_matmul_flops` can swap in a counting one
 

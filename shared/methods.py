@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.errors import FleetError
+from skip2fleet.shared.errors import FleetError
 
 LAYERS = (0, 1, 2)
 

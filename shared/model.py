@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from shared.atomic import write_atomic
-from shared.errors import FleetError
+from skip2fleet.shared.atomic import write_atomic
+from skip2fleet.shared.errors import FleetError
 
 BN_EPS = 1e-5
 HIDDEN = 96

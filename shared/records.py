@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
-
-from shared.model import Model
+from skip2fleet.shared.model import Model
 
 
 def model_record(model: Model) -> ArrayRecord:

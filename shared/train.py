@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from time import perf_counter
 
 import numpy as np
-
-from shared.engine import FineTuner
-from shared.errors import FleetError
-from shared.methods import Method
-from shared.model import Model
+from skip2fleet.shared.engine import FineTuner
+from skip2fleet.shared.errors import FleetError
+from skip2fleet.shared.methods import Method
+from skip2fleet.shared.model import Model
 
 
 @dataclass(frozen=True)

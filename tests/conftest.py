@@ -7,8 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from shared.model import init_model
+from skip2fleet.shared.model import init_model
 
 
 @pytest.fixture

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-
-from server.aggregation import STRATEGIES, Update
-from shared.engine import adapter_pairs, trainable_shapes, unflatten
-from shared.methods import get_method
+from skip2fleet.server.federation.aggregation import STRATEGIES, Update
+from skip2fleet.shared.engine import adapter_pairs, trainable_shapes, unflatten
+from skip2fleet.shared.methods import get_method
 
 DIMS = (6, 5, 5, 3)
 SKIP2 = get_method("skip2-lora")

@@ -6,10 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from skip2fleet.server.cli import app
+from skip2fleet.shared.methods import METHODS
 from typer.testing import CliRunner
-
-from server.cli import app
-from shared.methods import METHODS
 
 runner = CliRunner()
 

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from skip2fleet.server.cli import app
+from skip2fleet.shared.config import ConfigError, load_config, parse_config
 from typer.testing import CliRunner
-
-from server.cli import app
-from shared.config import ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from shared.datasets import TaskOptions, load_task, parse_subjects
-from shared.datasets.fan import read_recording, stopped_from
-from shared.datasets.har import read_uci_layout, split_by_subject
-from shared.datasets.har_features import N_FEATURES, window_features
-from shared.errors import DataError, FleetError
+from skip2fleet.shared.datasets import TaskOptions, load_task, parse_subjects
+from skip2fleet.shared.datasets.fan import read_recording, stopped_from
+from skip2fleet.shared.datasets.har import read_uci_layout, split_by_subject
+from skip2fleet.shared.datasets.har_features import N_FEATURES, window_features
+from skip2fleet.shared.errors import DataError, FleetError
 
 
 def spectrum_csv(amplitudes: np.ndarray) -> str:

@@ -8,15 +8,14 @@ import json
 
 import pytest
 import yaml
+from skip2fleet.server.cli import app
+from skip2fleet.server.federation.certs import ensure_credentials
+from skip2fleet.server.federation.run import credentials_for
+from skip2fleet.server.federation.superlink import flower_env, flwr
+from skip2fleet.server.operations.loopback import free_port, loopback_deployment
+from skip2fleet.shared.config import load_config
+from skip2fleet.shared.services import supernode_command
 from typer.testing import CliRunner
-
-from client.supernode import supernode_command
-from server.certs import ensure_credentials
-from server.cli import app
-from server.loopback import free_port, loopback_deployment
-from server.run import credentials_for
-from server.superlink import flower_env, flwr
-from shared.config import load_config
 
 DEVICES = ["pi-1", "pi-2", "pi-3"]
 

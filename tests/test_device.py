@@ -5,16 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import RecordDict
-
-from client.app import run_round
-from shared import model as base_model
-from shared.adapters import packed_size, unpack
-from shared.datasets import load_task
-from shared.errors import FleetError
-from shared.methods import get_method
-from shared.pretrain import PretrainConfig, pretrain
-from shared.protocol import ADAPTERS, BASE, FIGURES, PLAN, Figures, RoundPlan
-from shared.records import model_record, record_vector
+from skip2fleet.client.clientapp import run_round
+from skip2fleet.shared import model as base_model
+from skip2fleet.shared.adapters import packed_size, unpack
+from skip2fleet.shared.datasets import load_task
+from skip2fleet.shared.errors import FleetError
+from skip2fleet.shared.methods import get_method
+from skip2fleet.shared.pretrain import PretrainConfig, pretrain
+from skip2fleet.shared.protocol import ADAPTERS, BASE, FIGURES, PLAN, Figures, RoundPlan
+from skip2fleet.shared.records import model_record, record_vector
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from shared.engine import FineTuner, count_matmul_flops
-from shared.errors import FleetError
-from shared.methods import METHODS, get_method
-from shared.model import forward_frozen
+from skip2fleet.shared.engine import FineTuner, count_matmul_flops
+from skip2fleet.shared.errors import FleetError
+from skip2fleet.shared.methods import METHODS, get_method
+from skip2fleet.shared.model import forward_frozen
 
 ALL = list(METHODS)
 
@@ -126,9 +125,9 @@ def test_unknown_method_names_the_choices():
 
 def test_skip2_matches_skip_lora_after_a_full_har_fine_tune(data_dir):
     """The issue's bound: max |adapter difference| <= 1e-5 after the paper's 600 epochs."""
-    from shared.datasets import TaskOptions, load_task
-    from shared.pretrain import PretrainConfig, pretrain
-    from shared.train import FineTuneConfig, finetune
+    from skip2fleet.shared.datasets import TaskOptions, load_task
+    from skip2fleet.shared.pretrain import PretrainConfig, pretrain
+    from skip2fleet.shared.train import FineTuneConfig, finetune
 
     task = load_task("har", TaskOptions(data_dir))
     base = pretrain(task.pretrain.x, task.pretrain.y, 6, PretrainConfig(epochs=2))
@@ -143,7 +142,7 @@ def test_skip2_matches_skip_lora_after_a_full_har_fine_tune(data_dir):
 
 @pytest.mark.parametrize("name", ALL)
 def test_packing_keeps_exactly_the_real_parameters(tiny, name):
-    from shared.adapters import pack, packed_size, unpack
+    from skip2fleet.shared.adapters import pack, packed_size, unpack
 
     model, _, _ = tiny
     tuner = FineTuner(model, get_method(name), rank=2, batch_size=4)

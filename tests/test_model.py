@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from shared import model as base_model
-from shared.datasets import load_task
-from shared.errors import FleetError
-from shared.pretrain import TRAINED, PretrainConfig, loss_and_grads, pretrain
+from skip2fleet.shared import model as base_model
+from skip2fleet.shared.datasets import load_task
+from skip2fleet.shared.errors import FleetError
+from skip2fleet.shared.pretrain import TRAINED, PretrainConfig, loss_and_grads, pretrain
 
 
 def test_pretrain_gradients_match_central_differences(tiny):

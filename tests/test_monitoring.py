@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
-
-from server.cli import app
-from server.loopback import (
+from skip2fleet.server import options as opt
+from skip2fleet.server.cli import app
+from skip2fleet.server.operations.loopback import (
     Processes,
     free_port,
     prometheus_query,
@@ -23,9 +22,9 @@ from server.loopback import (
     start_pushgateway,
     wait_for,
 )
-from server.monitoring import panel_queries, write_monitoring
-from server.simulate import resolve_fleet
-from shared.config import as_yaml_dict, load_config, parse_config
+from skip2fleet.server.operations.monitoring import panel_queries, write_monitoring
+from skip2fleet.shared.config import as_yaml_dict, load_config, parse_config
+from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ("prometheus", "prometheus-pushgateway", "promtool")
@@ -75,7 +74,7 @@ def fixture_sysfs(root: Path, watts: float, celsius: float) -> Path:
 @needs_prometheus
 def test_every_panel_returns_data_from_a_real_prometheus(tmp_path):
     gateway_port, prometheus_port = free_port(), free_port()
-    data = as_yaml_dict(resolve_fleet(None, 2, 1, "generated", None, None))
+    data = as_yaml_dict(opt.resolve_fleet(None, 2, 1, "generated", None, None))
     data["coordinator"]["pushgateway"] = f"127.0.0.1:{gateway_port}"
     data["coordinator"]["prometheus_port"] = prometheus_port
     for device in data["devices"]:
@@ -147,9 +146,9 @@ def collect(collector) -> dict[str, float]:
 
 
 def test_agent_leaves_out_what_it_cannot_read_and_counts_it(tmp_path):
-    from client.agent import DeviceCollector
-    from client.power import PowerSampler
-    from client.probes import HwmonPower, ThermalZones
+    from skip2fleet.client.telemetry.agent import DeviceCollector
+    from skip2fleet.client.telemetry.power import PowerSampler
+    from skip2fleet.client.telemetry.probes import HwmonPower, ThermalZones
 
     sysfs = fixture_sysfs(tmp_path / "sys", 2.0, 55.0)
     (tmp_path / "proc").mkdir()
@@ -192,7 +191,7 @@ def test_agent_leaves_out_what_it_cannot_read_and_counts_it(tmp_path):
 
 
 def test_a_pushgateway_that_is_down_costs_one_line_per_round(tmp_path, caplog):
-    data = as_yaml_dict(resolve_fleet(None, 2, 2, "generated", None, None))
+    data = as_yaml_dict(opt.resolve_fleet(None, 2, 2, "generated", None, None))
     data["coordinator"]["pushgateway"] = f"127.0.0.1:{free_port()}"  # nothing listens there
     (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(data))
     with caplog.at_level("WARNING", logger="skip2fleet"):

@@ -5,9 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from client.power import PowerSampler
-from client.probes import CpuModel, HwmonPower, Pi5Pmic, ProbeError, Rapl, ThermalZones, power_probe
+from skip2fleet.client.telemetry.power import PowerSampler
+from skip2fleet.client.telemetry.probes import (
+    CpuModel,
+    HwmonPower,
+    Pi5Pmic,
+    ProbeError,
+    Rapl,
+    ThermalZones,
+    power_probe,
+)
 
 PMIC = """\
      3V7_WL_SW_A current(0)=0.10000000A

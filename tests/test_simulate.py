@@ -8,17 +8,16 @@ import json
 import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from skip2fleet.client.clientapp import train as real_train
+from skip2fleet.server import options as opt
+from skip2fleet.server.cli import app
+from skip2fleet.server.federation.runs import RunFolder
+from skip2fleet.server.federation.serverapp import make_server_app
+from skip2fleet.shared import model as base_model
+from skip2fleet.shared.config import as_yaml_dict
+from skip2fleet.shared.protocol import ADAPTERS
+from skip2fleet.shared.records import vector_record
 from typer.testing import CliRunner
-
-from client.app import train as real_train
-from server.app import make_server_app
-from server.cli import app
-from server.runs import RunFolder
-from server.simulate import resolve_fleet
-from shared import model as base_model
-from shared.config import as_yaml_dict
-from shared.protocol import ADAPTERS
-from shared.records import vector_record
 
 runner = CliRunner()
 
@@ -88,7 +87,7 @@ def poisoning_client(bad_partition: int) -> ClientApp:
 def test_a_device_sending_nan_is_refused_and_does_not_poison_the_average(tmp_path):
     from flwr.simulation import run_simulation
 
-    fleet = resolve_fleet(None, 3, 1, "generated", None, "fedavg")
+    fleet = opt.resolve_fleet(None, 3, 1, "generated", None, "fedavg")
     fleet = dataclasses.replace(
         fleet, federation=dataclasses.replace(fleet.federation, min_devices=2)
     )

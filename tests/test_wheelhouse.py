@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from server.wheelhouse import dependencies, platform_tags
-from shared.errors import FleetError
+from skip2fleet.server.operations.wheelhouse import dependencies, platform_tags
+from skip2fleet.shared.errors import FleetError
 
 
 def test_a_pi_on_bookworm_takes_every_manylinux_tag_up_to_its_glibc():

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from shared.errors import DataError, FleetError
+from skip2fleet.shared.errors import DataError, FleetError
 
 DEFAULT_SUBJECTS = (9, 14, 16, 19, 25)
 SOURCE_ROOMS = ("silentA", "silentB")
+DEFAULT_SOURCE_ROOM = SOURCE_ROOMS[0]
 
 
 @dataclass(frozen=True)
@@ -53,14 +53,14 @@ class Task:
 @dataclass(frozen=True)
 class TaskOptions:
     data_dir: Path | None = None
-    source_room: str = "silentA"
+    source_room: str = DEFAULT_SOURCE_ROOM
     subjects: tuple[int, ...] = DEFAULT_SUBJECTS
     seed: int = 0
 
 
 def _fan(name: str) -> Callable[[TaskOptions], Task]:
     def load(options: TaskOptions) -> Task:
-        from shared.datasets.fan import load_fan_task
+        from skip2fleet.shared.datasets.fan import load_fan_task
 
         return load_fan_task(name, dataset_dir(options, "cooling-fan"), options.source_room)
 
@@ -68,13 +68,13 @@ def _fan(name: str) -> Callable[[TaskOptions], Task]:
 
 
 def _har(options: TaskOptions) -> Task:
-    from shared.datasets.har import load_har_task
+    from skip2fleet.shared.datasets.har import load_har_task
 
     return load_har_task(dataset_dir(options, "hapt"), options.subjects)
 
 
 def _generated(options: TaskOptions) -> Task:
-    from shared.datasets.generated import generated_task
+    from skip2fleet.shared.datasets.generated import generated_task
 
     return generated_task(options.seed)
 

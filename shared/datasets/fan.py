@@ -20,9 +20,8 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-
-from shared.datasets import Split, Task
-from shared.errors import DataError
+from skip2fleet.shared.datasets import Split, Task
+from skip2fleet.shared.errors import DataError
 
 CLASSES = ("normal", "damaged", "stopped")
 BINS = 512

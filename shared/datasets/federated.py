@@ -11,11 +11,10 @@ A device is a partition of the task's target domain:
 from __future__ import annotations
 
 import numpy as np
-
-from shared.datasets import Split, TaskOptions, dataset_dir, load_task
-from shared.datasets.generated import noisy_room, spectra
-from shared.datasets.har import load_har_subject
-from shared.errors import FleetError
+from skip2fleet.shared.datasets import Split, TaskOptions, dataset_dir, load_task
+from skip2fleet.shared.datasets.generated import noisy_room, spectra
+from skip2fleet.shared.datasets.har import load_har_subject
+from skip2fleet.shared.errors import FleetError
 
 FAN_PARTITIONS = ("damage1", "damage2")
 

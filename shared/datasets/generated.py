@@ -9,8 +9,7 @@ A model trained in the quiet room misreads the noisy one, and a little fine-tuni
 from __future__ import annotations
 
 import numpy as np
-
-from shared.datasets import Split, Task
+from skip2fleet.shared.datasets import Split, Task
 
 CLASSES = ("normal", "damaged", "stopped")
 BINS = 64

@@ -22,10 +22,9 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-
-from shared.datasets import Split, Task
-from shared.datasets.har_features import WINDOW, window_features
-from shared.errors import DataError
+from skip2fleet.shared.datasets import Split, Task
+from skip2fleet.shared.datasets.har_features import WINDOW, window_features
+from skip2fleet.shared.errors import DataError
 
 CLASSES = ("walking", "upstairs", "downstairs", "sitting", "standing", "laying")
 RAW_FILE = "hapt_raw.npz"

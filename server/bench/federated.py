@@ -16,15 +16,14 @@ from typing import Annotated
 
 import numpy as np
 import typer
-
-from server import options as opt
-from server.pretraining import fleet_base
-from server.progress import stderr
-from server.runs import RunFolder
-from server.simulate import resolve_fleet, run_simulation
-from shared.atomic import write_text_atomic
-from shared.config import AGGREGATIONS, FleetConfig, as_yaml_dict
-from shared.errors import FleetError
+from skip2fleet.server import options as opt
+from skip2fleet.server.federation.runs import RunFolder
+from skip2fleet.server.federation.simulate import run_simulation
+from skip2fleet.server.progress import stderr
+from skip2fleet.server.training.pretraining import fleet_base
+from skip2fleet.shared.atomic import write_text_atomic
+from skip2fleet.shared.config import AGGREGATIONS, FleetConfig, as_yaml_dict
+from skip2fleet.shared.errors import FleetError
 
 
 def measure_federated(
@@ -117,7 +116,7 @@ def federated_command(
             f"choose from {', '.join(AGGREGATIONS)}"
         )
     opt.fresh_workdir(workdir)
-    fleet = resolve_fleet(config, devices, rounds, dataset, data_dir, None)
+    fleet = opt.resolve_fleet(config, devices, rounds, dataset, data_dir, None)
     results = measure_federated(fleet, chosen, trials, workdir)
     table = federated_table(results)
     write_text_atomic(workdir / "federated.md", table + "\n")

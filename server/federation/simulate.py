@@ -7,7 +7,6 @@ pretrained first, on the coordinator's source data, exactly as for a real run.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -17,54 +16,22 @@ from typing import Annotated
 
 import numpy as np
 import typer
-
-from server import options as opt
-from server.app import make_server_app
-from server.pretraining import fleet_base
-from server.progress import stderr
-from server.report import federated_report, print_round
-from server.runs import RunFolder
-from shared import model as base_model
-from shared.adapters import packed_size
-from shared.atomic import write_text_atomic
-from shared.config import Device, DeviceData, FleetConfig, as_yaml_dict, load_config, parse_config
-from shared.datasets.federated import default_partitions
-from shared.errors import FleetError
-from shared.methods import get_method
-from shared.records import model_record, vector_record, wire_bytes
-
-DEFAULT_CONFIG = Path("fleet.yaml")
-
-
-def resolve_fleet(
-    config_path: Path | None,
-    devices: int | None,
-    rounds: int | None,
-    dataset: str | None,
-    data_dir: Path | None,
-    aggregation: str | None,
-) -> FleetConfig:
-    """fleet.yaml (or the defaults) with the command line's overrides, validated again."""
-    path = config_path or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
-    config = load_config(path) if path else parse_config({}, "defaults")
-    data = as_yaml_dict(config)
-    if rounds is not None:
-        data["federation"]["rounds"] = rounds
-    if aggregation is not None:
-        data["federation"]["aggregation"] = aggregation
-    if data_dir is not None:
-        data["task"]["data_dir"] = str(data_dir)
-    if dataset is not None:
-        data["task"]["dataset"] = dataset
-    if devices is not None or dataset is not None or not config.devices:
-        count = devices or max(len(config.devices), 3)
-        partitions = default_partitions(data["task"]["dataset"], count, config.task.subjects)
-        data["devices"] = [
-            dataclasses.asdict(Device(f"sim-{i + 1}", data=DeviceData(partition)))
-            for i, partition in enumerate(partitions)
-        ]
-        data["federation"]["min_devices"] = min(data["federation"]["min_devices"], count)
-    return parse_config(data, str(path or "defaults"))
+from skip2fleet.server import options as opt
+from skip2fleet.server.federation.report import federated_report, print_round
+from skip2fleet.server.federation.runs import RunFolder
+from skip2fleet.server.federation.serverapp import make_server_app
+from skip2fleet.server.progress import stderr
+from skip2fleet.server.training.pretraining import fleet_base
+from skip2fleet.shared import model as base_model
+from skip2fleet.shared.adapters import packed_size
+from skip2fleet.shared.atomic import write_text_atomic
+from skip2fleet.shared.config import (
+    as_yaml_dict,
+)
+from skip2fleet.shared.errors import FleetError
+from skip2fleet.shared.methods import get_method
+from skip2fleet.shared.records import model_record, vector_record, wire_bytes
+from skip2fleet.shared.services import CLIENTAPP, load_component
 
 
 def simulate_command(
@@ -87,7 +54,7 @@ def simulate_command(
     if resume is not None:
         folder = RunFolder(resume).extend(rounds)
     else:
-        fleet = resolve_fleet(config, devices, rounds, dataset, data_dir, aggregation)
+        fleet = opt.resolve_fleet(config, devices, rounds, dataset, data_dir, aggregation)
         out = out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
         folder = RunFolder.create(out, as_yaml_dict(fleet), fleet_base(fleet))
     fleet, base = folder.config(), folder.base()
@@ -147,12 +114,10 @@ def run_simulation(
     """Flower's Simulation Engine (Ray) with the ServerApp in this process."""
     from flwr.simulation import run_simulation as flower_simulation
 
-    from client.app import app as client_app
-
     logging.getLogger("flwr").addFilter(_NotDeprecation())
     flower_simulation(
         server_app=make_server_app(folder.path, on_round=on_round),
-        client_app=client_app,
+        client_app=load_component(CLIENTAPP),
         num_supernodes=devices,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )

@@ -16,8 +16,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-
-from shared.atomic import write_atomic
+from skip2fleet.shared.atomic import write_atomic
+from skip2fleet.shared.config import FleetConfig, state_dir
 
 VALID_DAYS = 3650
 
@@ -87,6 +87,14 @@ def ensure_credentials(folder: Path, addresses: list[str], devices: list[str]) -
             write_atomic(creds.node_key(device), lambda h, b=private: h.write(b))
             creds.node_key(device).chmod(0o600)
     return creds
+
+
+def credentials_for(fleet: FleetConfig) -> Credentials:
+    """The fleet's CA, SuperLink certificate and node keys (created once, in the state folder)."""
+    addresses = sorted({fleet.coordinator.address, "127.0.0.1", "localhost"})
+    return ensure_credentials(
+        state_dir(fleet) / "credentials", addresses, [d.name for d in fleet.devices]
+    )
 
 
 def _builder(subject: x509.Name, issuer: x509.Name, public_key) -> x509.CertificateBuilder:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -20,14 +21,16 @@ import typer
 from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import CollectorRegistry
+from skip2fleet.client.store import LAST_FIGURES
+from skip2fleet.client.telemetry.power import PowerSampler
+from skip2fleet.client.telemetry.probes import ProbeError, ThermalZones, power_probe
+from skip2fleet.shared import metric_names as names
+from skip2fleet.shared.config import load_config
+from skip2fleet.shared.errors import FleetError
 
-from client.power import PowerSampler
-from client.probes import ProbeError, ThermalZones, power_probe
-from client.store import LAST_FIGURES
-from shared.config import load_config
-from shared.errors import FleetError
 
-PREFIX = "skip2fleet_device"
+def _family(kind: type, metric: names.Metric):
+    return kind(metric.name, metric.help, labels=list(metric.labels))
 
 
 class DeviceCollector:
@@ -46,36 +49,23 @@ class DeviceCollector:
         self._cpu_previous: tuple[float, float] | None = None
 
     def collect(self):
-        errors = CounterMetricFamily(
-            "skip2fleet_probe_errors",
-            "Probe readings skipped, by probe and kind.",
-            labels=["probe", "kind"],
-        )
+        errors = _family(CounterMetricFamily, names.PROBE_ERRORS)
         if self.sampler is not None:
             probe = self.sampler.probe
             labels = [probe.source, str(probe.estimated).lower()]
             if self.sampler.last_watts is not None:
-                power = GaugeMetricFamily(
-                    f"{PREFIX}_power_watts",
-                    "Power drawn by the board.",
-                    labels=["source", "estimated"],
-                )
+                power = _family(GaugeMetricFamily, names.DEVICE_POWER)
                 power.add_metric(labels, self.sampler.last_watts)
                 yield power
-            energy = CounterMetricFamily(
-                f"{PREFIX}_energy_joules",
-                "Energy since the agent started.",
-                labels=["source", "estimated"],
-            )
+            energy = _family(CounterMetricFamily, names.DEVICE_ENERGY)
             energy.add_metric(labels, self.sampler.joules)
             yield energy
             for kind, count in self.sampler.errors.items():
                 errors.add_metric([probe.source, kind], count)
         try:
             celsius = self.thermal.celsius()
-            yield GaugeMetricFamily(
-                f"{PREFIX}_temperature_celsius", "Hottest thermal zone.", value=celsius
-            )
+            metric = names.DEVICE_TEMPERATURE
+            yield GaugeMetricFamily(metric.name, metric.help, value=celsius)
         except ProbeError as exc:
             self.errors[("thermal", exc.kind)] += 1
         for (probe_name, kind), count in self.errors.items():
@@ -93,11 +83,8 @@ class DeviceCollector:
             previous, self._cpu_previous = self._cpu_previous, (total, idle)
             if previous is not None and total > previous[0]:
                 busy = 1 - (idle - previous[1]) / (total - previous[0])
-                yield GaugeMetricFamily(
-                    f"{PREFIX}_cpu_busy_ratio",
-                    "CPU busy share since the previous scrape.",
-                    value=busy,
-                )
+                metric = names.DEVICE_CPU_BUSY
+                yield GaugeMetricFamily(metric.name, metric.help, value=busy)
             meminfo = {
                 line.split(":")[0]: float(line.split()[1]) * 1024
                 for line in (self.proc_root / "meminfo").read_text().splitlines()
@@ -105,7 +92,7 @@ class DeviceCollector:
             }
             for key, name in (("MemTotal", "total"), ("MemAvailable", "available")):
                 yield GaugeMetricFamily(
-                    f"{PREFIX}_memory_{name}_bytes", f"Memory, {name}.", value=meminfo[key]
+                    names.DEVICE_MEMORY.format(kind=name), f"Memory, {name}.", value=meminfo[key]
                 )
         except (OSError, ValueError, IndexError, KeyError):
             self.errors[("proc", "garbage")] += 1
@@ -116,7 +103,6 @@ class DeviceCollector:
             figures = json.loads(path.read_text())
         except (OSError, ValueError):
             return
-        prefix = "skip2fleet_last_finetune"
         simple = {
             "round": ("round", "Round of the device's last fine-tune."),
             "finetune_s": ("seconds", "Wall time of the last fine-tune."),
@@ -126,16 +112,14 @@ class DeviceCollector:
         }
         for key, (name, help_text) in simple.items():
             if key in figures:
-                yield GaugeMetricFamily(f"{prefix}_{name}", help_text, value=figures[key])
-        accuracy = GaugeMetricFamily(
-            f"{prefix}_accuracy_ratio", "Accuracy on the device's held-out data.", labels=["phase"]
-        )
+                yield GaugeMetricFamily(
+                    names.LAST_FINETUNE.format(figure=name), help_text, value=figures[key]
+                )
+        accuracy = _family(GaugeMetricFamily, names.LAST_FINETUNE_ACCURACY)
         for phase in ("before", "after"):
             accuracy.add_metric([phase], figures.get(f"acc_{phase}", 0.0) / 100)
         yield accuracy
-        batch = GaugeMetricFamily(
-            f"{prefix}_train_batch_seconds", "Time per training batch.", labels=["phase"]
-        )
+        batch = _family(GaugeMetricFamily, names.LAST_FINETUNE_BATCH)
         for phase in ("forward", "backward", "update"):
             batch.add_metric([phase], figures.get(f"{phase}_ms", 0.0) / 1e3)
         yield batch
@@ -188,3 +172,17 @@ def serve(collector: DeviceCollector, address: str, port: int) -> threading.Even
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     return stop
+
+
+def main() -> None:
+    """`python -m skip2fleet.client.telemetry.agent`: what a device runs, without the
+    coordinator's command line; errors as one line and exit code 2, as `fleet` does."""
+    try:
+        typer.run(agent_command)
+    except FleetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

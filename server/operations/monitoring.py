@@ -19,10 +19,10 @@ from typing import Annotated
 
 import typer
 import yaml
-
-from shared.atomic import write_text_atomic
-from shared.config import FleetConfig, load_config
-from shared.errors import FleetError
+from skip2fleet.shared import metric_names as names
+from skip2fleet.shared.atomic import write_text_atomic
+from skip2fleet.shared.config import FleetConfig, load_config
+from skip2fleet.shared.errors import FleetError
 
 AGENT_JOB = "skip2fleet-agents"
 PUSH_JOB = "skip2fleet-pushgateway"
@@ -44,42 +44,40 @@ class PanelSpec:
 
 PANELS = (
     PanelSpec("Devices up", f'sum(up{{job="{AGENT_JOB}"}})', "devices up", "none", "stat"),
-    PanelSpec("Last round", "max(skip2fleet_round_number)", "round", "none", "stat"),
+    PanelSpec("Last round", f"max({names.ROUND_NUMBER.name})", "round", "none", "stat"),
     PanelSpec("Device agents", f'up{{job="{AGENT_JOB}", {DEVICE}}}', "{{device}}", "none"),
-    PanelSpec("Round duration", "skip2fleet_round_duration_seconds", "round {{round}}", "s"),
+    PanelSpec("Round duration", names.ROUND_DURATION.name, "round {{round}}", "s"),
     PanelSpec(
         "Accuracy before / after",
-        f"skip2fleet_device_accuracy_ratio{{{DEVICE}}}",
+        f"{names.DEVICE_ACCURACY.name}{{{DEVICE}}}",
         "{{device}} {{phase}}",
         "percentunit",
         "bargauge",
     ),
     PanelSpec(
         "Train time per batch",
-        f"skip2fleet_device_train_batch_seconds{{{DEVICE}}}",
+        f"{names.DEVICE_TRAIN_BATCH.name}{{{DEVICE}}}",
         "{{device}} {{phase}}",
         "s",
         "bargauge",
     ),
     PanelSpec(
-        "Fine-tune time", f"skip2fleet_device_finetune_seconds{{{DEVICE}}}", "{{device}}", "s"
+        "Fine-tune time", f"{names.DEVICE_FINETUNE_SECONDS.name}{{{DEVICE}}}", "{{device}}", "s"
     ),
-    PanelSpec(
-        "Power", f"skip2fleet_device_power_watts{{{DEVICE}}}", "{{device}} ({{source}})", "watt"
-    ),
+    PanelSpec("Power", f"{names.DEVICE_POWER.name}{{{DEVICE}}}", "{{device}} ({{source}})", "watt"),
     PanelSpec(
         "Energy per fine-tune",
-        f"skip2fleet_device_finetune_energy_joules{{{DEVICE}}}",
+        f"{names.DEVICE_FINETUNE_ENERGY.name}{{{DEVICE}}}",
         "{{device}}",
         "joule",
         "bargauge",
     ),
     PanelSpec(
-        "Temperature", f"skip2fleet_device_temperature_celsius{{{DEVICE}}}", "{{device}}", "celsius"
+        "Temperature", f"{names.DEVICE_TEMPERATURE.name}{{{DEVICE}}}", "{{device}}", "celsius"
     ),
     PanelSpec(
         "Bytes sent per round",
-        f"sum by (round) (skip2fleet_device_uplink_bytes{{{DEVICE}}})",
+        f"sum by (round) ({names.DEVICE_UPLINK.name}{{{DEVICE}}})",
         "round {{round}}",
         "bytes",
         "bargauge",
@@ -126,14 +124,14 @@ def alert_rules() -> dict:
                     },
                     {
                         "alert": "DeviceTooHot",
-                        "expr": f"skip2fleet_device_temperature_celsius > {TOO_HOT_CELSIUS}",
+                        "expr": f"{names.DEVICE_TEMPERATURE.name} > {TOO_HOT_CELSIUS}",
                         "for": "2m",
                         "labels": {"severity": "warning"},
                         "annotations": {"summary": "{{ $labels.device }} is at {{ $value }} °C"},
                     },
                     {
                         "alert": "RoundRefusedReplies",
-                        "expr": "skip2fleet_round_refused_replies > 0",
+                        "expr": f"{names.ROUND_REFUSED.name} > 0",
                         "labels": {"severity": "info"},
                         "annotations": {
                             "summary": "round {{ $labels.round }} of run {{ $labels.run }} "
@@ -239,10 +237,6 @@ def write_monitoring(fleet: FleetConfig, out: Path) -> list[Path]:
     return [write_text_atomic(out / name, text) for name, text in files.items()]
 
 
-monitor_app = typer.Typer(no_args_is_help=True, help="Prometheus and Grafana for the fleet.")
-
-
-@monitor_app.command("config")
 def config_command(
     config: Annotated[Path, typer.Option(help="The fleet file.")] = Path("fleet.yaml"),
     out: Annotated[Path, typer.Option(help="Folder to write the files into.")] = Path("monitoring"),

@@ -1,4 +1,4 @@
-"""`fleet run` and `fleet certs`: federated rounds on a real Flower deployment.
+"""`fleet run`: federated rounds on a real Flower deployment.
 
 The SuperLink and the SuperNodes are long-lived services (`fleet deploy` starts them); `fleet run`
 submits one Flower run through the Control API and follows it: it prints a row per round as the
@@ -13,60 +13,28 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
-from server.certs import Credentials, ensure_credentials
-from server.pretraining import fleet_base
-from server.progress import stderr
-from server.report import print_round
-from server.runs import RunFolder
-from server.superlink import (
+from skip2fleet.server import options as opt
+from skip2fleet.server.federation.certs import credentials_for
+from skip2fleet.server.federation.report import print_round
+from skip2fleet.server.federation.runs import RunFolder
+from skip2fleet.server.federation.superlink import (
     CONNECTION,
     flwr,
-    register_nodes,
-    registered_nodes,
-    state_dir,
     write_app,
     write_connection,
 )
-from shared import model as base_model
-from shared.config import FleetConfig, as_yaml_dict, load_config
-from shared.errors import FleetError
+from skip2fleet.server.progress import stderr
+from skip2fleet.server.training.pretraining import fleet_base
+from skip2fleet.shared import model as base_model
+from skip2fleet.shared.config import FleetConfig, as_yaml_dict, load_config
+from skip2fleet.shared.errors import FleetError
+from skip2fleet.shared.services import CLIENTAPP
 
-ConfigPath = Annotated[Path, typer.Option("--config", help="The fleet file.")]
 POLL_S = 1.0
 STATUS_EVERY_S = 3.0
 
 
-def credentials_for(fleet: FleetConfig) -> Credentials:
-    """The fleet's CA, SuperLink certificate and node keys (created once, in the state folder)."""
-    addresses = sorted({fleet.coordinator.address, "127.0.0.1", "localhost"})
-    return ensure_credentials(
-        state_dir(fleet) / "credentials", addresses, [d.name for d in fleet.devices]
-    )
-
-
-def certs_command(
-    config: ConfigPath = Path("fleet.yaml"),
-    register: Annotated[
-        bool, typer.Option(help="Also register the node keys with the running SuperLink.")
-    ] = False,
-) -> None:
-    """Create the CA, the SuperLink's TLS certificate and a node key per device (once)."""
-    fleet = load_config(config)
-    creds = credentials_for(fleet)
-    typer.echo(f"CA certificate      {creds.ca_cert}")
-    typer.echo(f"SuperLink TLS       {creds.server_cert} / {creds.server_key}")
-    for device in fleet.devices:
-        typer.echo(f"node key {device.name:<10} {creds.node_key(device.name)}")
-    if register:
-        write_connection(fleet, creds)
-        before = registered_nodes(fleet)
-        ids = register_nodes(fleet, creds, [d.name for d in fleet.devices])
-        new = [name for name in ids if name not in before]
-        typer.echo(f"registered {len(new)} new node key(s){': ' + ', '.join(new) if new else ''}")
-
-
-def start_run(fleet: FleetConfig, folder: RunFolder, clientapp: str = "client.app:app") -> str:
+def start_run(fleet: FleetConfig, folder: RunFolder, clientapp: str = CLIENTAPP) -> str:
     """Submit the run folder's rounds to the SuperLink; returns Flower's run id."""
     write_connection(fleet, credentials_for(fleet))
     app_dir = write_app(fleet, clientapp)
@@ -113,7 +81,7 @@ def follow(fleet: FleetConfig, folder: RunFolder, run_id: str) -> None:
 
 
 def run_command(
-    config: ConfigPath = Path("fleet.yaml"),
+    config: opt.ConfigPath = Path("fleet.yaml"),
     base: Annotated[
         Path | None, typer.Option(help="Base model (.npz); default: pretrain one now.")
     ] = None,

@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from client.probes import PowerProbe, ProbeError
+from skip2fleet.client.telemetry.probes import PowerProbe, ProbeError
 
 
 class PowerSampler:

@@ -4,37 +4,51 @@ A device needs no package index: it gets the project and every dependency as whe
 machine, Python and C library (a Raspberry Pi is aarch64 whatever the controller is). uv is one of
 them (Flower depends on it): the device unpacks its binary and installs with it in a second or two
 rather than pip's ten. Dependencies are downloaded once per platform and dependency list; the
-project's wheel is built once per build, at the same time. The device role asks for its platform's
-archive while it runs (`python -m server.wheelhouse ...`, delegated to the controller), so hosts on
-one platform share one archive, built under a lock.
+project's wheel is written once per build. The device role asks for its platform's archive while
+it runs (`python -m` this module, delegated to the controller), so hosts on one platform share one
+archive, built under a lock.
+
+The project's own wheel is written straight from the installed package (pure Python, no build
+step), so a controller that runs from a wheel builds devices' wheelhouses as a checkout does.
 """
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import hashlib
+import importlib
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
-import tomllib
+import zipfile
+from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 
-from shared.errors import FleetError
+from skip2fleet.shared.errors import FleetError
 
-PROJECT = Path(__file__).resolve().parents[1]
+DISTRIBUTION = "skip2fleet"
+PARTS = ("server", "client", "shared", "ansible")  # the sub-packages of `skip2fleet`
 OLDEST_GLIBC_MINOR = 17  # manylinux2014
 
 
+def package_files() -> Iterator[tuple[str, Path]]:
+    """(name inside the wheel, file) for every file of the installed package, in a fixed order."""
+    for part in PARTS:
+        root = Path(importlib.import_module(f"{DISTRIBUTION}.{part}").__file__).parent
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
+                yield f"{DISTRIBUTION}/{part}/{path.relative_to(root).as_posix()}", path
+
+
 def build_id() -> str:
-    """A hash of the project's code: a new build means a new wheelhouse and a reinstall."""
-    digest = hashlib.sha256()
-    sources = [PROJECT / "pyproject.toml"]
-    for package in ("server", "client", "shared"):
-        sources += (PROJECT / package).rglob("*.py")
-    for path in sorted(sources):
-        digest.update(path.relative_to(PROJECT).as_posix().encode() + path.read_bytes())
+    """A hash of the project's code and requirements: a new build means a reinstall."""
+    digest = hashlib.sha256("\n".join(dependencies()).encode())
+    for name, path in package_files():
+        digest.update(name.encode() + path.read_bytes())
     return digest.hexdigest()[:12]
 
 
@@ -51,9 +65,36 @@ def platform_tags(machine: str, glibc: str) -> list[str]:
 
 
 def dependencies() -> list[str]:
-    """The project's runtime requirements, and uv to install them with."""
-    with open(PROJECT / "pyproject.toml", "rb") as handle:
-        return [*tomllib.load(handle)["project"]["dependencies"], "uv"]
+    """The project's runtime requirements (no extras), and uv to install them with."""
+    requirements = metadata.requires(DISTRIBUTION) or []
+    return [*(r for r in requirements if "extra ==" not in r), "uv"]
+
+
+def write_own_wheel(folder: Path) -> Path:
+    """The project's wheel, from the installed package and its metadata (deterministic)."""
+    dist = metadata.distribution(DISTRIBUTION)
+    version = dist.version
+    info = f"{DISTRIBUTION}-{version}.dist-info"
+    wheel_meta = (
+        "Wheel-Version: 1.0\nGenerator: skip2fleet\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    )
+    entries = [(name, path.read_bytes()) for name, path in package_files()]
+    entries += [
+        (f"{info}/METADATA", dist.read_text("METADATA").encode()),
+        (f"{info}/entry_points.txt", (dist.read_text("entry_points.txt") or "").encode()),
+        (f"{info}/WHEEL", wheel_meta.encode()),
+    ]
+    record = [f"{name},sha256={_urlsafe_sha256(data)},{len(data)}" for name, data in entries]
+    entries.append((f"{info}/RECORD", ("\n".join([*record, f"{info}/RECORD,,"]) + "\n").encode()))
+    path = folder / f"{DISTRIBUTION}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as wheel:
+        for name, data in entries:
+            wheel.writestr(zipfile.ZipInfo(name, (1980, 1, 1, 0, 0, 0)), data)
+    return path
+
+
+def _urlsafe_sha256(data: bytes) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
 
 
 def wheelhouse(state: Path, build: str, machine: str, python: str, glibc: str) -> Path:
@@ -70,18 +111,11 @@ def wheelhouse(state: Path, build: str, machine: str, python: str, glibc: str) -
         deps_key = hashlib.sha256("\n".join([platform, *dependencies()]).encode()).hexdigest()
         deps = folder / f"deps-{platform}-{deps_key[:12]}"
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            own = _start([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", tmp, PROJECT])
-            try:
-                if not deps.is_dir():
-                    _download(deps, machine, python, glibc)
-            except FleetError:
-                own.kill()
-                own.wait()
-                raise
-            _finish(own, "building the project's wheel")
+            if not deps.is_dir():
+                _download(deps, machine, python, glibc)
             staged = Path(tmp) / name
             staged.mkdir()
-            for wheel in [*deps.glob("*.whl"), *Path(tmp).glob("skip2fleet-*.whl")]:
+            for wheel in [*deps.glob("*.whl"), write_own_wheel(Path(tmp))]:
                 (staged / wheel.name).hardlink_to(wheel)
             partial = archive.with_suffix(".partial")
             with tarfile.open(partial, "w") as tar:
@@ -111,26 +145,22 @@ def _download(deps: Path, machine: str, python: str, glibc: str) -> None:
         str(partial),
         *dependencies(),
     ]
-    _finish(_start(command), f"downloading wheels for {machine}, Python {python}")
+    _run(command, f"downloading wheels for {machine}, Python {python}")
     partial.replace(deps)
 
 
-def _start(command: list) -> subprocess.Popen:
-    return subprocess.Popen(
+def _run(command: list, what: str) -> None:
+    done = subprocess.run(
         [str(c) for c in command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-
-
-def _finish(process: subprocess.Popen, what: str) -> None:
-    _, errors = process.communicate()
-    if process.returncode != 0:
-        raise FleetError(f"{what} failed: {errors.strip()[-600:]}")
+    if done.returncode != 0:
+        raise FleetError(f"{what} failed: {done.stderr.strip()[-600:]}")
 
 
 def main(argv: list[str]) -> None:
     """Print the archive for STATE BUILD MACHINE PYTHON GLIBC (what the device role runs)."""
     if len(argv) != 5:
-        sys.exit("usage: python -m server.wheelhouse STATE BUILD MACHINE PYTHON GLIBC")
+        sys.exit(f"usage: python -m {__spec__.name} STATE BUILD MACHINE PYTHON GLIBC")
     state, build, machine, python, glibc = argv
     try:
         print(wheelhouse(Path(state), build, machine, python, glibc))

@@ -1,4 +1,4 @@
-"""`fleet bench`: the paper's two tables, measured here.
+"""`fleet bench timing` and `fleet bench accuracy`: the paper's two tables, measured here.
 
 Timing runs every method in one process, round-robin over `--repeats` rounds so that a noisy
 neighbour hits all methods alike, and reports each figure's median over the rounds. Accuracy
@@ -16,28 +16,17 @@ from typing import Annotated
 
 import numpy as np
 import typer
-
-from server import options as opt
-from server.loopback import loopback_deployment, on_loopback
-from server.pretraining import fleet_base
-from server.progress import progress
-from server.report import accuracy_report, timing_report
-from server.run import follow, start_run
-from server.runs import RunFolder
-from server.simulate import resolve_fleet
-from shared import model as base_model
-from shared.atomic import write_text_atomic
-from shared.config import FleetConfig, as_yaml_dict
-from shared.datasets import Task, load_task
-from shared.engine import count_matmul_flops
-from shared.methods import Method, parse_methods
-from shared.predictor import Predictor
-from shared.pretrain import PretrainConfig, pretrain
-from shared.train import FineTuneConfig, finetune
-
-bench_app = typer.Typer(
-    no_args_is_help=True, help="Reproduce the paper's timing and accuracy tables."
-)
+from skip2fleet.server import options as opt
+from skip2fleet.server.bench.report import accuracy_report, timing_report
+from skip2fleet.server.progress import progress
+from skip2fleet.shared import model as base_model
+from skip2fleet.shared.atomic import write_text_atomic
+from skip2fleet.shared.datasets import Task, load_task
+from skip2fleet.shared.engine import count_matmul_flops
+from skip2fleet.shared.methods import Method, parse_methods
+from skip2fleet.shared.predictor import Predictor
+from skip2fleet.shared.pretrain import PretrainConfig, pretrain
+from skip2fleet.shared.train import FineTuneConfig, finetune
 
 Methods = Annotated[str | None, typer.Option(help="Comma-separated method names; default all.")]
 OutDir = Annotated[Path, typer.Option(help="Folder for the Markdown table and the PNG chart.")]
@@ -156,72 +145,6 @@ def _write(results: dict, kind: str, out_dir: Path, json_out: Path | None) -> No
     typer.echo(f"wrote {out_dir / stem}.md and .png" + (f", {json_out}" if json_out else ""))
 
 
-def measure_rounds(fleet: FleetConfig, workdir: Path) -> dict:
-    """The same rounds with a no-op ClientApp and with the real one, on one loopback deployment."""
-    fleet = on_loopback(fleet, workdir / "state")
-    base = fleet_base(fleet)
-    runs = {}
-    with loopback_deployment(fleet, workdir):
-        for label, clientapp in (("noop", "client.noop:app"), ("skip2fleet", "client.app:app")):
-            folder = RunFolder.create(workdir / label, as_yaml_dict(fleet), base)
-            typer.echo(f"-- {label} ClientApp ({clientapp})")
-            follow(fleet, folder, start_run(fleet, folder, clientapp))
-            rounds = [folder.round_result(n) for n in folder.completed_rounds()]
-            runs[label] = {
-                "round_s": [r["duration_s"] for r in rounds],
-                "peak_rss_bytes": max(
-                    d["peak_rss_bytes"] for r in rounds for d in r["devices"].values()
-                ),
-            }
-    extra = [
-        a - b for a, b in zip(runs["skip2fleet"]["round_s"], runs["noop"]["round_s"], strict=True)
-    ]
-    return {
-        "dataset": fleet.task.dataset,
-        "devices": len(fleet.devices),
-        "epochs_per_round": fleet.training.epochs,
-        "runs": runs,
-        "extra_round_s": extra,
-        "median_extra_round_s": median(extra),
-        "extra_peak_rss_bytes": runs["skip2fleet"]["peak_rss_bytes"]
-        - runs["noop"]["peak_rss_bytes"],
-    }
-
-
-@bench_app.command("round")
-def round_command(
-    config: opt.FleetFile = None,
-    devices: opt.DeviceCount = None,
-    rounds: Annotated[int, typer.Option(min=1, help="Rounds per run.")] = 3,
-    dataset: opt.DatasetOverride = None,
-    data_dir: opt.DataDir = None,
-    workdir: Annotated[Path, typer.Option(help="Folder for the runs and service logs.")] = Path(
-        "bench-out/round"
-    ),
-    json_out: opt.JsonOut = None,
-) -> None:
-    """Round time and ClientApp memory against a no-op ClientApp, on a loopback deployment
-    (SuperLink with TLS and node authentication, one SuperNode per device) started and stopped
-    here."""
-    fleet = resolve_fleet(config, devices, rounds, dataset, data_dir, None)
-    opt.fresh_workdir(workdir)
-    results = measure_rounds(fleet, workdir)
-    noop, real = results["runs"]["noop"], results["runs"]["skip2fleet"]
-    typer.echo(
-        "| round | no-op ClientApp s | skip2fleet ClientApp s | extra s |\n|---:|---:|---:|---:|"
-    )
-    for number, (a, b) in enumerate(zip(noop["round_s"], real["round_s"], strict=True), 1):
-        typer.echo(f"| {number} | {a:.2f} | {b:.2f} | {b - a:+.2f} |")
-    typer.echo(
-        f"median extra per round {results['median_extra_round_s']:+.2f} s; ClientApp peak RSS "
-        f"{noop['peak_rss_bytes'] / 2**20:.1f} MB no-op, {real['peak_rss_bytes'] / 2**20:.1f} MB "
-        f"skip2fleet ({results['extra_peak_rss_bytes'] / 2**20:+.1f} MB)"
-    )
-    if json_out is not None:
-        write_text_atomic(json_out, json.dumps(results, indent=2) + "\n")
-
-
-@bench_app.command("timing")
 def timing_command(
     dataset: opt.Dataset = opt.DEFAULT_DATASET,
     data_dir: opt.DataDir = None,
@@ -231,8 +154,8 @@ def timing_command(
     batch_size: opt.BatchSize = opt.DEFAULT_BATCH,
     rank: opt.Rank = opt.DEFAULT_RANK,
     seed: opt.Seed = 0,
-    source_room: opt.SourceRoom = "silentA",
-    subjects: opt.Subjects = opt.DEFAULT_SUBJECTS,
+    source_room: opt.SourceRoom = opt.DEFAULT_SOURCE_ROOM,
+    subjects: opt.Subjects = opt.DEFAULT_SUBJECTS_OPTION,
     out_dir: OutDir = Path("bench-out"),
     json_out: opt.JsonOut = None,
 ) -> None:
@@ -243,7 +166,6 @@ def timing_command(
     _write(measure_timing(task, chosen, config, repeats), "timing", out_dir, json_out)
 
 
-@bench_app.command("accuracy")
 def accuracy_command(
     dataset: opt.Dataset = opt.DEFAULT_DATASET,
     data_dir: opt.DataDir = None,
@@ -255,8 +177,8 @@ def accuracy_command(
     lr: opt.LearningRate = opt.DEFAULT_LR,
     pretrain_epochs: opt.PretrainEpochs = PretrainConfig().epochs,
     seed: opt.Seed = 0,
-    source_room: opt.SourceRoom = "silentA",
-    subjects: opt.Subjects = opt.DEFAULT_SUBJECTS,
+    source_room: opt.SourceRoom = opt.DEFAULT_SOURCE_ROOM,
+    subjects: opt.Subjects = opt.DEFAULT_SUBJECTS_OPTION,
     out_dir: OutDir = Path("bench-out"),
     json_out: opt.JsonOut = None,
 ) -> None:

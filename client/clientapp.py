@@ -15,16 +15,15 @@ from time import perf_counter
 
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-
-from client.power import PowerSampler
-from client.probes import NoProbe, power_probe
-from client.store import DeviceStore
-from shared import model as base_model
-from shared.adapters import pack, unpack
-from shared.datasets import TaskOptions
-from shared.errors import FleetError
-from shared.methods import get_method
-from shared.protocol import (
+from skip2fleet.client.store import DeviceStore
+from skip2fleet.client.telemetry.power import PowerSampler
+from skip2fleet.client.telemetry.probes import NoProbe, power_probe
+from skip2fleet.shared import model as base_model
+from skip2fleet.shared.adapters import pack, unpack
+from skip2fleet.shared.datasets import TaskOptions
+from skip2fleet.shared.errors import FleetError
+from skip2fleet.shared.methods import get_method
+from skip2fleet.shared.protocol import (
     ADAPTERS,
     ADAPTERS_BY_DEVICE,
     BASE,
@@ -34,8 +33,8 @@ from shared.protocol import (
     Figures,
     RoundPlan,
 )
-from shared.records import record_model, record_vector, vector_record, wire_bytes
-from shared.train import FineTuneConfig, finetune
+from skip2fleet.shared.records import record_model, record_vector, vector_record, wire_bytes
+from skip2fleet.shared.train import FineTuneConfig, finetune
 
 app = ClientApp()
 

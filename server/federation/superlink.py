@@ -12,11 +12,15 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Annotated
 
-from server.certs import Credentials
-from shared.atomic import write_text_atomic
-from shared.config import FleetConfig
-from shared.errors import FleetError
+import typer
+from skip2fleet.server import options as opt
+from skip2fleet.server.federation.certs import Credentials, credentials_for
+from skip2fleet.shared.atomic import write_text_atomic
+from skip2fleet.shared.config import FleetConfig, load_config, state_dir
+from skip2fleet.shared.errors import FleetError
+from skip2fleet.shared.services import CLIENTAPP
 
 CONNECTION = "fleet"
 APP_PYPROJECT = """\
@@ -35,16 +39,12 @@ dependencies = []
 publisher = "skip2fleet"
 
 [tool.flwr.app.components]
-serverapp = "server.app:app"
+serverapp = "skip2fleet.server.federation.serverapp:app"
 clientapp = "{clientapp}"
 
 [tool.flwr.app.config]
 run-dir = ""
 """
-
-
-def state_dir(config: FleetConfig) -> Path:
-    return Path(config.coordinator.state_dir).expanduser()
 
 
 def flower_env(config: FleetConfig) -> dict[str, str]:
@@ -71,7 +71,7 @@ def write_connection(config: FleetConfig, creds: Credentials) -> None:
     )
 
 
-def write_app(config: FleetConfig, clientapp: str = "client.app:app") -> Path:
+def write_app(config: FleetConfig, clientapp: str = CLIENTAPP) -> Path:
     """The Flower app folder that `flwr run` packages (components from the installed code)."""
     folder = state_dir(config) / "app" / clientapp.replace(":", "-").replace(".", "-")
     folder.mkdir(parents=True, exist_ok=True)
@@ -158,3 +158,24 @@ def register_nodes(config: FleetConfig, creds: Credentials, devices: list[str]) 
         registry[device] = int(answer["node-id"])
         write_text_atomic(registry_path, json.dumps(registry, indent=2) + "\n")
     return {device: registry[device] for device in devices}
+
+
+def certs_command(
+    config: opt.ConfigPath = Path("fleet.yaml"),
+    register: Annotated[
+        bool, typer.Option(help="Also register the node keys with the running SuperLink.")
+    ] = False,
+) -> None:
+    """Create the CA, the SuperLink's TLS certificate and a node key per device (once)."""
+    fleet = load_config(config)
+    creds = credentials_for(fleet)
+    typer.echo(f"CA certificate      {creds.ca_cert}")
+    typer.echo(f"SuperLink TLS       {creds.server_cert} / {creds.server_key}")
+    for device in fleet.devices:
+        typer.echo(f"node key {device.name:<10} {creds.node_key(device.name)}")
+    if register:
+        write_connection(fleet, creds)
+        before = registered_nodes(fleet)
+        ids = register_nodes(fleet, creds, [d.name for d in fleet.devices])
+        new = [name for name in ids if name not in before]
+        typer.echo(f"registered {len(new)} new node key(s){': ' + ', '.join(new) if new else ''}")

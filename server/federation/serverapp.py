@@ -16,16 +16,15 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
-
-from server.aggregation import STRATEGIES, Update
-from server.metrics import push_round
-from server.runs import RunFolder
-from shared import model as base_model
-from shared.adapters import pack, packed_size, unpack
-from shared.config import FleetConfig
-from shared.errors import FleetError
-from shared.methods import Method, get_method
-from shared.protocol import (
+from skip2fleet.server.federation.aggregation import STRATEGIES, Update
+from skip2fleet.server.federation.pushes import push_round
+from skip2fleet.server.federation.runs import RunFolder
+from skip2fleet.shared import model as base_model
+from skip2fleet.shared.adapters import pack, packed_size, unpack
+from skip2fleet.shared.config import FleetConfig
+from skip2fleet.shared.errors import FleetError
+from skip2fleet.shared.methods import Method, get_method
+from skip2fleet.shared.protocol import (
     ADAPTERS,
     ADAPTERS_BY_DEVICE,
     BASE,
@@ -34,7 +33,7 @@ from shared.protocol import (
     Figures,
     RoundPlan,
 )
-from shared.records import model_record, record_vector, vector_record, wire_bytes
+from skip2fleet.shared.records import model_record, record_vector, vector_record, wire_bytes
 
 RoundListener = Callable[[dict], None]
 NODE_POLL_S = 1.0

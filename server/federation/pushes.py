@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
+from skip2fleet.shared import metric_names as names
 
 log = logging.getLogger("skip2fleet")
 JOB = "skip2fleet"
@@ -21,54 +22,31 @@ PUSH_TIMEOUT_S = 3.0
 def round_registry(result: dict, method: str) -> CollectorRegistry:
     registry = CollectorRegistry()
 
-    def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
-        return Gauge(name, doc, ("round", *labels), registry=registry)
+    def gauge(metric: names.Metric) -> Gauge:
+        return Gauge(metric.name, metric.help, metric.labels, registry=registry)
 
     number = str(result["round"])
-    Gauge("skip2fleet_round_number", "Last completed round.", registry=registry).set(
-        result["round"]
-    )
-    gauge("skip2fleet_round_duration_seconds", "Wall time of the round.").labels(number).set(
-        result["duration_s"]
-    )
-    outcome = gauge("skip2fleet_round_devices", "Devices by outcome.", ("outcome",))
+    gauge(names.ROUND_NUMBER).set(result["round"])
+    gauge(names.ROUND_DURATION).labels(number).set(result["duration_s"])
+    outcome = gauge(names.ROUND_DEVICES)
     for name, count in (
         ("ok", len(result["devices"])),
         ("refused", len(result["refused"])),
         ("missing", len(result["missing"])),
     ):
         outcome.labels(number, name).set(count)
-    gauge("skip2fleet_round_refused_replies", "Replies refused in the round.").labels(number).set(
-        len(result["refused"])
-    )
+    gauge(names.ROUND_REFUSED).labels(number).set(len(result["refused"]))
     if result.get("svd_relative_error") is not None:
-        gauge("skip2fleet_round_svd_relative_error", "Error left by SVD re-factorisation.").labels(
-            number
-        ).set(result["svd_relative_error"])
+        gauge(names.ROUND_SVD_ERROR).labels(number).set(result["svd_relative_error"])
 
-    per_device = ("device", "method")
-    accuracy = gauge(
-        "skip2fleet_device_accuracy_ratio",
-        "Accuracy on the device's held-out data.",
-        (*per_device, "phase"),
-    )
-    batch = gauge(
-        "skip2fleet_device_train_batch_seconds", "Time per training batch.", (*per_device, "phase")
-    )
-    power = gauge(
-        "skip2fleet_device_finetune_power_watts",
-        "Power during the fine-tune.",
-        (*per_device, "stat"),
-    )
+    accuracy = gauge(names.DEVICE_ACCURACY)
+    batch = gauge(names.DEVICE_TRAIN_BATCH)
+    power = gauge(names.DEVICE_FINETUNE_POWER)
     scalars = {
-        "finetune_s": gauge(
-            "skip2fleet_device_finetune_seconds", "Fine-tune wall time.", per_device
-        ),
-        "uplink_bytes": gauge("skip2fleet_device_uplink_bytes", "Bytes of the reply.", per_device),
-        "energy_joules": gauge(
-            "skip2fleet_device_finetune_energy_joules", "Energy of the fine-tune.", per_device
-        ),
-        "cache_bytes": gauge("skip2fleet_device_cache_bytes", "Skip2 cache size.", per_device),
+        "finetune_s": gauge(names.DEVICE_FINETUNE_SECONDS),
+        "uplink_bytes": gauge(names.DEVICE_UPLINK),
+        "energy_joules": gauge(names.DEVICE_FINETUNE_ENERGY),
+        "cache_bytes": gauge(names.DEVICE_CACHE),
     }
     for device, figures in result["devices"].items():
         labels = (number, device, method)

@@ -20,9 +20,10 @@ from statistics import median
 from typing import Annotated
 
 import typer
-
-from server import options as opt
-from server.loopback import (
+from skip2fleet.server import options as opt
+from skip2fleet.server.federation.runs import RunFolder
+from skip2fleet.server.federation.simulate import run_simulation
+from skip2fleet.server.operations.loopback import (
     Processes,
     free_port,
     prometheus_query,
@@ -30,12 +31,11 @@ from server.loopback import (
     start_pushgateway,
     wait_for,
 )
-from server.monitoring import AGENT_JOB, write_monitoring
-from server.pretraining import fleet_base
-from server.runs import RunFolder
-from server.simulate import resolve_fleet, run_simulation
-from shared.atomic import write_text_atomic
-from shared.config import as_yaml_dict, parse_config
+from skip2fleet.server.operations.monitoring import AGENT_JOB, write_monitoring
+from skip2fleet.server.training.pretraining import fleet_base
+from skip2fleet.shared import metric_names as names
+from skip2fleet.shared.atomic import write_text_atomic
+from skip2fleet.shared.config import as_yaml_dict, parse_config
 
 
 def cpu_seconds(pid: int) -> float:
@@ -54,7 +54,7 @@ def hwmon_fixture(root: Path) -> Path:
 
 def measure_monitoring(seconds: float, rounds: int, workdir: Path) -> dict:
     gateway_port, prometheus_port = free_port(), free_port()
-    data = as_yaml_dict(resolve_fleet(None, 1, rounds, "generated", None, None))
+    data = as_yaml_dict(opt.resolve_fleet(None, 1, rounds, "generated", None, None))
     data["coordinator"].update(
         pushgateway=f"127.0.0.1:{gateway_port}", prometheus_port=prometheus_port
     )
@@ -105,7 +105,7 @@ def measure_monitoring(seconds: float, rounds: int, workdir: Path) -> dict:
 
         def on_round(result: dict) -> None:  # runs right after the ServerApp pushed the round
             pushed = time.monotonic()
-            query = f"skip2fleet_round_number == {result['round']}"
+            query = f"{names.ROUND_NUMBER.name} == {result['round']}"
             wait_for(lambda: prometheus_query(prometheus_port, query), 30, "the round", 0.05)
             latencies.append(time.monotonic() - pushed)
 

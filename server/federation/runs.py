@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-
-from shared import model as base_model
-from shared.config import FleetConfig, parse_config
-from shared.errors import FleetError
+from skip2fleet.shared import model as base_model
+from skip2fleet.shared.config import FleetConfig, load_config, parse_config
+from skip2fleet.shared.errors import FleetError
 
 
 class RunFolder:
@@ -44,7 +43,7 @@ class RunFolder:
         path = self.path / "fleet.yaml"
         if not path.is_file():
             raise FleetError(f"{self.path}: not a run folder (no fleet.yaml)")
-        return parse_config(yaml.safe_load(path.read_text()), str(path))
+        return load_config(path)
 
     def extend(self, rounds: int | None) -> RunFolder:
         """Set the run's total rounds (to continue it further); None keeps them."""

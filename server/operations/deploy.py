@@ -1,11 +1,11 @@
-"""`fleet deploy` and `fleet status`: putting the fleet in place with Ansible, and looking at it.
+"""`fleet deploy`: putting the fleet in place with Ansible.
 
 `fleet deploy` renders the inventory and every service's command line from fleet.yaml (the same
 functions the loopback deployment uses), creates the credentials once, writes the monitoring
 configuration, and runs `ansible/site.yml` through ansible-runner, printing each host's tasks as
 they finish. Each device's role has the controller build a wheelhouse for the board's platform
-(`server/wheelhouse.py`) while the coordinator's services start. A host that cannot be reached is
-named in the summary, the others are still deployed, and the exit code is 1.
+(`wheelhouse.py`) while the coordinator's services start. A host that cannot be reached is named in
+the summary, the others are still deployed, and the exit code is 1.
 """
 
 from __future__ import annotations
@@ -15,23 +15,24 @@ import shutil
 import sys
 import tarfile
 import time
-import urllib.request
+from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from skip2fleet.server import options as opt
+from skip2fleet.server.federation.certs import Credentials, credentials_for
+from skip2fleet.server.federation.superlink import (
+    superlink_command,
+)
+from skip2fleet.server.operations import wheelhouse
+from skip2fleet.server.operations.monitoring import write_monitoring
+from skip2fleet.server.progress import stderr
+from skip2fleet.shared.config import Device, FleetConfig, load_config, state_dir
+from skip2fleet.shared.errors import FleetError
+from skip2fleet.shared.services import agent_command, supernode_command
 
-from client.supernode import supernode_command
-from server.certs import Credentials
-from server.monitoring import write_monitoring
-from server.progress import stderr
-from server.run import ConfigPath, credentials_for
-from server.superlink import CONNECTION, flwr, registered_nodes, state_dir, superlink_command
-from server.wheelhouse import PROJECT, build_id
-from shared.config import Device, FleetConfig, load_config
-from shared.errors import FleetError
-
-ANSIBLE_DIR = PROJECT / "ansible"
+ANSIBLE_DIR = Path(str(resources.files("skip2fleet.ansible")))  # package data, in a wheel too
 SUPERNODE_PORT = 9094
 MIN_FREE_MB = 600
 
@@ -100,20 +101,14 @@ def device_vars(fleet: FleetConfig, device: Device, creds: Credentials) -> dict:
         "install_dir": str(home),
         "device_etc": str(device_etc(fleet, device, creds)),
         "supernode_argv": [str(home / "venv" / "bin" / supernode[0]), *supernode[1:]],
-        "agent_argv": [
-            str(home / "venv" / "bin" / "fleet"),
-            "agent",
-            "--config",
-            str(home / "etc" / "fleet.yaml"),
-            "--device",
+        "agent_argv": agent_command(
+            home / "venv" / "bin" / "python",
+            home / "etc" / "fleet.yaml",
             device.name,
-            "--state-dir",
-            str(home / "state"),
-            "--address",
+            home / "state",
             device.host,
-            "--port",
-            str(device.agent_port),
-        ],
+            device.agent_port,
+        ),
     }
 
 
@@ -127,7 +122,7 @@ def coordinator_vars(fleet: FleetConfig, creds: Credentials) -> dict:
         "ansible_python_interpreter": sys.executable,
         "coordinator_dir": str(state / "coordinator"),
         "monitoring_archive": str(monitoring_archive(fleet)),
-        "fleet_cli": f"{sys.executable} -m server.cli",
+        "fleet_cli": f"{sys.executable} -m skip2fleet.server.cli",
         "superlink_argv": [str(bin_dir / superlink[0]), *superlink[1:]],
         "pushgateway_argv": ["prometheus-pushgateway", f"--web.listen-address={gateway}"],
         "prometheus_argv": [
@@ -148,11 +143,13 @@ def deploy(
     if unknown:
         raise FleetError(f"--limit: no device {', '.join(map(repr, unknown))} in {fleet_file}")
     creds = credentials_for(fleet)  # created once, before any host needs them
-    build = build_id()
+    build = wheelhouse.build_id()
     extravars = {
         "fleet_file": str(fleet_file.resolve()),
         "build_id": build,
-        "wheelhouse_command": f"{sys.executable} -m server.wheelhouse {state_dir(fleet)} {build}",
+        "wheelhouse_command": " ".join(
+            [sys.executable, "-m", wheelhouse.__name__, str(state_dir(fleet)), build]
+        ),
         "controller_python": sys.executable,
         "min_free_mb": MIN_FREE_MB,
     }
@@ -232,7 +229,7 @@ def deploy(
 
 
 def deploy_command(
-    config: ConfigPath = Path("fleet.yaml"),
+    config: opt.ConfigPath = Path("fleet.yaml"),
     check: Annotated[bool, typer.Option(help="A dry run: show what would change.")] = False,
     limit: Annotated[
         list[str] | None, typer.Option(help="Deploy only this device (repeatable).")
@@ -255,49 +252,3 @@ def deploy_command(
         typer.echo(f"{host}: {summary['reasons'].get(host) or 'failed'}", err=True)
     if broken or summary["status"] != "successful":
         raise typer.Exit(1)
-
-
-def agent_figures(device: Device) -> dict[str, float] | None:
-    """The device agent's metrics, or None when it does not answer."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    try:
-        with urllib.request.urlopen(
-            f"http://{device.host}:{device.agent_port}/metrics", timeout=3
-        ) as response:
-            text = response.read().decode()
-    except OSError:
-        return None
-    return {
-        sample.name + "".join(f"|{v}" for v in sample.labels.values()): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def status_command(config: ConfigPath = Path("fleet.yaml")) -> None:
-    """Each device: registered and online at the SuperLink, agent up, last round and accuracy."""
-    fleet = load_config(config)
-    registry = registered_nodes(fleet)
-    try:
-        listed = flwr(fleet, "supernode", "list", CONNECTION, timeout=15)["nodes"]
-        nodes = {int(node["node-id"]): node["status"] for node in listed}
-    except FleetError as exc:
-        stderr.print(f"SuperLink not reachable: {exc}")
-        nodes = {}
-    typer.echo(
-        f"{'device':<12} {'registered':<11} {'SuperLink':<10} {'agent':<6} "
-        f"{'round':>5} {'accuracy':>9}"
-    )
-    for device in fleet.devices:
-        node = registry.get(device.name)
-        figures = agent_figures(device)
-        last = (figures or {}).get("skip2fleet_last_finetune_round")
-        after = (figures or {}).get("skip2fleet_last_finetune_accuracy_ratio|after")
-        typer.echo(
-            f"{device.name:<12} {'yes' if node is not None else 'no':<11} "
-            f"{nodes.get(node, '-') if node is not None else '-':<10} "
-            f"{'up' if figures is not None else 'down':<6} "
-            f"{int(last) if last is not None else '-':>5} "
-            f"{f'{after * 100:.2f} %' if after is not None else '-':>9}"
-        )

@@ -21,11 +21,16 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from client.supernode import supernode_command
-from server.run import credentials_for
-from server.superlink import flower_env, register_nodes, superlink_command, write_connection
-from shared.config import FleetConfig
-from shared.errors import FleetError
+from skip2fleet.server.federation.certs import credentials_for
+from skip2fleet.server.federation.superlink import (
+    flower_env,
+    register_nodes,
+    superlink_command,
+    write_connection,
+)
+from skip2fleet.shared.config import FleetConfig
+from skip2fleet.shared.errors import FleetError
+from skip2fleet.shared.services import supernode_command
 
 STARTUP_TIMEOUT_S = 60
 

@@ -16,9 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-
-from shared.engine import adapter_pairs, trainable_shapes, unflatten
-from shared.methods import Method
+from skip2fleet.shared.engine import adapter_pairs, trainable_shapes, unflatten
+from skip2fleet.shared.methods import Method
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""The Ansible playbook and roles of `fleet deploy`, shipped inside the package as data."""

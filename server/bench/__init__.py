@@ -1,0 +1,2 @@
+"""Benchmarks (`fleet bench ...`) and their reports: the paper's tables, rounds, aggregations,
+monitoring."""

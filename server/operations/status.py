@@ -1,0 +1,60 @@
+"""`fleet status`: each device as the SuperLink and its agent see it."""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+
+import typer
+from skip2fleet.server import options as opt
+from skip2fleet.server.federation.superlink import CONNECTION, flwr, registered_nodes
+from skip2fleet.server.progress import stderr
+from skip2fleet.shared import metric_names as names
+from skip2fleet.shared.config import Device, load_config
+from skip2fleet.shared.errors import FleetError
+
+
+def agent_figures(device: Device) -> dict[str, float] | None:
+    """The device agent's metrics, or None when it does not answer."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(
+            f"http://{device.host}:{device.agent_port}/metrics", timeout=3
+        ) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    return {
+        sample.name + "".join(f"|{v}" for v in sample.labels.values()): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def status_command(config: opt.ConfigPath = Path("fleet.yaml")) -> None:
+    """Each device: registered and online at the SuperLink, agent up, last round and accuracy."""
+    fleet = load_config(config)
+    registry = registered_nodes(fleet)
+    try:
+        listed = flwr(fleet, "supernode", "list", CONNECTION, timeout=15)["nodes"]
+        nodes = {int(node["node-id"]): node["status"] for node in listed}
+    except FleetError as exc:
+        stderr.print(f"SuperLink not reachable: {exc}")
+        nodes = {}
+    typer.echo(
+        f"{'device':<12} {'registered':<11} {'SuperLink':<10} {'agent':<6} "
+        f"{'round':>5} {'accuracy':>9}"
+    )
+    for device in fleet.devices:
+        node = registry.get(device.name)
+        figures = agent_figures(device)
+        last = (figures or {}).get(names.LAST_FINETUNE_ROUND)
+        after = (figures or {}).get(f"{names.LAST_FINETUNE_ACCURACY.name}|after")
+        typer.echo(
+            f"{device.name:<12} {'yes' if node is not None else 'no':<11} "
+            f"{nodes.get(node, '-') if node is not None else '-':<10} "
+            f"{'up' if figures is not None else 'down':<6} "
+            f"{int(last) if last is not None else '-':>5} "
+            f"{f'{after * 100:.2f} %' if after is not None else '-':>9}"
+        )

@@ -1,0 +1,1 @@
+"""Training on the coordinator: pretraining the base model, and one local fine-tune."""

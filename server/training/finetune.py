@@ -1,0 +1,96 @@
+"""`fleet finetune`: one method on one task, on this machine, with its accuracy and time split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from skip2fleet.server import options as opt
+from skip2fleet.server.progress import progress
+from skip2fleet.server.training.pretraining import pretrain_shown
+from skip2fleet.shared import model as base_model
+from skip2fleet.shared.adapters import save_adapters
+from skip2fleet.shared.atomic import write_text_atomic
+from skip2fleet.shared.datasets import load_task
+from skip2fleet.shared.errors import FleetError
+from skip2fleet.shared.methods import METHODS, get_method
+from skip2fleet.shared.pretrain import PretrainConfig
+from skip2fleet.shared.train import FineTuneConfig, finetune
+
+
+def finetune_command(
+    base: Annotated[
+        Path | None,
+        typer.Option(help="Base model from `fleet pretrain`; without it one is pretrained now."),
+    ] = None,
+    method: Annotated[str, typer.Option(help=f"One of {', '.join(METHODS)}.")] = "skip2-lora",
+    out: Annotated[Path | None, typer.Option(help="Where to write the adapters (.npz).")] = None,
+    dataset: opt.Dataset = opt.DEFAULT_DATASET,
+    data_dir: opt.DataDir = None,
+    epochs: opt.Epochs = opt.DEFAULT_EPOCHS,
+    batch_size: opt.BatchSize = opt.DEFAULT_BATCH,
+    rank: opt.Rank = opt.DEFAULT_RANK,
+    lr: opt.LearningRate = opt.DEFAULT_LR,
+    seed: opt.Seed = 0,
+    source_room: opt.SourceRoom = opt.DEFAULT_SOURCE_ROOM,
+    subjects: opt.Subjects = opt.DEFAULT_SUBJECTS_OPTION,
+    json_out: opt.JsonOut = None,
+) -> None:
+    """Fine-tune one method on the task's target domain and report accuracy and time."""
+    chosen = get_method(method)
+    task = load_task(dataset, opt.task_options(data_dir, source_room, subjects, seed))
+    if base is None:
+        model = pretrain_shown(
+            task.pretrain, len(task.classes), task.name, PretrainConfig().epochs, seed
+        )
+    else:
+        model = base_model.load(base)
+        if base_model.dims(model)[0] != task.n_features:
+            raise FleetError(
+                f"{base}: the base takes {base_model.dims(model)[0]} features, "
+                f"{dataset} has {task.n_features}"
+            )
+    config = FineTuneConfig(epochs, batch_size, rank, None, lr, seed)
+    with progress(epochs, f"fine-tuning {method}") as advance:
+        result = finetune(
+            model,
+            chosen,
+            task.finetune.x,
+            task.finetune.y,
+            config,
+            on_epoch=lambda epoch: advance(f"{method}: epoch {epoch + 1} done"),
+        )
+    before = base_model.accuracy(base_model.forward_frozen(model, task.test.x)[-1], task.test.y)
+    after = base_model.accuracy(result.tuner.merged()(task.test.x), task.test.y)
+    split = result.times.per_batch_ms()
+    figures = {
+        "dataset": dataset,
+        "method": method,
+        "samples": len(task.finetune),
+        "epochs": epochs,
+        "accuracy_before": before,
+        "accuracy_after": after,
+        "train_batch_ms": split,
+        "prepare_seconds": result.prepare_seconds,
+        "train_seconds": result.train_seconds,
+        "wall_seconds": result.prepare_seconds + result.train_seconds,
+        "cache_bytes": result.cache_bytes,
+        "adapter_parameters": int(result.tuner.theta.size),
+    }
+    typer.echo(
+        f"{method} on {dataset}: accuracy {before:.2f} % -> {after:.2f} % "
+        f"({len(task.finetune)} samples, {epochs} epochs)"
+    )
+    typer.echo(
+        f"train per batch {split['total']:.4f} ms (forward {split['forward']:.4f}, "
+        f"backward {split['backward']:.4f}, update {split['update']:.4f}); "
+        f"wall {figures['wall_seconds']:.2f} s, of which preparing data "
+        f"{result.prepare_seconds:.3f} s; cache {result.cache_bytes} bytes"
+    )
+    if out is not None:
+        save_adapters(out, result.tuner.adapters(), method, rank, base_model.sha256(model))
+        typer.echo(f"wrote {out}")
+    if json_out is not None:
+        write_text_atomic(json_out, json.dumps(figures, indent=2) + "\n")

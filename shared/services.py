@@ -1,0 +1,77 @@
+"""The command lines of a device's long-lived processes: its SuperNode and its agent.
+
+The coordinator renders them into services (`fleet deploy`) and the loopback deployment starts
+them directly, so both run a device the same way. The agent runs as its own module, so a device
+never loads the coordinator's command line."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+
+def supernode_command(
+    superlink: str,
+    device: str,
+    state_dir: Path,
+    port: int = 9094,
+    ca_cert: Path | None = None,
+    node_key: Path | None = None,
+    data_dir: Path | None = None,
+) -> list[str]:
+    """Connect to `superlink` (host:port) as `device`; TLS and node authentication when a CA
+    certificate and a node key are given, plain HTTP otherwise."""
+    node_config = f"device='{device}' state-dir='{state_dir}'"
+    if data_dir is not None:
+        node_config += f" data-dir='{data_dir}'"
+    command = [
+        "flower-supernode",
+        "--superlink",
+        superlink,
+        "--node-config",
+        node_config,
+        "--port",
+        str(port),
+    ]
+    if ca_cert is not None and node_key is not None:
+        return [
+            *command,
+            "--root-certificates",
+            str(ca_cert),
+            "--auth-supernode-private-key",
+            str(node_key),
+        ]
+    return [*command, "--insecure"]
+
+
+AGENT_MODULE = "skip2fleet.client.telemetry.agent"
+# The device's Flower ClientApps, as Flower names components (`module:attribute`).
+CLIENTAPP = "skip2fleet.client.clientapp:app"
+NOOP_CLIENTAPP = "skip2fleet.client.noop:app"  # no work: Flower's own cost, for `fleet bench round`
+
+
+def agent_command(
+    python: Path, config: Path, device: str, state_dir: Path, address: str, port: int
+) -> list[str]:
+    """The device's Prometheus exporter, serving on `address:port`."""
+    return [
+        str(python),
+        "-m",
+        AGENT_MODULE,
+        "--config",
+        str(config),
+        "--device",
+        device,
+        "--state-dir",
+        str(state_dir),
+        "--address",
+        address,
+        "--port",
+        str(port),
+    ]
+
+
+def load_component(reference: str):
+    """The object a `module:attribute` reference names, as Flower loads app components."""
+    module, attribute = reference.split(":")
+    return getattr(importlib.import_module(module), attribute)
