@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from skip2fleet.server.cli import app
 from skip2fleet.shared.methods import METHODS
 from typer.testing import CliRunner
 
+ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
@@ -103,6 +105,9 @@ def test_bench_accuracy_writes_json(tmp_path):
         (["finetune", "--base", "/nonexistent/base.npz"], "no such base model file"),
         (["bench", "timing", "--methods", "ft-all,bogus"], "unknown method 'bogus'"),
         (["finetune", "--lr", "50", "--epochs", "5", "--method", "ft-all"], "diverged"),
+        (["finetune", "--lr", "0"], "not above 0"),
+        (["finetune", "--rank", "100000"], "100000 is not in the range 1<=x<=256"),
+        (["simulate", "--config", "/nonexistent/fleet.yaml"], "no such fleet file"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(tmp_path, args, message):
@@ -139,3 +144,11 @@ def test_base_for_other_features_is_refused(tmp_path, data_dir):
     )
     assert result.exit_code == 2
     assert "takes 64 features, har has 220" in result.output
+
+
+def test_pretrain_writes_under_runs_by_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert fleet("pretrain", "--epochs", "1").exit_code == 0
+    assert len(list(tmp_path.glob("runs/pretrain-generated-*/base.npz"))) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["runs"]  # nothing else in the folder
+    assert (ROOT / ".gitignore").read_text().count("/runs/") == 1

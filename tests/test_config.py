@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 from skip2fleet.server.cli import app
-from skip2fleet.shared.config import ConfigError, load_config, parse_config
+from skip2fleet.shared.config import TRAINING_LIMITS, ConfigError, load_config, parse_config
 from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,3 +71,45 @@ def test_simulate_with_a_bad_fleet_exits_2_and_starts_nothing(tmp_path):
     assert result.exit_code == 2
     assert "federation.rounds: must be at least 1" in result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "offset"),
+    [(b"\x89PNG\r\n\x1a\n", 0), ("# caf\u00e9 in Latin-1\ndevices: []\n".encode("latin-1"), 5)],
+)
+def test_a_fleet_file_that_is_not_utf8_is_one_line_naming_the_offset(tmp_path, content, offset):
+    path = tmp_path / "fleet.yaml"
+    path.write_bytes(content)
+    result = CliRunner().invoke(app, ["simulate", "--config", str(path)])
+    assert result.exit_code == 2
+    message = " ".join(result.output.split())  # one message, however the terminal wraps it
+    assert message.startswith(f"error: {path}: not UTF-8 text (byte 0x"), result.output
+    assert message.endswith(f"at offset {offset})") and "Traceback" not in message
+
+
+@pytest.mark.parametrize(("make", "problem"), [("empty", "empty"), ("folder", "is a folder")])
+def test_an_empty_or_folder_fleet_yaml_here_is_an_error_not_the_example(
+    tmp_path, monkeypatch, make, problem
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fleet.yaml").mkdir() if make == "folder" else (tmp_path / "fleet.yaml").touch()
+    result = CliRunner().invoke(app, ["simulate", "--rounds", "1"])
+    assert result.exit_code == 2 and problem in result.output, result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_without_a_fleet_yaml_simulate_says_it_runs_the_built_in_example(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["simulate", "--rounds", "1", "--devices", "2"])
+    assert result.exit_code == 0, result.output
+    assert "no ./fleet.yaml: running the built-in example fleet" in result.output
+
+
+def test_command_line_values_get_fleet_yaml_bounds():
+    limits = dict(TRAINING_LIMITS)
+    config = example()
+    config["training"]["rank"] = limits["rank"][1] + 1
+    with pytest.raises(ConfigError, match=r"training\.rank: must be between 1 and 256"):
+        parse_config(config)
+    result = CliRunner().invoke(app, ["bench", "timing", "--rank", str(limits["rank"][1] + 1)])
+    assert result.exit_code == 2 and "--rank" in result.output
