@@ -15,6 +15,7 @@ from time import perf_counter
 
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+
 from skip2fleet.client.store import DeviceStore
 from skip2fleet.client.telemetry.power import PowerSampler
 from skip2fleet.client.telemetry.probes import NoProbe, power_probe

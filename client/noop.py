@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+
 from skip2fleet.client.clientapp import finish_reply, identify, peak_rss_bytes
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.adapters import packed_size

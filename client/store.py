@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.atomic import write_atomic, write_text_atomic
 from skip2fleet.shared.cache import build_cache

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import typer
+from typer.core import TyperGroup
+
 from skip2fleet.client.telemetry.agent import agent_command
 from skip2fleet.server.bench import federated, methods, monitoring, round
+from skip2fleet.server.data import import_hapt_command
 from skip2fleet.server.federation.run import run_command
 from skip2fleet.server.federation.simulate import simulate_command
 from skip2fleet.server.federation.superlink import certs_command
@@ -15,7 +18,6 @@ from skip2fleet.server.progress import stderr
 from skip2fleet.server.training.finetune import finetune_command
 from skip2fleet.server.training.pretraining import pretrain_command
 from skip2fleet.shared.errors import FleetError
-from typer.core import TyperGroup
 
 
 class _FleetGroup(TyperGroup):
@@ -43,9 +45,12 @@ bench_app.command("federated")(federated.federated_command)
 bench_app.command("monitor")(monitoring.monitor_command)
 monitor_app = typer.Typer(no_args_is_help=True, help="Prometheus and Grafana for the fleet.")
 monitor_app.command("config")(config_command)
+data_app = typer.Typer(no_args_is_help=True, help="Prepare data sets from their public downloads.")
+data_app.command("import-hapt")(import_hapt_command)
 
 app.add_typer(bench_app, name="bench")
 app.add_typer(monitor_app, name="monitor")
+app.add_typer(data_app, name="data")
 app.command("pretrain")(pretrain_command)
 app.command("finetune")(finetune_command)
 app.command("simulate")(simulate_command)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from skip2fleet.server.progress import stderr
 from skip2fleet.shared import datasets
 from skip2fleet.shared.config import (

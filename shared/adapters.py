@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
 from skip2fleet.shared.atomic import write_atomic
 from skip2fleet.shared.engine import adapter_pairs, trainable_shapes, unflatten
 from skip2fleet.shared.methods import Method

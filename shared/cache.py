@@ -10,6 +10,7 @@ engine's own forward pass, so training from the cache gives the same adapters as
 from __future__ import annotations
 
 import numpy as np
+
 from skip2fleet.shared.model import Model, forward_frozen
 
 

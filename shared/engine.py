@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+
 from skip2fleet.shared.cache import build_cache
 from skip2fleet.shared.methods import LAYERS, Method
 from skip2fleet.shared.model import Model, dims, fold, standardise

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from skip2fleet.shared.atomic import write_atomic
 from skip2fleet.shared.errors import FleetError
 

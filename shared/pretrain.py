@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
 from skip2fleet.shared.model import BN_EPS, Model, init_model
 
 TRAINED = ("W0", "b0", "gamma0", "beta0", "W1", "b1", "gamma1", "beta1", "W2", "b2")

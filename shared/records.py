@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
+
 from skip2fleet.shared.model import Model
 
 

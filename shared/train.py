@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from time import perf_counter
 
 import numpy as np
+
 from skip2fleet.shared.engine import FineTuner
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.methods import Method

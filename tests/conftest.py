@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from skip2fleet.shared.model import init_model
 
 

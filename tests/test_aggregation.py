@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from skip2fleet.server.federation.aggregation import STRATEGIES, Update
 from skip2fleet.shared.engine import adapter_pairs, trainable_shapes, unflatten
 from skip2fleet.shared.methods import get_method

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
+
 from skip2fleet.server.cli import app
 from skip2fleet.shared.methods import METHODS
-from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from typer.testing import CliRunner
+
 from skip2fleet.server.cli import app
 from skip2fleet.shared.config import TRAINING_LIMITS, ConfigError, load_config, parse_config
-from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
+
+from skip2fleet.server.cli import app
 from skip2fleet.shared.datasets import TaskOptions, load_task, parse_subjects
 from skip2fleet.shared.datasets.fan import read_recording, stopped_from
 from skip2fleet.shared.datasets.har import read_uci_layout, split_by_subject
@@ -195,3 +198,37 @@ def test_real_har_task(data_dir):
     share = len(task.finetune) / (len(task.finetune) + len(task.test))
     assert 0.57 < share < 0.63
     assert len(task.pretrain) > 5 * len(task.finetune)
+
+
+def test_hapt_import_rebuilds_the_archive_from_ucis_raw_layout(tmp_path, data_dir):
+    """Two recordings written out as UCI ships them (RawData/acc_exp01_user01.txt, ..., labels.txt)
+    come back as the same rows of hapt_raw.npz."""
+    archive = np.load(data_dir / "hapt" / "hapt_raw.npz")
+    raw = tmp_path / "RawData"
+    raw.mkdir()
+    stretches = []
+    for experiment in (0, 1):
+        rows = archive["experiment"] == experiment
+        user = int(archive["subject"][rows][0])
+        stem = f"exp{experiment + 1:02d}_user{user:02d}.txt"
+        signals = archive["signals"][rows]
+        np.savetxt(raw / f"acc_{stem}", signals[:, :3], fmt="%.9g")
+        np.savetxt(raw / f"gyro_{stem}", signals[:, 3:], fmt="%.9g")
+        labels = archive["labels"][rows]
+        edges = np.flatnonzero(np.diff(labels.astype(int))) + 1
+        for first, last in zip(np.r_[0, edges], np.r_[edges, len(labels)] - 1, strict=True):
+            if labels[first] > 0:
+                stretches.append((experiment + 1, user, labels[first], first, last))
+    np.savetxt(raw / "labels.txt", np.array(stretches), fmt="%d")
+    out = tmp_path / "hapt" / "hapt_raw.npz"
+    result = CliRunner().invoke(app, ["data", "import-hapt", str(raw), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rebuilt = np.load(out)
+    rows = archive["experiment"] < 2
+    for name in ("signals", "labels", "subject", "experiment"):
+        assert rebuilt[name].dtype == archive[name].dtype
+        np.testing.assert_array_equal(rebuilt[name], archive[name][rows])
+    (raw / "labels.txt").write_text("1 1 5 0\n")
+    result = CliRunner().invoke(app, ["data", "import-hapt", str(raw), "--out", str(out)])
+    assert result.exit_code == 2
+    assert "labels.txt: 4 columns, expected 5" in " ".join(result.output.split())

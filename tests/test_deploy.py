@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from skip2fleet.server.cli import app
-from skip2fleet.server.operations.loopback import free_port, prometheus_query, wait_for
 from typer.testing import CliRunner
 
+from skip2fleet.server.cli import app
+from skip2fleet.server.operations.loopback import free_port, prometheus_query, wait_for
 from tests.fakehosts import COORDINATOR_IP, FakeHost, fake_hosts, ssh_keypair
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,6 +8,8 @@ import json
 
 import pytest
 import yaml
+from typer.testing import CliRunner
+
 from skip2fleet.server.cli import app
 from skip2fleet.server.federation.certs import ensure_credentials
 from skip2fleet.server.federation.run import credentials_for
@@ -15,7 +17,6 @@ from skip2fleet.server.federation.superlink import flower_env, flwr
 from skip2fleet.server.operations.loopback import free_port, loopback_deployment
 from skip2fleet.shared.config import load_config
 from skip2fleet.shared.services import supernode_command
-from typer.testing import CliRunner
 
 DEVICES = ["pi-1", "pi-2", "pi-3"]
 

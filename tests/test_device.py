@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import RecordDict
+
 from skip2fleet.client.clientapp import run_round
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.adapters import packed_size, unpack

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from skip2fleet.shared.engine import FineTuner, count_matmul_flops
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.methods import METHODS, get_method

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.datasets import load_task
 from skip2fleet.shared.errors import FleetError

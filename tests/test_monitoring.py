@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from typer.testing import CliRunner
+
 from skip2fleet.server import options as opt
 from skip2fleet.server.cli import app
 from skip2fleet.server.operations.loopback import (
@@ -24,7 +26,6 @@ from skip2fleet.server.operations.loopback import (
 )
 from skip2fleet.server.operations.monitoring import panel_queries, write_monitoring
 from skip2fleet.shared.config import as_yaml_dict, load_config, parse_config
-from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ("prometheus", "prometheus-pushgateway", "promtool")

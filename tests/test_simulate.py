@@ -8,6 +8,8 @@ import json
 import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from typer.testing import CliRunner
+
 from skip2fleet.client.clientapp import train as real_train
 from skip2fleet.server import options as opt
 from skip2fleet.server.cli import app
@@ -17,7 +19,6 @@ from skip2fleet.shared import model as base_model
 from skip2fleet.shared.config import as_yaml_dict
 from skip2fleet.shared.protocol import ADAPTERS
 from skip2fleet.shared.records import vector_record
-from typer.testing import CliRunner
 
 runner = CliRunner()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from skip2fleet.server.operations.wheelhouse import dependencies, platform_tags
 from skip2fleet.shared.errors import FleetError
 

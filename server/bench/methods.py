@@ -16,6 +16,7 @@ from typing import Annotated
 
 import numpy as np
 import typer
+
 from skip2fleet.server import options as opt
 from skip2fleet.server.bench.report import accuracy_report, timing_report
 from skip2fleet.server.progress import progress

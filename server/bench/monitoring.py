@@ -20,6 +20,7 @@ from statistics import median
 from typing import Annotated
 
 import typer
+
 from skip2fleet.server import options as opt
 from skip2fleet.server.federation.runs import RunFolder
 from skip2fleet.server.federation.simulate import run_simulation

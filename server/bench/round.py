@@ -13,6 +13,7 @@ from statistics import median
 from typing import Annotated
 
 import typer
+
 from skip2fleet.server import options as opt
 from skip2fleet.server.federation.run import follow, start_run
 from skip2fleet.server.federation.runs import RunFolder

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
 from skip2fleet.shared.engine import adapter_pairs, trainable_shapes, unflatten
 from skip2fleet.shared.methods import Method
 

@@ -16,6 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
 from skip2fleet.shared.atomic import write_atomic
 from skip2fleet.shared.config import FleetConfig, state_dir
 

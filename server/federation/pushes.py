@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
+
 from skip2fleet.shared import metric_names as names
 
 log = logging.getLogger("skip2fleet")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+
 from skip2fleet.server.charts import Chart, pyplot, save_chart
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.config import FleetConfig, load_config, parse_config
 from skip2fleet.shared.errors import FleetError

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
+
 from skip2fleet.server.federation.aggregation import STRATEGIES, Update
 from skip2fleet.server.federation.pushes import push_round
 from skip2fleet.server.federation.runs import RunFolder

@@ -16,6 +16,7 @@ from typing import Annotated
 
 import numpy as np
 import typer
+
 from skip2fleet.server import options as opt
 from skip2fleet.server.federation.report import federated_report, print_round
 from skip2fleet.server.federation.runs import RunFolder

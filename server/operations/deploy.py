@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from skip2fleet.server import options as opt
 from skip2fleet.server.federation.certs import Credentials, credentials_for
 from skip2fleet.server.federation.superlink import (

@@ -19,6 +19,7 @@ from typing import Annotated
 
 import typer
 import yaml
+
 from skip2fleet.shared import metric_names as names
 from skip2fleet.shared.atomic import write_text_atomic
 from skip2fleet.shared.config import FleetConfig, load_config

@@ -6,6 +6,7 @@ import urllib.request
 from pathlib import Path
 
 import typer
+
 from skip2fleet.server import options as opt
 from skip2fleet.server.federation.superlink import CONNECTION, flwr, registered_nodes
 from skip2fleet.server.progress import stderr

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from skip2fleet.server import options as opt
 from skip2fleet.server.progress import progress
 from skip2fleet.server.training.pretraining import pretrain_shown

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from skip2fleet.server import options as opt
 from skip2fleet.server.progress import progress
 from skip2fleet.shared import model as base_model

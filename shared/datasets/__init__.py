@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from skip2fleet.shared.errors import DataError, FleetError
 
 DEFAULT_SUBJECTS = (9, 14, 16, 19, 25)

@@ -11,6 +11,7 @@ A device is a partition of the task's target domain:
 from __future__ import annotations
 
 import numpy as np
+
 from skip2fleet.shared.datasets import Split, TaskOptions, dataset_dir, load_task
 from skip2fleet.shared.datasets.generated import noisy_room, spectra
 from skip2fleet.shared.datasets.har import load_har_subject

@@ -9,6 +9,7 @@ A model trained in the quiet room misreads the noisy one, and a little fine-tuni
 from __future__ import annotations
 
 import numpy as np
+
 from skip2fleet.shared.datasets import Split, Task
 
 CLASSES = ("normal", "damaged", "stopped")

@@ -22,6 +22,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+
 from skip2fleet.shared.datasets import Split, Task
 from skip2fleet.shared.datasets.har_features import WINDOW, window_features
 from skip2fleet.shared.errors import DataError
