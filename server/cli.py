@@ -27,7 +27,7 @@ class _FleetGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except FleetError as exc:
-            stderr.print(f"[bold red]error:[/] {exc}", highlight=False)
+            stderr.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
 

@@ -83,7 +83,7 @@ def test_a_fleet_file_that_is_not_utf8_is_one_line_naming_the_offset(tmp_path, c
     path.write_bytes(content)
     result = CliRunner().invoke(app, ["simulate", "--config", str(path)])
     assert result.exit_code == 2
-    message = " ".join(result.output.split())  # one message, however the terminal wraps it
+    (message,) = result.output.splitlines()  # one line, whatever the terminal's width
     assert message.startswith(f"error: {path}: not UTF-8 text (byte 0x"), result.output
     assert message.endswith(f"at offset {offset})") and "Traceback" not in message
 

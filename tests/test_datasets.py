@@ -231,4 +231,4 @@ def test_hapt_import_rebuilds_the_archive_from_ucis_raw_layout(tmp_path, data_di
     (raw / "labels.txt").write_text("1 1 5 0\n")
     result = CliRunner().invoke(app, ["data", "import-hapt", str(raw), "--out", str(out)])
     assert result.exit_code == 2
-    assert "labels.txt: 4 columns, expected 5" in " ".join(result.output.split())
+    assert "labels.txt: 4 columns, expected 5" in result.output
