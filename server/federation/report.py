@@ -89,6 +89,13 @@ def federated_report(summary: dict) -> tuple[str, Chart]:
     return "\n".join(lines) + "\n", chart
 
 
+def print_round_header() -> None:
+    """The columns of `print_round` (the README's "The round table" explains them)."""
+    typer.echo(
+        "round  duration  devices  accuracy before -> after  train batch  max uplink  problems"
+    )
+
+
 def print_round(result: dict) -> None:
     devices = result["devices"]
     before = sum(d["acc_before"] for d in devices.values()) / max(len(devices), 1)

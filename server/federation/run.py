@@ -16,7 +16,7 @@ import typer
 
 from skip2fleet.server import options as opt
 from skip2fleet.server.federation.certs import credentials_for
-from skip2fleet.server.federation.report import print_round
+from skip2fleet.server.federation.report import print_round, print_round_header
 from skip2fleet.server.federation.runs import RunFolder
 from skip2fleet.server.federation.superlink import (
     CONNECTION,
@@ -107,7 +107,7 @@ def run_command(
         f"submitting {fleet.federation.rounds} rounds to the SuperLink at {address}; "
         f"run folder {folder.path}"
     )
-    typer.echo("round  duration   devices  accuracy before -> after  train batch  uplink/device")
+    print_round_header()
     run_id = start_run(fleet, folder)
     follow(fleet, folder, run_id)
     typer.echo(f"run {run_id} completed; rounds in {folder.path}/rounds")

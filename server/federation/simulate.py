@@ -18,7 +18,7 @@ import numpy as np
 import typer
 
 from skip2fleet.server import options as opt
-from skip2fleet.server.federation.report import federated_report, print_round
+from skip2fleet.server.federation.report import federated_report, print_round, print_round_header
 from skip2fleet.server.federation.runs import RunFolder
 from skip2fleet.server.federation.serverapp import make_server_app
 from skip2fleet.server.progress import stderr
@@ -65,7 +65,7 @@ def simulate_command(
         f"({task.dataset}, {fleet.training.method}, aggregation {fleet.federation.aggregation}) "
         f"in {folder.path}"
     )
-    typer.echo("round  duration   devices  accuracy before -> after  train batch  uplink/device")
+    print_round_header()
     for number in folder.completed_rounds():
         print_round(folder.round_result(number))
     started = time.monotonic()
