@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from skip2fleet.server.cli import app
 from skip2fleet.server.operations.loopback import free_port, prometheus_query, wait_for
+from skip2fleet.shared.services import AGENT_MODULE
 from tests.fakehosts import COORDINATOR_IP, FakeHost, fake_hosts, ssh_keypair
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def services_running(host: FakeHost) -> int:
     for pid in pids.stdout.split():
         with contextlib.suppress(OSError):
             lines.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
-    return sum(1 for c in lines if "flower-supernode" in c or " agent --config" in c)
+    return sum(1 for c in lines if "flower-supernode" in c or f"{AGENT_MODULE} --config" in c)
 
 
 def write_fleet(folder: Path, address: str, devices: list[dict], **sections: dict) -> dict:

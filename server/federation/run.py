@@ -21,6 +21,7 @@ from skip2fleet.server.federation.runs import RunFolder
 from skip2fleet.server.federation.superlink import (
     CONNECTION,
     flwr,
+    registered_nodes,
     write_app,
     write_connection,
 )
@@ -38,6 +39,7 @@ STATUS_EVERY_S = 3.0
 def start_run(fleet: FleetConfig, folder: RunFolder, clientapp: str = CLIENTAPP) -> str:
     """Submit the run folder's rounds to the SuperLink; returns Flower's run id."""
     write_connection(fleet, credentials_for(fleet))
+    folder.save_node_registry(registered_nodes(fleet))
     app_dir = write_app(fleet, clientapp)
     answer = flwr(
         fleet, "run", str(app_dir), CONNECTION, "--run-config", f"run-dir='{folder.path}'"

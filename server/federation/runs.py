@@ -1,6 +1,8 @@
 """A run folder: everything a federated run leaves behind, written as each round completes.
 
     fleet.yaml            the fleet as it was when the run started
+    nodes.json            device name -> Flower node id, as the coordinator registered the keys
+                          (deployments only: the ServerApp trusts a reply's node id, not its words)
     base.npz              the base model every device fine-tunes
     rounds/NNN/round.json the round's figures: per device, refused replies, missing devices
     rounds/NNN/received/  each device's packed adapters as it sent them
@@ -68,6 +70,15 @@ class RunFolder:
     def failure(self) -> str | None:
         path = self.path / "failure.txt"
         return path.read_text().strip() if path.is_file() else None
+
+    def save_node_registry(self, registry: dict[str, int]) -> None:
+        (self.path / "nodes.json").write_text(json.dumps(registry, indent=2) + "\n")
+
+    def node_registry(self) -> dict[int, str]:
+        """Node id -> device name, or empty in a simulation (no keys, nothing registered)."""
+        path = self.path / "nodes.json"
+        registry = json.loads(path.read_text()) if path.is_file() else {}
+        return {int(node): name for name, node in registry.items()}
 
     def base(self) -> base_model.Model:
         return base_model.load(self.path / "base.npz")

@@ -84,10 +84,14 @@ def plan_for(config: FleetConfig, number: int, digest: str, state_root: str) -> 
     )
 
 
-def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
+def wait_for_nodes(
+    grid: Grid, wanted: int, timeout: float, registered: dict[int, str]
+) -> list[int]:
+    """The connected nodes, once `wanted` of them are there; in a deployment only the nodes whose
+    keys this coordinator registered count (a stranger's node is never sent a plan)."""
     deadline = time.monotonic() + timeout
     while True:
-        nodes = sorted(grid.get_node_ids())
+        nodes = sorted(n for n in grid.get_node_ids() if not registered or n in registered)
         if len(nodes) >= wanted:
             return nodes
         if time.monotonic() > deadline:
@@ -108,8 +112,9 @@ def coordinate(grid: Grid, folder: RunFolder, on_round: RoundListener) -> None:
     ranks = {d.name: config.rank_of(d) for d in config.devices}
     done = folder.completed_rounds()
     outgoing = folder.outgoing(done[-1]) if done else {}
-    nodes = wait_for_nodes(grid, fed.min_devices, fed.round_timeout_s)
-    device_of: dict[int, str] = {}
+    registered = folder.node_registry()
+    nodes = wait_for_nodes(grid, fed.min_devices, fed.round_timeout_s, registered)
+    device_of = dict(registered)
     state_root = str(folder.path / "devices")
     for number in range((done[-1] if done else 0) + 1, fed.rounds + 1):
         started, started_at = time.monotonic(), time.time()
@@ -132,7 +137,7 @@ def coordinate(grid: Grid, folder: RunFolder, on_round: RoundListener) -> None:
             )
         downlink = {node: wire_bytes(m.content) for node, m in zip(nodes, messages, strict=True)}
         replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout_s))
-        result, updates, received = judge(replies, method, dims, ranks, device_of)
+        result, updates, received = judge(replies, method, dims, ranks, device_of, bool(registered))
         answered = set(result["devices"]) | set(result["refused"])
         result["missing"] = [d.name for d in config.devices if d.name not in answered]
         if len(updates) < fed.min_devices:
@@ -180,21 +185,36 @@ def judge(
     dims: tuple[int, ...],
     ranks: dict[str, int],
     device_of: dict[int, str],
+    trusted: bool = False,
 ) -> tuple[dict, list[Update], dict[str, np.ndarray]]:
-    """Accept or refuse every reply; refused ones are named with the reason."""
+    """Accept or refuse every reply; refused ones are named with the reason.
+
+    `trusted`: `device_of` comes from the coordinator's own registration of the node keys, so a
+    reply is that node's device whatever it claims, and one that claims another name is refused.
+    Without it (a simulation), a node is the device its first reply names."""
     result: dict = {"devices": {}, "refused": {}}
     updates, received = [], {}
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
             reason = reply.error.reason or f"error code {reply.error.code}"
-            name = device_of.get(node) or _named_device(reason, ranks) or f"node {node}"
+            claimed = None if trusted else _named_device(reason, ranks)
+            name = device_of.get(node) or claimed or f"node {node}"
             result["refused"][name] = reason
             continue
         content = reply.content
-        name = str(content["device"]["name"])
-        device_of[node] = name
         problem = None
+        try:
+            claimed = str(content["device"]["name"])
+        except (KeyError, ValueError, TypeError):
+            claimed = None
+        name = device_of.get(node) if trusted else device_of.setdefault(node, claimed)
+        if name is None:
+            result["refused"][f"node {node}"] = "not a node this coordinator registered"
+            continue
+        if claimed != name:
+            result["refused"][name] = f"reply claims to be {claimed!r}; its key is {name}'s"
+            continue
         try:
             figures = Figures.from_record(content[FIGURES])
             vector = record_vector(content[ADAPTERS])
