@@ -47,8 +47,10 @@ class ConfigError(FleetError):
 
 @dataclass(frozen=True)
 class Coordinator:
-    address: str = "127.0.0.1"  # where the devices reach the SuperLink
-    port: int = 8000  # the SuperLink's one HTTP(S) port
+    address: str = "127.0.0.1"  # where the devices reach the front door (nginx)
+    port: int = 8000  # the front door's HTTPS port: the Fleet API only
+    superlink_port: int = 9093  # the SuperLink's own port, on the coordinator's loopback only
+    max_request_bytes: int = 1 << 20  # the largest request a device may send (its reply)
     state_dir: str = "~/.skip2fleet"  # certificates, node keys, run folders
     tls: bool = True
     pushgateway: str | None = None  # host:port; each round's figures are pushed there
@@ -233,8 +235,13 @@ def _check(config: FleetConfig) -> None:
         fail("federation.min_devices", "must be at least 1")
     if not fed.round_timeout_s > 0:
         fail("federation.round_timeout_s", "must be positive")
-    if not 0 < config.coordinator.port < 65536:
-        fail("coordinator.port", "must be a TCP port, 1 to 65535")
+    for key in ("port", "superlink_port", "prometheus_port"):
+        if not 0 < getattr(config.coordinator, key) < 65536:
+            fail(f"coordinator.{key}", "must be a TCP port, 1 to 65535")
+    if config.coordinator.superlink_port == config.coordinator.port:
+        fail("coordinator.superlink_port", "must differ from coordinator.port (the front door)")
+    if not 1024 <= config.coordinator.max_request_bytes <= 1 << 30:
+        fail("coordinator.max_request_bytes", "must be between 1024 and 1073741824")
     if not _is_host(config.coordinator.address):
         fail(
             "coordinator.address",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -101,9 +102,11 @@ def test_an_empty_or_folder_fleet_yaml_here_is_an_error_not_the_example(
 
 def test_without_a_fleet_yaml_simulate_says_it_runs_the_built_in_example(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    pythonpath = os.environ.get("PYTHONPATH")
     result = CliRunner().invoke(app, ["simulate", "--rounds", "1", "--devices", "2"])
     assert result.exit_code == 0, result.output
     assert "no ./fleet.yaml: running the built-in example fleet" in result.output
+    assert os.environ.get("PYTHONPATH") == pythonpath  # Ray's rewrite is undone
 
 
 def test_command_line_values_get_fleet_yaml_bounds():

@@ -64,6 +64,7 @@ def write_fleet(folder: Path, address: str, devices: list[dict], **sections: dic
         "coordinator": {
             "address": address,
             "port": free_port(),
+            "superlink_port": free_port(),
             "state_dir": str(folder / "state"),
             "pushgateway": f"127.0.0.1:{free_port()}",
             "prometheus_port": free_port(),

@@ -15,7 +15,6 @@ import shutil
 import sys
 import tarfile
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
@@ -27,13 +26,15 @@ from skip2fleet.server.federation.superlink import (
     superlink_command,
 )
 from skip2fleet.server.operations import wheelhouse
+from skip2fleet.server.operations.frontdoor import CONFIG_NAME, nginx_command, write_nginx_config
 from skip2fleet.server.operations.monitoring import write_monitoring
 from skip2fleet.server.progress import stderr
 from skip2fleet.shared.config import Device, FleetConfig, load_config, state_dir
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.services import agent_command, supernode_command
 
-ANSIBLE_DIR = Path(str(resources.files("skip2fleet.ansible")))  # package data, in a wheel too
+# Package data (a folder without __init__.py, so that it never shadows Ansible's own `ansible`).
+ANSIBLE_DIR = wheelhouse.package_root("ansible")
 SUPERNODE_PORT = 9094
 MIN_FREE_MB = 600
 
@@ -69,12 +70,16 @@ def content_archive(folder: Path, kind: str, files: dict[str, Path], mode: int) 
     return archive
 
 
-def monitoring_archive(fleet: FleetConfig) -> Path:
-    """The coordinator's Prometheus and Grafana files, written from fleet.yaml, as one archive."""
-    out = state_dir(fleet) / "monitoring"
-    written = write_monitoring(fleet, out)
+def coordinator_archive(fleet: FleetConfig, creds: Credentials) -> Path:
+    """The coordinator's generated files (front door, Prometheus, Grafana) as one archive."""
+    out = state_dir(fleet) / "coordinator-files"
+    run_dir = state_dir(fleet) / "coordinator" / "run"
+    written = [
+        *write_monitoring(fleet, out),
+        write_nginx_config(fleet, creds, out / "frontdoor", run_dir),
+    ]
     return content_archive(
-        state_dir(fleet), "monitoring", {str(p.relative_to(out)): p for p in written}, 0o644
+        state_dir(fleet), "coordinator", {str(p.relative_to(out)): p for p in written}, 0o644
     )
 
 
@@ -116,15 +121,17 @@ def device_vars(fleet: FleetConfig, device: Device, creds: Credentials) -> dict:
 def coordinator_vars(fleet: FleetConfig, creds: Credentials) -> dict:
     state = state_dir(fleet)
     bin_dir = Path(sys.executable).parent
-    superlink = superlink_command(fleet, creds, host=fleet.coordinator.address)
+    superlink = superlink_command(fleet, creds)
+    run_dir = state / "coordinator" / "run"
     gateway = fleet.coordinator.pushgateway or "127.0.0.1:9091"
     return {
         "ansible_connection": "local",
         "ansible_python_interpreter": sys.executable,
         "coordinator_dir": str(state / "coordinator"),
-        "monitoring_archive": str(monitoring_archive(fleet)),
+        "coordinator_archive": str(coordinator_archive(fleet, creds)),
         "fleet_cli": f"{sys.executable} -m skip2fleet.server.cli",
         "superlink_argv": [str(bin_dir / superlink[0]), *superlink[1:]],
+        "frontdoor_argv": nginx_command(state / "coordinator" / "frontdoor" / CONFIG_NAME, run_dir),
         "pushgateway_argv": ["prometheus-pushgateway", f"--web.listen-address={gateway}"],
         "prometheus_argv": [
             "prometheus",

@@ -1,6 +1,6 @@
 """Services on this machine's loopback, for tests and benchmarks: a whole Flower deployment
-(SuperLink with TLS and node authentication, one SuperNode per device), Prometheus and the
-Pushgateway.
+(SuperLink with TLS and node authentication behind the nginx front door, one SuperNode per
+device), Prometheus and the Pushgateway.
 
 Every process starts in its own process group and is stopped by it (Flower's services start
 children of their own), also when the block that used it fails.
@@ -28,6 +28,7 @@ from skip2fleet.server.federation.superlink import (
     superlink_command,
     write_connection,
 )
+from skip2fleet.server.operations.frontdoor import nginx_command, write_nginx_config
 from skip2fleet.shared.config import FleetConfig
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.services import supernode_command
@@ -77,20 +78,29 @@ class Processes:
 def on_loopback(fleet: FleetConfig, state: Path) -> FleetConfig:
     """The fleet with its coordinator on 127.0.0.1, a free port, and state under `state`."""
     coordinator = dataclasses.replace(
-        fleet.coordinator, address="127.0.0.1", port=free_port(), state_dir=str(state), tls=True
+        fleet.coordinator,
+        address="127.0.0.1",
+        port=free_port(),
+        superlink_port=free_port(),
+        state_dir=str(state),
+        tls=True,
     )
     return dataclasses.replace(fleet, coordinator=coordinator)
 
 
 @contextlib.contextmanager
 def loopback_deployment(fleet: FleetConfig, folder: Path) -> Iterator[Processes]:
-    """Start the SuperLink, register every device and start its SuperNode; stop all on exit."""
+    """Start the SuperLink and its front door, register every device and start its SuperNode
+    (through the front door, as on a real fleet); stop all on exit."""
     creds = credentials_for(fleet)
     processes = Processes(folder / "logs")
     env = flower_env(fleet)
     names = [d.name for d in fleet.devices]
     try:
-        processes.start("superlink", superlink_command(fleet, creds, host="127.0.0.1"), env)
+        processes.start("superlink", superlink_command(fleet, creds), env)
+        door = folder / "frontdoor"
+        config = write_nginx_config(fleet, creds, door, door)
+        processes.start("frontdoor", nginx_command(config, door), env)
         write_connection(fleet, creds)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while True:  # the Control API answers once the SuperLink is up
