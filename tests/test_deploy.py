@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from skip2fleet.server.cli import app
 from skip2fleet.server.operations.loopback import free_port, prometheus_query, wait_for
 from skip2fleet.shared.services import AGENT_MODULE
-from tests.fakehosts import COORDINATOR_IP, FakeHost, fake_hosts, ssh_keypair
+from tests.fakehosts import COORDINATOR_IP, OPERATOR, FakeHost, fake_hosts, ssh_keypair
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(
@@ -80,7 +80,7 @@ def fake_device(index: int, host: FakeHost, install_root: Path) -> dict:
     return {
         "name": f"pi-{index + 1}",
         "host": host.address,
-        "ssh_user": "root",
+        "ssh_user": OPERATOR,
         "data": {"partition": index},
         "install_dir": str(install_root / "opt"),
     }
@@ -112,7 +112,7 @@ def test_deploy_twice_then_two_rounds_across_the_devices(tmp_path):
     key = ssh_keypair(tmp_path)
     state = tmp_path / "state"
     try:
-        with fake_hosts(tmp_path, 4, key) as hosts:
+        with fake_hosts(4, key) as hosts:
             os.kill(int((hosts[3].folder / "sshd.pid").read_text()), signal.SIGTERM)  # pi-4 is down
             config = write_fleet(
                 tmp_path,
@@ -169,7 +169,7 @@ def test_a_wrong_key_and_a_full_disk_are_named_and_leave_nothing_running(tmp_pat
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", small], check=True)
     try:
-        with fake_hosts(tmp_path, 2, key) as hosts:
+        with fake_hosts(2, key) as hosts:
             devices = [fake_device(0, hosts[0], hosts[0].folder), fake_device(1, hosts[1], small)]
             config = write_fleet(tmp_path, COORDINATOR_IP, devices, federation={"min_devices": 1})
             path = tmp_path / "fleet.yaml"
@@ -213,7 +213,7 @@ def test_a_wrong_key_and_a_full_disk_are_named_and_leave_nothing_running(tmp_pat
     reason="needs systemd-nspawn and debootstrap (.ci/run installs them)",
 )
 def test_a_systemd_device_gets_units_and_fine_tunes(tmp_path):
-    from tests.fakehosts import SYSTEMD_SUBNET, ssh_command, systemd_host
+    from tests.fakehosts import SYSTEMD_SUBNET, SYSTEMD_USER, ssh_command, systemd_host
 
     key = ssh_keypair(tmp_path)
     state = tmp_path / "state"
@@ -222,7 +222,7 @@ def test_a_systemd_device_gets_units_and_fine_tunes(tmp_path):
             write_fleet(
                 tmp_path,
                 f"{SYSTEMD_SUBNET}.1",
-                [{"name": "pi-sd", "host": host.address, "ssh_user": "root"}],
+                [{"name": "pi-sd", "host": host.address, "ssh_user": SYSTEMD_USER}],
                 training={"epochs": 30, "pretrain_epochs": 5},
                 federation={"rounds": 1, "min_devices": 1, "round_timeout_s": 90},
             )

@@ -61,7 +61,7 @@ def test_the_wheel_runs_every_kind_of_command_from_a_fresh_venv(tmp_path):
 
     key = ssh_keypair(tmp_path)
     try:
-        with fake_hosts(tmp_path, 1, key) as hosts:
+        with fake_hosts(1, key) as hosts:
             write_fleet(work, COORDINATOR_IP, [fake_device(0, hosts[0], hosts[0].folder)])
             check = [fleet, "deploy", "--config", "fleet.yaml", "--ssh-key", str(key), "--check"]
             output = run([*check, "--limit", "pi-1"], work, env, transcript)

@@ -10,13 +10,16 @@ already been written to the run folder.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
+from prometheus_client.exposition import basic_auth_handler, default_handler
 
 from skip2fleet.shared import metric_names as names
 
 log = logging.getLogger("skip2fleet")
 JOB = "skip2fleet"
+PUSH_USER = "skip2fleet"  # the Pushgateway's one basic-auth user
 PUSH_TIMEOUT_S = 3.0
 
 
@@ -62,12 +65,20 @@ def round_registry(result: dict, method: str) -> CollectorRegistry:
     return registry
 
 
-def push_round(gateway: str, run: str, method: str, result: dict) -> str | None:
-    """Push the round's figures; returns the reason if the Pushgateway could not take them."""
+def push_round(
+    gateway: str, run: str, method: str, result: dict, password_file: Path | None = None
+) -> str | None:
+    """Push the round's figures (with basic auth when the fleet has a Pushgateway password);
+    returns the reason if the Pushgateway could not take them."""
     try:
         registry = round_registry(result, method)
         push_to_gateway(
-            gateway, job=JOB, grouping_key={"run": run}, registry=registry, timeout=PUSH_TIMEOUT_S
+            gateway,
+            job=JOB,
+            grouping_key={"run": run},
+            registry=registry,
+            timeout=PUSH_TIMEOUT_S,
+            handler=_handler(password_file),
         )
     except OSError as exc:  # URLError and connection errors are OSErrors
         log.warning(
@@ -78,3 +89,14 @@ def push_round(gateway: str, run: str, method: str, result: dict) -> str | None:
         )
         return str(exc)
     return None
+
+
+def _handler(password_file: Path | None):
+    if password_file is None or not password_file.is_file():
+        return default_handler
+    password = password_file.read_text().strip()
+
+    def handler(url, method, timeout, headers, data):
+        return basic_auth_handler(url, method, timeout, headers, data, PUSH_USER, password)
+
+    return handler

@@ -18,6 +18,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MessageType, RecordDi
 from flwr.serverapp import Grid, ServerApp
 
 from skip2fleet.server.federation.aggregation import STRATEGIES, Update
+from skip2fleet.server.federation.certs import fleet_credentials
 from skip2fleet.server.federation.pushes import push_round
 from skip2fleet.server.federation.runs import RunFolder
 from skip2fleet.shared import model as base_model
@@ -169,7 +170,13 @@ def coordinate(grid: Grid, folder: RunFolder, on_round: RoundListener) -> None:
         )
         folder.save_round(number, result, received, outgoing)
         if config.coordinator.pushgateway:
-            push_round(config.coordinator.pushgateway, folder.path.name, method.name, result)
+            push_round(
+                config.coordinator.pushgateway,
+                folder.path.name,
+                method.name,
+                result,
+                fleet_credentials(config).pushgateway_password,
+            )
         on_round(result)
 
 

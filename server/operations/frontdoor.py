@@ -36,6 +36,12 @@ def nginx_config(fleet: FleetConfig, creds: Credentials, run_dir: Path) -> str:
         if coordinator.tls
         else ""
     )
+    # With node authentication devices never register themselves (the coordinator registers
+    # their keys on its loopback): the Fleet API's own registration paths stay shut too.
+    closed = "".join(
+        f"\n        location = {FLEET_API}{path} {{\n            return 403;\n        }}"
+        for path in (("register-node", "unregister-node") if coordinator.tls else ())
+    )
     temp = "\n    ".join(
         f"{kind}_temp_path {run_dir / ('nginx-' + kind)};"
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
@@ -60,6 +66,7 @@ http {{
             proxy_set_header Host $host;
             proxy_read_timeout 300s;
         }}
+{closed}
         location / {{
             return 403;
         }}
