@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -47,14 +48,22 @@ def stop_coordinator_services(state: Path) -> None:
         )
 
 
+def service_processes(host: FakeHost) -> list[tuple[str, str]]:
+    """(user, command line) of the device's SuperNode and agent processes in its namespace."""
+    pids = subprocess.run(["ip", "netns", "pids", host.name], capture_output=True, text=True)
+    found = []
+    for pid in pids.stdout.split():
+        with contextlib.suppress(OSError, KeyError):
+            proc = Path(f"/proc/{pid}")
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if "flower-supernode" in command or f"{AGENT_MODULE} --config" in command:
+                found.append((pwd.getpwuid(proc.stat().st_uid).pw_name, command))
+    return found
+
+
 def services_running(host: FakeHost) -> int:
     """How many of the device's SuperNode and agent are running in its namespace."""
-    pids = subprocess.run(["ip", "netns", "pids", host.name], capture_output=True, text=True)
-    lines = []
-    for pid in pids.stdout.split():
-        with contextlib.suppress(OSError):
-            lines.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
-    return sum(1 for c in lines if "flower-supernode" in c or f"{AGENT_MODULE} --config" in c)
+    return len(service_processes(host))
 
 
 def write_fleet(folder: Path, address: str, devices: list[dict], **sections: dict) -> dict:
@@ -165,9 +174,9 @@ def test_deploy_twice_then_two_rounds_across_the_devices(tmp_path):
 def test_a_wrong_key_and_a_full_disk_are_named_and_leave_nothing_running(tmp_path):
     key, wrong = ssh_keypair(tmp_path), ssh_keypair(Path(tempfile.mkdtemp(dir=tmp_path)))
     state = tmp_path / "state"
-    small = tmp_path / "small-disk"  # mounted before the hosts' sshd copy the mount table
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", small], check=True)
+    # Mounted before the hosts' sshd copy the mount table; where the deploying user can look.
+    small = Path(tempfile.mkdtemp(prefix="skip2fleet-small-disk-", dir="/var/tmp"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", small], check=True)
     try:
         with fake_hosts(2, key) as hosts:
             devices = [fake_device(0, hosts[0], hosts[0].folder), fake_device(1, hosts[1], small)]
@@ -206,6 +215,7 @@ def test_a_wrong_key_and_a_full_disk_are_named_and_leave_nothing_running(tmp_pat
     finally:
         stop_coordinator_services(state)
         subprocess.run(["umount", "--lazy", small], check=False)
+        small.rmdir()
 
 
 @pytest.mark.skipif(

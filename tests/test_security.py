@@ -23,9 +23,15 @@ from typer.testing import CliRunner
 from skip2fleet.server.cli import app
 from skip2fleet.server.federation.certs import credentials_for
 from skip2fleet.shared.config import load_config
-from skip2fleet.shared.services import AGENT_MODULE, supernode_command
+from skip2fleet.shared.services import supernode_command
 from tests.fakehosts import COORDINATOR_IP, fake_hosts, ssh_keypair
-from tests.test_deploy import deploy, fake_device, stop_coordinator_services, write_fleet
+from tests.test_deploy import (
+    deploy,
+    fake_device,
+    service_processes,
+    stop_coordinator_services,
+    write_fleet,
+)
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("sshd") or not shutil.which("nginx"),
@@ -173,9 +179,10 @@ def test_a_stranger_on_the_network_gets_nothing_but_the_fleet_api(tmp_path):
                 "flwr stop": [flwr, "stop", "1", "fleet"],
             }
             for what, command in attempts.items():
-                done = in_namespace(attacker, *command, env=env)
-                first = (done.stdout + done.stderr).strip().splitlines()
-                record.append(f"{what}: exit {done.returncode} ({(first or [''])[-1][:100]})")
+                done = in_namespace(attacker, *command, "--format", "json", env=env)
+                answer = done.stdout[done.stdout.find("{") :]
+                reason = json.loads(answer).get("error-message", "") if answer else done.stderr
+                record.append(f"{what}: exit {done.returncode}: {' '.join(reason.split())[:160]}")
                 assert done.returncode != 0, (what, done.stdout, done.stderr)
 
             # A SuperNode whose key is registered as pi-4 says it is pi-1.
@@ -221,15 +228,9 @@ def test_a_stranger_on_the_network_gets_nothing_but_the_fleet_api(tmp_path):
 
             # Device services as `skip2fleet`; keys and archives 0600.
             for host in hosts[:3]:
-                pids = in_namespace(host.name, "ps", "-eo", "user=,args=").stdout
-                services = [
-                    line
-                    for line in pids.splitlines()
-                    if "flower-supernode" in line or AGENT_MODULE in line
-                ]
-                assert len(services) >= 2 and all(
-                    line.split()[0] == "skip2fleet" for line in services
-                ), pids
+                services = service_processes(host)
+                assert len(services) >= 2, services  # the SuperNode (and its helper) and the agent
+                assert {user for user, _ in services} == {"skip2fleet"}, services
                 node_key = host.folder / "opt" / "etc" / "node.key"
                 assert node_key.stat().st_mode & 0o777 == 0o600
                 assert node_key.owner() == "skip2fleet"
