@@ -1,4 +1,5 @@
-"""The command lines of a device's long-lived processes: its SuperNode and its agent.
+"""The command lines of a device's long-lived processes: its SuperNode, the SuperExec that runs
+its ClientApps, and its agent.
 
 The coordinator renders them into services (`fleet deploy`) and the loopback deployment starts
 them directly, so both run a device the same way. The agent runs as its own module, so a device
@@ -18,9 +19,12 @@ def supernode_command(
     ca_cert: Path | None = None,
     node_key: Path | None = None,
     data_dir: Path | None = None,
+    superexec_secret: Path | None = None,
 ) -> list[str]:
     """Connect to `superlink` (host:port) as `device`; TLS and node authentication when a CA
-    certificate and a node key are given, plain HTTP otherwise."""
+    certificate and a node key are given, plain HTTP otherwise. With `superexec_secret`, the
+    ClientApps run in a separate SuperExec (`superexec_command`, which may run as another user)
+    that proves itself with that secret; without, the SuperNode starts its own as a child."""
     node_config = f"device='{device}' state-dir='{state_dir}'"
     if data_dir is not None:
         node_config += f" data-dir='{data_dir}'"
@@ -33,6 +37,8 @@ def supernode_command(
         "--port",
         str(port),
     ]
+    if superexec_secret is not None:
+        command += ["--isolation", "process", "--superexec-auth-secret-file", str(superexec_secret)]
     if ca_cert is not None and node_key is not None:
         return [
             *command,
@@ -42,6 +48,18 @@ def supernode_command(
             str(node_key),
         ]
     return [*command, "--insecure"]
+
+
+def superexec_command(superexec_secret: Path, port: int = 9094) -> list[str]:
+    """The runner of the device's ClientApps, beside an isolated SuperNode on `port`."""
+    return [
+        "flower-superexec",
+        "--runtime-api-address",
+        f"127.0.0.1:{port}",
+        "--insecure",  # loopback on the device itself
+        "--superexec-auth-secret-file",
+        str(superexec_secret),
+    ]
 
 
 AGENT_MODULE = "skip2fleet.client.telemetry.agent"

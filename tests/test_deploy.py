@@ -48,21 +48,28 @@ def stop_coordinator_services(state: Path) -> None:
         )
 
 
+SERVICES = (
+    "flower-supernode",
+    "flower-superexec --runtime-api-address",
+    f"{AGENT_MODULE} --config",
+)
+
+
 def service_processes(host: FakeHost) -> list[tuple[str, str]]:
-    """(user, command line) of the device's SuperNode and agent processes in its namespace."""
+    """(user, command line) of the device's SuperNode, SuperExec and agent processes."""
     pids = subprocess.run(["ip", "netns", "pids", host.name], capture_output=True, text=True)
     found = []
     for pid in pids.stdout.split():
         with contextlib.suppress(OSError, KeyError):
             proc = Path(f"/proc/{pid}")
             command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            if "flower-supernode" in command or f"{AGENT_MODULE} --config" in command:
+            if any(name in command for name in SERVICES):
                 found.append((pwd.getpwuid(proc.stat().st_uid).pw_name, command))
     return found
 
 
 def services_running(host: FakeHost) -> int:
-    """How many of the device's SuperNode and agent are running in its namespace."""
+    """How many of the device's SuperNode, SuperExec and agent are running."""
     return len(service_processes(host))
 
 
@@ -201,7 +208,7 @@ def test_a_wrong_key_and_a_full_disk_are_named_and_leave_nothing_running(tmp_pat
 
             code, _, output = deploy(path, key, "--limit", "pi-1")
             assert code == 0, output
-            assert services_running(hosts[0]) == 2
+            assert services_running(hosts[0]) == len(SERVICES)
             code, _, output = deploy(path, key, "--check", "--limit", "pi-1")
             assert code == 0 and summary(output)["pi-1"][1] == 0, output  # nothing would change
             config["devices"][0]["agent_port"] = 9111  # a new configuration ...

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -57,6 +58,8 @@ build-backend = "hatchling.build"
 [project]
 name = "evil"
 version = "1.0.0"
+description = "A stranger's app"
+license = "Apache-2.0"
 dependencies = []
 
 [tool.flwr.app]
@@ -66,12 +69,27 @@ publisher = "stranger"
 serverapp = "evil:server"
 clientapp = "evil:client"
 """
+# Leaves a mark wherever Flower runs it: on a device (ClientApp) or the coordinator (ServerApp).
 EVIL_MODULE = """
 from pathlib import Path
-Path("{marker}").write_text("a stranger's code ran here")
+
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
-client, server = ClientApp(), ServerApp()
+
+MARKER = Path("{marker}")
+client = ClientApp()
+server = ServerApp()
+
+
+@client.train()
+def train(msg, context):
+    MARKER.write_text("a stranger's ClientApp ran here")
+    return msg
+
+
+@server.main()
+def main(grid, context):
+    MARKER.write_text("a stranger's ServerApp ran here")
 """
 
 
@@ -159,7 +177,7 @@ def test_a_stranger_on_the_network_gets_nothing_but_the_fleet_api(tmp_path):
                 f'[superlink]\ndefault = "fleet"\n\n[superlink.fleet]\naddress = "{COORDINATOR_IP}:'
                 f'{config["coordinator"]["port"]}"\nroot-certificates = "{ca}"\n'
             )
-            evil = tmp_path / "evil"
+            evil = tmp_path / "stranger-app"
             evil.mkdir()
             (evil / "pyproject.toml").write_text(EVIL_APP)
             (evil / "evil.py").write_text(EVIL_MODULE.format(marker=marker))
@@ -180,10 +198,12 @@ def test_a_stranger_on_the_network_gets_nothing_but_the_fleet_api(tmp_path):
             }
             for what, command in attempts.items():
                 done = in_namespace(attacker, *command, "--format", "json", env=env)
-                answer = done.stdout[done.stdout.find("{") :]
-                reason = json.loads(answer).get("error-message", "") if answer else done.stderr
-                record.append(f"{what}: exit {done.returncode}: {' '.join(reason.split())[:160]}")
-                assert done.returncode != 0, (what, done.stdout, done.stderr)
+                answer = json.loads(done.stdout[done.stdout.find("{") :])
+                reason = " ".join(answer.get("error-message", "").split())
+                refused = re.search(r"'(\d{3} [A-Za-z ]+)' for url '[^']*?(/v1/[a-z/-]+)'", reason)
+                assert answer["success"] is False and refused, (what, reason)
+                assert refused[1] == "403 Forbidden", (what, reason)  # at the front door
+                record.append(f"{what}: {refused[1]} ({refused[2]})")
 
             # A SuperNode whose key is registered as pi-4 says it is pi-1.
             impostor = subprocess.Popen(
@@ -228,12 +248,19 @@ def test_a_stranger_on_the_network_gets_nothing_but_the_fleet_api(tmp_path):
 
             # Device services as `skip2fleet`; keys and archives 0600.
             for host in hosts[:3]:
-                services = service_processes(host)
-                assert len(services) >= 2, services  # the SuperNode (and its helper) and the agent
-                assert {user for user, _ in services} == {"skip2fleet"}, services
+                users = {
+                    user: command.split()[1].rsplit("/", 1)[-1]
+                    for user, command in service_processes(host)
+                }
+                assert len(service_processes(host)) == 3, users
+                assert set(users) == {"skip2fleet", "skip2fleet-app"}, users
+                assert users["skip2fleet-app"] == "flower-superexec", users  # the ClientApps' user
                 node_key = host.folder / "opt" / "etc" / "node.key"
                 assert node_key.stat().st_mode & 0o777 == 0o600
                 assert node_key.owner() == "skip2fleet"
+                as_app = ["runuser", "-u", "skip2fleet-app", "--", "cat", str(node_key)]
+                denied = subprocess.run(as_app, capture_output=True, text=True)
+                assert denied.returncode != 0 and "Permission denied" in denied.stderr
             archives = list(state.glob("devices/*/etc-*.tar"))
             assert archives
             for secret in [
@@ -245,7 +272,11 @@ def test_a_stranger_on_the_network_gets_nothing_but_the_fleet_api(tmp_path):
                 assert secret.stat().st_mode & 0o777 == 0o600, secret
             prometheus = state / "coordinator" / "prometheus" / "prometheus.yml"
             assert prometheus.stat().st_mode & 0o777 == 0o644
-            record.append("device services run as skip2fleet; node keys and archives 0600")
+            record.append(
+                "SuperNode and agent run as skip2fleet, the SuperExec and its ClientApps as "
+                f"skip2fleet-app, which cannot read the node key ({denied.stderr.strip()}); "
+                "keys and archives 0600"
+            )
     finally:
         stop_coordinator_services(state)
         shutil.rmtree(marker.parent, ignore_errors=True)

@@ -33,12 +33,14 @@ from skip2fleet.server.progress import stderr
 from skip2fleet.shared.atomic import write_atomic, write_text_atomic
 from skip2fleet.shared.config import Device, FleetConfig, load_config, state_dir
 from skip2fleet.shared.errors import FleetError
-from skip2fleet.shared.services import agent_command, supernode_command
+from skip2fleet.shared.services import agent_command, superexec_command, supernode_command
 
 # Package data (a folder without __init__.py, so that it never shadows Ansible's own `ansible`).
 ANSIBLE_DIR = wheelhouse.package_root("ansible")
 SUPERNODE_PORT = 9094
 SERVICE_USER = "skip2fleet"  # a device's services run as this system user, never as root
+APP_USER = "skip2fleet-app"  # its ClientApps as this one, which cannot read the node key
+SUPEREXEC_SECRET = "superexec.secret"  # made on the device: the SuperNode and SuperExec share it
 MIN_FREE_MB = 600
 PUSHGATEWAY_WEB_CONFIG = "pushgateway/web.yml"
 HOST_KEY_CHANGED = "REMOTE HOST IDENTIFICATION HAS CHANGED"
@@ -121,15 +123,20 @@ def device_vars(fleet: FleetConfig, device: Device, creds: Credentials) -> dict:
         home / "etc" / "ca.crt" if tls else None,
         home / "etc" / "node.key" if tls else None,
         Path(device.data.data_dir) if device.data.data_dir else None,
+        home / "etc" / SUPEREXEC_SECRET,
     )
+    superexec = superexec_command(home / "etc" / SUPEREXEC_SECRET, SUPERNODE_PORT)
     return {
         "ansible_host": device.host,
         "ansible_user": device.ssh_user,
         "ansible_python_interpreter": device.python,
         "install_dir": str(home),
         "service_user": SERVICE_USER,
+        "app_user": APP_USER,
+        "superexec_secret": str(home / "etc" / SUPEREXEC_SECRET),
         "device_etc": str(device_etc(fleet, device, creds)),
         "supernode_argv": [str(home / "venv" / "bin" / supernode[0]), *supernode[1:]],
+        "superexec_argv": [str(home / "venv" / "bin" / superexec[0]), *superexec[1:]],
         "agent_argv": agent_command(
             home / "venv" / "bin" / "python",
             home / "etc" / "fleet.yaml",
