@@ -1,10 +1,12 @@
-"""Each round's figures, pushed to a Prometheus Pushgateway, grouped by run.
+"""Each round's figures, pushed to a Prometheus Pushgateway, one group per round of a run.
 
 Flower ends the ServerApp's process with the run, so nothing there can be scraped: the coordinator
-pushes after every round instead. Names follow Prometheus conventions: base units with unit
-suffixes, labels `device`, `method`, `round` (and `job`, `run` from the grouping key); nothing per
-training step. A Pushgateway that cannot be reached costs one logged line per round: the round has
-already been written to the run folder.
+pushes after every round instead. Each round is its own group (`job`, `run`, `round`), so the
+gateway keeps every round of a run and a Prometheus that was down catches up on all of them when
+it scrapes again. Names follow Prometheus conventions: base units with unit suffixes, labels
+`device`, `method`, `round`; nothing per training step. A Pushgateway that cannot be reached costs
+one logged line per round: the round has already been written to the run folder, and the
+coordinator pushes it again after the next round.
 """
 
 from __future__ import annotations
@@ -67,7 +69,11 @@ def push_round(gateway: str, run: str, method: str, result: dict) -> str | None:
     try:
         registry = round_registry(result, method)
         push_to_gateway(
-            gateway, job=JOB, grouping_key={"run": run}, registry=registry, timeout=PUSH_TIMEOUT_S
+            gateway,
+            job=JOB,
+            grouping_key={"run": run, "round": str(result["round"])},
+            registry=registry,
+            timeout=PUSH_TIMEOUT_S,
         )
     except OSError as exc:  # URLError and connection errors are OSErrors
         log.warning(

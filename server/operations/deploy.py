@@ -125,7 +125,11 @@ def coordinator_vars(fleet: FleetConfig, creds: Credentials) -> dict:
         "monitoring_archive": str(monitoring_archive(fleet)),
         "fleet_cli": f"{sys.executable} -m skip2fleet.server.cli",
         "superlink_argv": [str(bin_dir / superlink[0]), *superlink[1:]],
-        "pushgateway_argv": ["prometheus-pushgateway", f"--web.listen-address={gateway}"],
+        "pushgateway_argv": [
+            "prometheus-pushgateway",
+            f"--web.listen-address={gateway}",
+            f"--persistence.file={state / 'coordinator/pushgateway.metrics'}",
+        ],
         "prometheus_argv": [
             "prometheus",
             f"--config.file={state / 'coordinator/prometheus/prometheus.yml'}",

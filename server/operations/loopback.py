@@ -135,9 +135,15 @@ def start_prometheus(processes: Processes, config_dir: Path, port: int) -> None:
 
 
 def start_pushgateway(processes: Processes, port: int) -> None:
+    """Debian's Pushgateway on loopback; its persistence file beside the logs keeps the pushed
+    rounds across a restart."""
     processes.start(
         "pushgateway",
-        ["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{port}"],
+        [
+            "prometheus-pushgateway",
+            f"--web.listen-address=127.0.0.1:{port}",
+            f"--persistence.file={processes.folder / 'pushgateway.metrics'}",
+        ],
         dict(os.environ),
     )
 
