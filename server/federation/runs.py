@@ -92,20 +92,35 @@ class RunFolder:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 handle.seek(0)
-                holder = handle.read().strip() or "another process"
-                raise FleetError(
-                    f"{self.path}: its run is still active ({holder} holds run.lock); "
-                    "wait for it to end or stop it with `flwr stop`"
-                ) from None
+                raise self._active(handle.read().strip()) from None
             handle.truncate(0)
             handle.write(f"pid {os.getpid()}\n")
             handle.flush()
             yield
 
+    def holder(self) -> str | None:
+        """Who holds the folder ("pid N") while a ServerApp writes it, else None."""
+        path = self.path / "run.lock"
+        if not path.is_file():
+            return None
+        with path.open() as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return handle.read().strip() or "another process"
+        return None
+
     def check_idle(self) -> None:
         """Refuse a folder whose ServerApp is still running."""
-        with self.lock():
-            pass
+        holder = self.holder()
+        if holder is not None:
+            raise self._active(holder)
+
+    def _active(self, holder: str) -> FleetError:
+        return FleetError(
+            f"{self.path}: its run is still active ({holder or 'another process'} holds "
+            "run.lock); wait for it to end or stop it with `flwr stop`"
+        )
 
     def verify(self) -> None:
         """Every completed round's files against its manifest; the first bad file is named."""
