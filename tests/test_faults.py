@@ -123,6 +123,11 @@ def file_hashes(run: Path) -> dict[str, str]:
     }
 
 
+def online(fleet) -> list[int]:
+    nodes = flwr(fleet, "supernode", "list", CONNECTION)["nodes"]
+    return [n["node-id"] for n in nodes if n["status"] == "online"]
+
+
 def kill_group(process: subprocess.Popen) -> None:
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
@@ -187,9 +192,14 @@ def test_late_device_killed_device_superlink_restart_and_resume(deployment):
     before = file_hashes(run)
     completed = RunFolder(run).completed_rounds()
     kill_group(processes.started["superlink"])
+    killed_at = time.monotonic()
     time.sleep(2)
     start_superlink(processes, fleet, "superlink-2")
     assert follower.wait(timeout=TIMEOUT_S + 60) == 2
+    figure(
+        "SuperLink restart: seconds until `fleet run` exits 2",
+        f"{time.monotonic() - killed_at:.0f}",
+    )
     said = processes.log("fleet-run")
     assert f"fleet run --resume {run}" in said, said[-2000:]
     in_flight = max(completed) + 1
@@ -217,9 +227,10 @@ def poisoned_run(deployment) -> RunFolder:
         start_supernode(processes, fleet, root, "pi-3", "pi-3-poisoned")
     faults = {"pi-2": {"1": "scale1000", "2": "shape"}, "pi-3": {"1": "nan"}}
     for device, rounds in faults.items():
+        (root / "devices" / device).mkdir(parents=True, exist_ok=True)
         (root / "devices" / device / "inject-fault.json").write_text(json.dumps(rounds))
-    federation = dataclasses.replace(fleet.federation, rounds=2, min_devices=3)
-    fleet = dataclasses.replace(fleet, federation=federation)
+    fleet = dataclasses.replace(fleet, federation=dataclasses.replace(fleet.federation, rounds=2))
+    wait_for(lambda: len(online(fleet)) == 3, 120, "three devices online")
     folder = RunFolder.create(root / "run-b", as_yaml_dict(fleet), fleet_base(fleet))
     try:
         follow(fleet, folder, start_run(fleet, folder, FAULTY_CLIENTAPP))

@@ -114,10 +114,7 @@ def run_command(
 ) -> None:
     """Run the fleet's federated rounds on its SuperLink and SuperNodes (TLS, node auth)."""
     if resume is not None:
-        folder = RunFolder(resume)
-        folder.check_idle()
-        folder.verify()
-        folder.extend(rounds).clear_failure()
+        folder = RunFolder(resume).resume(rounds)
         fleet = folder.config()
     else:
         fleet = load_config(config)

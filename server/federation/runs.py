@@ -75,6 +75,16 @@ class RunFolder:
             )
         return self
 
+    def resume(self, rounds: int | None) -> RunFolder:
+        """Ready the folder to continue: refused while its ServerApp runs or when a completed
+        round does not match its manifest (named; nothing is submitted), then `extend`."""
+        holder = self.holder()
+        if holder is not None:
+            raise self._active(holder)
+        self.verify()
+        self.extend(rounds).clear_failure()
+        return self
+
     def record_failure(self, reason: str) -> None:
         """Why the run stopped early, for `fleet run` to report (the ServerApp's log is remote);
         on a full disk even this may fail, and the reason is left to Flower's run status."""
@@ -109,12 +119,6 @@ class RunFolder:
             except BlockingIOError:
                 return handle.read().strip() or "another process"
         return None
-
-    def check_idle(self) -> None:
-        """Refuse a folder whose ServerApp is still running."""
-        holder = self.holder()
-        if holder is not None:
-            raise self._active(holder)
 
     def _active(self, holder: str) -> FleetError:
         return FleetError(

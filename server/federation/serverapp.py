@@ -113,7 +113,6 @@ def wait_for_nodes(
 
 def coordinate(grid: Grid, folder: RunFolder, on_round: RoundListener) -> None:
     config = folder.config()
-    folder.clear_failure()
     base = folder.base()
     digest = base_model.sha256(base)
     dims = base_model.dims(base)
