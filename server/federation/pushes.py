@@ -64,23 +64,26 @@ def round_registry(result: dict, method: str) -> CollectorRegistry:
     return registry
 
 
-def push_round(gateway: str, run: str, method: str, result: dict) -> str | None:
-    """Push the round's figures; returns the reason if the Pushgateway could not take them."""
-    try:
-        registry = round_registry(result, method)
-        push_to_gateway(
-            gateway,
-            job=JOB,
-            grouping_key={"run": run, "round": str(result["round"])},
-            registry=registry,
-            timeout=PUSH_TIMEOUT_S,
-        )
-    except OSError as exc:  # URLError and connection errors are OSErrors
-        log.warning(
-            "round %s: Pushgateway %s unreachable (%s); figures are in the run folder",
-            result["round"],
-            gateway,
-            exc,
-        )
-        return str(exc)
-    return None
+def push_rounds(gateway: str, run: str, method: str, pending: list[dict]) -> list[dict]:
+    """Push `pending` rounds oldest first; returns those the Pushgateway did not take, for the
+    next call. An unreachable gateway costs one logged line per call."""
+    for index, result in enumerate(pending):
+        try:
+            push_to_gateway(
+                gateway,
+                job=JOB,
+                grouping_key={"run": run, "round": str(result["round"])},
+                registry=round_registry(result, method),
+                timeout=PUSH_TIMEOUT_S,
+            )
+        except OSError as exc:  # URLError and connection errors are OSErrors
+            log.warning(
+                "round %s: Pushgateway %s unreachable (%s); %d round(s) kept to push after the "
+                "next round; the figures are in the run folder",
+                pending[-1]["round"],
+                gateway,
+                exc,
+                len(pending) - index,
+            )
+            return pending[index:]
+    return []

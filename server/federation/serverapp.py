@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from skip2fleet.server.federation.aggregation import STRATEGIES, Update
 from skip2fleet.server.federation.exchange import Exchange, exchange
-from skip2fleet.server.federation.pushes import push_round
+from skip2fleet.server.federation.pushes import push_rounds
 from skip2fleet.server.federation.runs import RunFolder
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.adapters import pack, packed_size, unpack
@@ -176,11 +176,8 @@ def coordinate(grid: Grid, folder: RunFolder, on_round: RoundListener) -> None:
         )
         folder.save_round(number, result, received, outgoing)
         if config.coordinator.pushgateway:
-            unpushed = [
-                r
-                for r in [*unpushed, result]
-                if push_round(config.coordinator.pushgateway, folder.path.name, method.name, r)
-            ]
+            gateway = config.coordinator.pushgateway
+            unpushed = push_rounds(gateway, folder.path.name, method.name, [*unpushed, result])
         on_round(result)
 
 
