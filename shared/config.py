@@ -8,6 +8,8 @@ anything starts.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +31,13 @@ TRAINING_LIMITS = {
     "batch_size": (1, 65_536),
     "pretrain_epochs": (1, 100_000),
 }
+# Values that end up in shells, paths and templates: only these shapes get through.
+DEVICE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+HOST_NAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+SAFE_PATH = re.compile(r"/[A-Za-z0-9._/+-]*")
 MAX_LR = 100.0  # the learning rate lies in (0, MAX_LR]; beyond it, surely a typo
 
 
@@ -38,8 +47,10 @@ class ConfigError(FleetError):
 
 @dataclass(frozen=True)
 class Coordinator:
-    address: str = "127.0.0.1"  # where the devices reach the SuperLink
-    port: int = 8000  # the SuperLink's one HTTP(S) port
+    address: str = "127.0.0.1"  # where the devices reach the front door (nginx)
+    port: int = 8000  # the front door's HTTPS port: the Fleet API only
+    superlink_port: int = 9093  # the SuperLink's own port, on the coordinator's loopback only
+    max_request_bytes: int = 1 << 20  # the largest request a device may send (its reply)
     state_dir: str = "~/.skip2fleet"  # certificates, node keys, run folders
     tls: bool = True
     pushgateway: str | None = None  # host:port; each round's figures are pushed there
@@ -228,10 +239,39 @@ def _check(config: FleetConfig) -> None:
         fail("federation.round_timeout_s", "must be positive")
     if not fed.max_update_ratio > 1:
         fail("federation.max_update_ratio", "must be above 1")
-    if not 0 < config.coordinator.port < 65536:
-        fail("coordinator.port", "must be a TCP port, 1 to 65535")
+    for key in ("port", "superlink_port", "prometheus_port"):
+        if not 0 < getattr(config.coordinator, key) < 65536:
+            fail(f"coordinator.{key}", "must be a TCP port, 1 to 65535")
+    if config.coordinator.superlink_port == config.coordinator.port:
+        fail("coordinator.superlink_port", "must differ from coordinator.port (the front door)")
+    if not 1024 <= config.coordinator.max_request_bytes <= 1 << 30:
+        fail("coordinator.max_request_bytes", "must be between 1024 and 1073741824")
+    if not _is_host(config.coordinator.address):
+        fail(
+            "coordinator.address",
+            f"{config.coordinator.address!r} is not a host name or IP address",
+        )
     seen: set[str] = set()
     for i, device in enumerate(config.devices):
+        checks = (
+            ("name", DEVICE_NAME.fullmatch(device.name), "lower-case letters, digits and '-'"),
+            ("host", _is_host(device.host), "a host name or IP address"),
+            ("ssh_user", USER_NAME.fullmatch(device.ssh_user), "a user name"),
+            (
+                "install_dir",
+                _is_safe_path(device.install_dir),
+                "an absolute path of plain characters",
+            ),
+            ("python", _is_safe_path(device.python), "an absolute path of plain characters"),
+        )
+        for key, ok, shape in checks:
+            if not ok:
+                fail(f"devices[{i}].{key}", f"{getattr(device, key)!r} is not {shape}")
+        if device.data.data_dir is not None and not _is_safe_path(device.data.data_dir):
+            fail(
+                f"devices[{i}].data.data_dir",
+                f"{device.data.data_dir!r} is not an absolute path of plain characters",
+            )
         if device.name in seen:
             fail(f"devices[{i}].name", f"duplicate device name {device.name!r}")
         seen.add(device.name)
@@ -256,6 +296,19 @@ def _check(config: FleetConfig) -> None:
             "fedavg averages A and B element-wise and needs one "
             f"rank on every device, found ranks {sorted(ranks)}; use svd",
         )
+
+
+def _is_host(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        return bool(HOST_NAME.fullmatch(value))
+
+
+def _is_safe_path(value: str) -> bool:
+    """Absolute, no `..` and nothing a shell or a template would read as syntax."""
+    return bool(SAFE_PATH.fullmatch(value)) and ".." not in value.split("/")
 
 
 def as_yaml_dict(config: FleetConfig) -> dict:

@@ -3,6 +3,9 @@ sshd (key login), hostname, /etc/hosts and empty resolv.conf (so name lookups do
 
 Only addresses inside namespaces made here are used (10.231.0.0/24 and 10.232.0.0/24 on bridges
 of our own). `systemd_host` boots a Debian root with systemd-nspawn for the systemd path.
+Deployments log in as OPERATOR, an ordinary user with passwordless sudo (as `pi` on Raspberry Pi
+OS); the hosts' folders lie under /var/tmp (pytest's own temporary folder is closed to other
+users, and a device's services run as their own user).
 Teardown kills every process of each namespace, waits until none are left, then removes links,
 namespaces and the bridge, so that the next set-up does not fail with "File exists".
 """
@@ -11,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +26,19 @@ from pathlib import Path
 BRIDGE = "s2fbr0"
 SUBNET = "10.231.0"
 COORDINATOR_IP = f"{SUBNET}.1"
+OPERATOR = "s2fop"
+
+
+def operator_user() -> str:
+    """OPERATOR on this machine (the namespaces share its users), with passwordless sudo; a
+    password of '*' rather than useradd's '!', which sshd reads as a locked account."""
+    if subprocess.run(["id", OPERATOR], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", OPERATOR], check=True)
+    subprocess.run(["usermod", "--password", "*", OPERATOR], check=True)
+    sudoers = Path("/etc/sudoers.d") / OPERATOR
+    sudoers.write_text(f"{OPERATOR} ALL=(ALL) NOPASSWD: ALL\n")
+    sudoers.chmod(0o440)
+    return OPERATOR
 
 
 @dataclass(frozen=True)
@@ -61,9 +79,12 @@ def ssh_keypair(folder: Path) -> Path:
 
 
 @contextlib.contextmanager
-def fake_hosts(folder: Path, count: int, login_key: Path) -> Iterator[list[FakeHost]]:
+def fake_hosts(count: int, login_key: Path) -> Iterator[list[FakeHost]]:
     names = [f"s2f{i + 1}" for i in range(count)]
     _teardown(names)  # leftovers of a run that was killed
+    operator_user()
+    folder = Path(tempfile.mkdtemp(prefix="skip2fleet-hosts-", dir="/var/tmp"))
+    folder.chmod(0o755)
     hosts = []
     try:
         _ip("link", "add", BRIDGE, "type", "bridge")
@@ -148,6 +169,7 @@ def fake_hosts(folder: Path, count: int, login_key: Path) -> Iterator[list[FakeH
         yield hosts
     finally:
         _teardown(names)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def ssh_command(host: FakeHost, key: Path, *command: str) -> list[str]:
@@ -170,13 +192,16 @@ def ssh_command(host: FakeHost, key: Path, *command: str) -> list[str]:
 
 SYSTEMD_ROOT = Path(os.environ.get("SKIP2FLEET_TEST_ROOTFS", "/var/tmp/skip2fleet-bookworm"))
 SYSTEMD_BRIDGE, SYSTEMD_SUBNET = "s2fbr9", "10.232.0"
-SYSTEMD_PACKAGES = "systemd,systemd-sysv,dbus,openssh-server,python3,python3-venv,iproute2,procps"
+SYSTEMD_PACKAGES = (
+    "systemd,systemd-sysv,dbus,openssh-server,sudo,python3,python3-venv,iproute2,procps"
+)
+SYSTEMD_USER = "pi"  # as Raspberry Pi OS sets it up: an ordinary user with passwordless sudo
 
 
 def systemd_root() -> Path:
-    """A Debian bookworm root with systemd, sshd and Python, made once and reused (booted with
-    --volatile=overlay, so every test gets it unchanged)."""
-    marker = SYSTEMD_ROOT / ".skip2fleet-complete"
+    """A Debian bookworm root with systemd, sshd, sudo, Python and the user `pi`, made once and
+    reused (booted with --volatile=overlay, so every test gets it unchanged)."""
+    marker = SYSTEMD_ROOT / ".skip2fleet-complete-2"
     if not marker.exists():
         subprocess.run(["rm", "-rf", str(SYSTEMD_ROOT)], check=True)
         subprocess.run(
@@ -190,6 +215,15 @@ def systemd_root() -> Path:
             check=True,
             capture_output=True,
         )
+        chroot = ["chroot", str(SYSTEMD_ROOT)]
+        subprocess.run([*chroot, "useradd", "-m", "-s", "/bin/sh", SYSTEMD_USER], check=True)
+        subprocess.run([*chroot, "usermod", "-p", "*", SYSTEMD_USER], check=True)
+        sudoers = SYSTEMD_ROOT / "etc" / "sudoers.d" / SYSTEMD_USER
+        sudoers.write_text(f"{SYSTEMD_USER} ALL=(ALL) NOPASSWD: ALL\n")
+        sudoers.chmod(0o440)
+        home = f"/home/{SYSTEMD_USER}"
+        owner = ["-o", SYSTEMD_USER, "-g", SYSTEMD_USER]
+        subprocess.run([*chroot, "install", "-d", "-m", "0700", *owner, f"{home}/.ssh"], check=True)
         marker.write_text("")
     return SYSTEMD_ROOT
 
@@ -234,6 +268,7 @@ def systemd_host(folder: Path, login_key: Path) -> Iterator[FakeHost]:
                 "-D",
                 str(root),
                 f"--bind-ro={login_key.with_suffix('.pub')}:/root/.ssh/authorized_keys",
+                f"--bind-ro={login_key.with_suffix('.pub')}:/home/{SYSTEMD_USER}/.ssh/authorized_keys",
             ],
             stdin=subprocess.DEVNULL,
             stdout=(host.folder / "console.log").open("w"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -101,9 +102,11 @@ def test_an_empty_or_folder_fleet_yaml_here_is_an_error_not_the_example(
 
 def test_without_a_fleet_yaml_simulate_says_it_runs_the_built_in_example(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    pythonpath = os.environ.get("PYTHONPATH")
     result = CliRunner().invoke(app, ["simulate", "--rounds", "1", "--devices", "2"])
     assert result.exit_code == 0, result.output
     assert "no ./fleet.yaml: running the built-in example fleet" in result.output
+    assert os.environ.get("PYTHONPATH") == pythonpath  # Ray's rewrite is undone
 
 
 def test_command_line_values_get_fleet_yaml_bounds():
@@ -114,3 +117,29 @@ def test_command_line_values_get_fleet_yaml_bounds():
         parse_config(config)
     result = CliRunner().invoke(app, ["bench", "timing", "--rank", str(limits["rank"][1] + 1)])
     assert result.exit_code == 2 and "--rank" in result.output
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("name", "../../evil"),
+        ("name", "Pi 1"),
+        ("host", "pi-1.local; rm -rf /"),
+        ("host", "pi 1"),
+        ("ssh_user", "pi$(id)"),
+        ("install_dir", "/opt/$(touch /tmp/pwned)"),
+        ("install_dir", "/opt/../etc"),
+        ("install_dir", "opt/skip2fleet"),
+        ("python", "python3"),
+    ],
+)
+def test_values_that_reach_a_shell_or_a_path_are_checked(tmp_path, key, value):
+    config = example()
+    config["devices"][1][key] = value
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump(config))
+    for command in (["simulate"], ["deploy", "--check"], ["certs"]):
+        result = CliRunner().invoke(app, [*command, "--config", str(path)])
+        assert result.exit_code == 2, result.output
+        assert f"devices[1].{key}: {value!r} is not" in result.output, result.output
+    assert list(tmp_path.iterdir()) == [path]  # nothing written, nothing started

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -23,7 +24,7 @@ from typer.testing import CliRunner
 from skip2fleet.server.cli import app
 from skip2fleet.server.operations.loopback import free_port, prometheus_query, wait_for
 from skip2fleet.shared.services import AGENT_MODULE
-from tests.fakehosts import COORDINATOR_IP, FakeHost, fake_hosts, ssh_keypair
+from tests.fakehosts import COORDINATOR_IP, OPERATOR, FakeHost, fake_hosts, ssh_keypair
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(
@@ -47,14 +48,22 @@ def stop_coordinator_services(state: Path) -> None:
         )
 
 
+def service_processes(host: FakeHost) -> list[tuple[str, str]]:
+    """(user, command line) of the device's SuperNode and agent processes in its namespace."""
+    pids = subprocess.run(["ip", "netns", "pids", host.name], capture_output=True, text=True)
+    found = []
+    for pid in pids.stdout.split():
+        with contextlib.suppress(OSError, KeyError):
+            proc = Path(f"/proc/{pid}")
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if "flower-supernode" in command or f"{AGENT_MODULE} --config" in command:
+                found.append((pwd.getpwuid(proc.stat().st_uid).pw_name, command))
+    return found
+
+
 def services_running(host: FakeHost) -> int:
     """How many of the device's SuperNode and agent are running in its namespace."""
-    pids = subprocess.run(["ip", "netns", "pids", host.name], capture_output=True, text=True)
-    lines = []
-    for pid in pids.stdout.split():
-        with contextlib.suppress(OSError):
-            lines.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
-    return sum(1 for c in lines if "flower-supernode" in c or f"{AGENT_MODULE} --config" in c)
+    return len(service_processes(host))
 
 
 def write_fleet(folder: Path, address: str, devices: list[dict], **sections: dict) -> dict:
@@ -64,6 +73,7 @@ def write_fleet(folder: Path, address: str, devices: list[dict], **sections: dic
         "coordinator": {
             "address": address,
             "port": free_port(),
+            "superlink_port": free_port(),
             "state_dir": str(folder / "state"),
             "pushgateway": f"127.0.0.1:{free_port()}",
             "prometheus_port": free_port(),
@@ -79,7 +89,7 @@ def fake_device(index: int, host: FakeHost, install_root: Path) -> dict:
     return {
         "name": f"pi-{index + 1}",
         "host": host.address,
-        "ssh_user": "root",
+        "ssh_user": OPERATOR,
         "data": {"partition": index},
         "install_dir": str(install_root / "opt"),
     }
@@ -111,7 +121,7 @@ def test_deploy_twice_then_two_rounds_across_the_devices(tmp_path):
     key = ssh_keypair(tmp_path)
     state = tmp_path / "state"
     try:
-        with fake_hosts(tmp_path, 4, key) as hosts:
+        with fake_hosts(4, key) as hosts:
             os.kill(int((hosts[3].folder / "sshd.pid").read_text()), signal.SIGTERM)  # pi-4 is down
             config = write_fleet(
                 tmp_path,
@@ -164,11 +174,11 @@ def test_deploy_twice_then_two_rounds_across_the_devices(tmp_path):
 def test_a_wrong_key_and_a_full_disk_are_named_and_leave_nothing_running(tmp_path):
     key, wrong = ssh_keypair(tmp_path), ssh_keypair(Path(tempfile.mkdtemp(dir=tmp_path)))
     state = tmp_path / "state"
-    small = tmp_path / "small-disk"  # mounted before the hosts' sshd copy the mount table
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", small], check=True)
+    # Mounted before the hosts' sshd copy the mount table; where the deploying user can look.
+    small = Path(tempfile.mkdtemp(prefix="skip2fleet-small-disk-", dir="/var/tmp"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", small], check=True)
     try:
-        with fake_hosts(tmp_path, 2, key) as hosts:
+        with fake_hosts(2, key) as hosts:
             devices = [fake_device(0, hosts[0], hosts[0].folder), fake_device(1, hosts[1], small)]
             config = write_fleet(tmp_path, COORDINATOR_IP, devices, federation={"min_devices": 1})
             path = tmp_path / "fleet.yaml"
@@ -205,6 +215,7 @@ def test_a_wrong_key_and_a_full_disk_are_named_and_leave_nothing_running(tmp_pat
     finally:
         stop_coordinator_services(state)
         subprocess.run(["umount", "--lazy", small], check=False)
+        small.rmdir()
 
 
 @pytest.mark.skipif(
@@ -212,7 +223,7 @@ def test_a_wrong_key_and_a_full_disk_are_named_and_leave_nothing_running(tmp_pat
     reason="needs systemd-nspawn and debootstrap (.ci/run installs them)",
 )
 def test_a_systemd_device_gets_units_and_fine_tunes(tmp_path):
-    from tests.fakehosts import SYSTEMD_SUBNET, ssh_command, systemd_host
+    from tests.fakehosts import SYSTEMD_SUBNET, SYSTEMD_USER, ssh_command, systemd_host
 
     key = ssh_keypair(tmp_path)
     state = tmp_path / "state"
@@ -221,7 +232,7 @@ def test_a_systemd_device_gets_units_and_fine_tunes(tmp_path):
             write_fleet(
                 tmp_path,
                 f"{SYSTEMD_SUBNET}.1",
-                [{"name": "pi-sd", "host": host.address, "ssh_user": "root"}],
+                [{"name": "pi-sd", "host": host.address, "ssh_user": SYSTEMD_USER}],
                 training={"epochs": 30, "pretrain_epochs": 5},
                 federation={"rounds": 1, "min_devices": 1, "round_timeout_s": 90},
             )

@@ -27,6 +27,7 @@ def loopback_fleet(tmp_path):
         "coordinator": {
             "address": "127.0.0.1",
             "port": free_port(),
+            "superlink_port": free_port(),
             "state_dir": str(tmp_path / "state"),
             "tls": True,
         },

@@ -75,6 +75,7 @@ def deployment(tmp_path_factory):
         "coordinator": {
             "address": "127.0.0.1",
             "port": free_port(),
+            "superlink_port": free_port(),
             "state_dir": str(root / "state"),
             "tls": True,
             "pushgateway": f"127.0.0.1:{gateway}",

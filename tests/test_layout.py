@@ -24,7 +24,8 @@ def test_every_python_folder_is_a_listed_package_of_skip2fleet():
         for part in PARTS
         for init in (ROOT / part).rglob("__init__.py")
     }
-    assert folders == set(tool["packages"])
+    assert folders | {"skip2fleet.ansible"} == set(tool["packages"])
+    assert not (ROOT / "ansible" / "__init__.py").exists()  # it would shadow Ansible itself
     assert tool["package-dir"] == {f"skip2fleet.{part}": part for part in PARTS}
 
 

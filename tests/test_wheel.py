@@ -39,16 +39,16 @@ def test_the_wheel_runs_every_kind_of_command_from_a_fresh_venv(tmp_path):
     dist, venv, work = tmp_path / "dist", tmp_path / "venv", tmp_path / "work"
     work.mkdir()
     build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(ROOT)]
-    subprocess.run(build, check=True, capture_output=True)
-    (wheel,) = dist.glob("skip2fleet-*.whl")
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, f"{wheel}[simulation,deploy]"], check=True, capture_output=True)
     env = {
         key: value
         for key, value in os.environ.items()
         if key not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")
     }
+    subprocess.run(build, check=True, capture_output=True, env=env)
+    (wheel,) = dist.glob("skip2fleet-*.whl")
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=env)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, f"{wheel}[simulation,deploy]"], check=True, capture_output=True, env=env)
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env['PATH']}"
     fleet = str(venv / "bin" / "fleet")
 
@@ -61,7 +61,7 @@ def test_the_wheel_runs_every_kind_of_command_from_a_fresh_venv(tmp_path):
 
     key = ssh_keypair(tmp_path)
     try:
-        with fake_hosts(tmp_path, 1, key) as hosts:
+        with fake_hosts(1, key) as hosts:
             write_fleet(work, COORDINATOR_IP, [fake_device(0, hosts[0], hosts[0].folder)])
             check = [fleet, "deploy", "--config", "fleet.yaml", "--ssh-key", str(key), "--check"]
             output = run([*check, "--limit", "pi-1"], work, env, transcript)

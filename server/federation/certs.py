@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,11 @@ class Credentials:
 
     def node_public_key(self, device: str) -> Path:
         return self.folder / "nodes" / f"{device}.pub"
+
+    @property
+    def pushgateway_password(self) -> Path:
+        """What the ServerApp pushes and Prometheus scrapes the Pushgateway with (basic auth)."""
+        return self.folder / "pushgateway.password"
 
 
 def ensure_credentials(folder: Path, addresses: list[str], devices: list[str]) -> Credentials:
@@ -85,16 +91,24 @@ def ensure_credentials(folder: Path, addresses: list[str], devices: list[str]) -
                 serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
             )
             write_atomic(creds.node_public_key(device), lambda h, b=public: h.write(b + b"\n"))
-            write_atomic(creds.node_key(device), lambda h, b=private: h.write(b))
-            creds.node_key(device).chmod(0o600)
+            write_atomic(creds.node_key(device), lambda h, b=private: h.write(b), mode=0o600)
+    if not creds.pushgateway_password.is_file():
+        password = secrets.token_urlsafe(24).encode()
+        write_atomic(creds.pushgateway_password, lambda handle: handle.write(password), 0o600)
     return creds
 
 
+def fleet_credentials(fleet: FleetConfig) -> Credentials:
+    """Where the fleet's credentials are, whether or not they were made yet."""
+    return Credentials(state_dir(fleet) / "credentials")
+
+
 def credentials_for(fleet: FleetConfig) -> Credentials:
-    """The fleet's CA, SuperLink certificate and node keys (created once, in the state folder)."""
+    """The fleet's CA, SuperLink certificate, node keys and Pushgateway password (created once,
+    in the state folder)."""
     addresses = sorted({fleet.coordinator.address, "127.0.0.1", "localhost"})
     return ensure_credentials(
-        state_dir(fleet) / "credentials", addresses, [d.name for d in fleet.devices]
+        fleet_credentials(fleet).folder, addresses, [d.name for d in fleet.devices]
     )
 
 
@@ -130,8 +144,7 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    write_atomic(path, lambda handle: handle.write(pem))
-    path.chmod(0o600)
+    write_atomic(path, lambda handle: handle.write(pem), mode=0o600)
 
 
 def _write_cert(path: Path, cert: x509.Certificate) -> None:

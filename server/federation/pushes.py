@@ -12,13 +12,16 @@ coordinator pushes it again after the next round.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
+from prometheus_client.exposition import basic_auth_handler, default_handler
 
 from skip2fleet.shared import metric_names as names
 
 log = logging.getLogger("skip2fleet")
 JOB = "skip2fleet"
+PUSH_USER = "skip2fleet"  # the Pushgateway's one basic-auth user
 PUSH_TIMEOUT_S = 3.0
 
 
@@ -64,9 +67,13 @@ def round_registry(result: dict, method: str) -> CollectorRegistry:
     return registry
 
 
-def push_rounds(gateway: str, run: str, method: str, pending: list[dict]) -> list[dict]:
-    """Push `pending` rounds oldest first; returns those the Pushgateway did not take, for the
-    next call. An unreachable gateway costs one logged line per call."""
+def push_rounds(
+    gateway: str, run: str, method: str, pending: list[dict], password_file: Path | None = None
+) -> list[dict]:
+    """Push `pending` rounds oldest first (with basic auth when the fleet has a Pushgateway
+    password); returns those the Pushgateway did not take, for the next call. An unreachable
+    gateway costs one logged line per call."""
+    handler = _handler(password_file)
     for index, result in enumerate(pending):
         try:
             push_to_gateway(
@@ -75,6 +82,7 @@ def push_rounds(gateway: str, run: str, method: str, pending: list[dict]) -> lis
                 grouping_key={"run": run, "round": str(result["round"])},
                 registry=round_registry(result, method),
                 timeout=PUSH_TIMEOUT_S,
+                handler=handler,
             )
         except OSError as exc:  # URLError and connection errors are OSErrors
             log.warning(
@@ -87,3 +95,14 @@ def push_rounds(gateway: str, run: str, method: str, pending: list[dict]) -> lis
             )
             return pending[index:]
     return []
+
+
+def _handler(password_file: Path | None):
+    if password_file is None or not password_file.is_file():
+        return default_handler
+    password = password_file.read_text().strip()
+
+    def handler(url, method, timeout, headers, data):
+        return basic_auth_handler(url, method, timeout, headers, data, PUSH_USER, password)
+
+    return handler

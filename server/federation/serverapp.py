@@ -23,6 +23,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from skip2fleet.server.federation.aggregation import STRATEGIES, Update
+from skip2fleet.server.federation.certs import fleet_credentials
 from skip2fleet.server.federation.exchange import Exchange, exchange
 from skip2fleet.server.federation.pushes import push_rounds
 from skip2fleet.server.federation.runs import RunFolder
@@ -176,8 +177,13 @@ def coordinate(grid: Grid, folder: RunFolder, on_round: RoundListener) -> None:
         )
         folder.save_round(number, result, received, outgoing)
         if config.coordinator.pushgateway:
-            gateway = config.coordinator.pushgateway
-            unpushed = push_rounds(gateway, folder.path.name, method.name, [*unpushed, result])
+            unpushed = push_rounds(
+                config.coordinator.pushgateway,
+                folder.path.name,
+                method.name,
+                [*unpushed, result],
+                fleet_credentials(config).pushgateway_password,
+            )
         on_round(result)
 
 

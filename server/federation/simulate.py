@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -112,13 +113,24 @@ class _NotDeprecation(logging.Filter):
 def run_simulation(
     folder: RunFolder, devices: int, on_round: Callable[[dict], None] = print_round
 ) -> None:
-    """Flower's Simulation Engine (Ray) with the ServerApp in this process."""
+    """Flower's Simulation Engine (Ray) with the ServerApp in this process.
+
+    Ray rewrites this process's PYTHONPATH for its workers (with an empty entry, which means
+    the working directory); it is put back afterwards, so that no later subprocess of ours
+    imports whatever lies in the working directory."""
     from flwr.simulation import run_simulation as flower_simulation
 
     logging.getLogger("flwr").addFilter(_NotDeprecation())
-    flower_simulation(
-        server_app=make_server_app(folder.path, on_round=on_round),
-        client_app=load_component(CLIENTAPP),
-        num_supernodes=devices,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
-    )
+    pythonpath = os.environ.get("PYTHONPATH")
+    try:
+        flower_simulation(
+            server_app=make_server_app(folder.path, on_round=on_round),
+            client_app=load_component(CLIENTAPP),
+            num_supernodes=devices,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+        )
+    finally:
+        if pythonpath is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = pythonpath

@@ -59,10 +59,11 @@ def flower_env(config: FleetConfig) -> dict[str, str]:
 
 
 def write_connection(config: FleetConfig, creds: Credentials) -> None:
-    """`[superlink.fleet]` in fleet's Flower home, pointing at the coordinator."""
+    """`[superlink.fleet]` in fleet's Flower home: the SuperLink on this machine's loopback (the
+    Control API is not reachable from anywhere else)."""
     home = state_dir(config) / "flwr"
     home.mkdir(parents=True, exist_ok=True)
-    address = f"{config.coordinator.address}:{config.coordinator.port}"
+    address = f"127.0.0.1:{config.coordinator.superlink_port}"
     security = (
         f'root-certificates = "{creds.ca_cert}"' if config.coordinator.tls else "insecure = true"
     )
@@ -80,16 +81,18 @@ def write_app(config: FleetConfig, clientapp: str = CLIENTAPP) -> Path:
     return folder
 
 
-def superlink_command(config: FleetConfig, creds: Credentials, host: str = "0.0.0.0") -> list[str]:
-    """The `flower-superlink` command line of the coordinator's service."""
+def superlink_command(config: FleetConfig, creds: Credentials) -> list[str]:
+    """The `flower-superlink` command line of the coordinator's service: on loopback only (the
+    front door forwards the Fleet API to it), never installing a submitted app's dependencies."""
     command = [
         "flower-superlink",
         "--database",
         str(state_dir(config) / "superlink.db"),
         "--host",
-        host,
+        "127.0.0.1",
         "--port",
-        str(config.coordinator.port),
+        str(config.coordinator.superlink_port),
+        "--disable-runtime-dependency-installation",
     ]
     if config.coordinator.tls:
         command += [

@@ -15,7 +15,6 @@ import shutil
 import sys
 import tarfile
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
@@ -23,19 +22,26 @@ import typer
 
 from skip2fleet.server import options as opt
 from skip2fleet.server.federation.certs import Credentials, credentials_for
+from skip2fleet.server.federation.pushes import PUSH_USER
 from skip2fleet.server.federation.superlink import (
     superlink_command,
 )
 from skip2fleet.server.operations import wheelhouse
+from skip2fleet.server.operations.frontdoor import CONFIG_NAME, nginx_command, write_nginx_config
 from skip2fleet.server.operations.monitoring import write_monitoring
 from skip2fleet.server.progress import stderr
+from skip2fleet.shared.atomic import write_atomic, write_text_atomic
 from skip2fleet.shared.config import Device, FleetConfig, load_config, state_dir
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.services import agent_command, supernode_command
 
-ANSIBLE_DIR = Path(str(resources.files("skip2fleet.ansible")))  # package data, in a wheel too
+# Package data (a folder without __init__.py, so that it never shadows Ansible's own `ansible`).
+ANSIBLE_DIR = wheelhouse.package_root("ansible")
 SUPERNODE_PORT = 9094
+SERVICE_USER = "skip2fleet"  # a device's services run as this system user, never as root
 MIN_FREE_MB = 600
+PUSHGATEWAY_WEB_CONFIG = "pushgateway/web.yml"
+HOST_KEY_CHANGED = "REMOTE HOST IDENTIFICATION HAS CHANGED"
 
 
 def device_etc(fleet: FleetConfig, device: Device, creds: Credentials) -> Path:
@@ -60,21 +66,42 @@ def content_archive(folder: Path, kind: str, files: dict[str, Path], mode: int) 
         folder.mkdir(parents=True, exist_ok=True)
         marker = folder / f".{kind}-{digest}"
         marker.write_text("")
-        with tarfile.open(archive, "w") as tar:
-            for name, path in {**files, marker.name: marker}.items():
-                info = tar.gettarinfo(str(path), name)
-                info.mode = mode
-                with path.open("rb") as handle:
-                    tar.addfile(info, handle)
+
+        def write(raw) -> None:
+            with tarfile.open(fileobj=raw, mode="w") as tar:
+                for name, path in {**files, marker.name: marker}.items():
+                    info = tar.gettarinfo(str(path), name)
+                    info.mode = mode
+                    with path.open("rb") as handle:
+                        tar.addfile(info, handle)
+
+        write_atomic(archive, write, mode=0o600)  # whatever it holds: a device's has its key
     return archive
 
 
-def monitoring_archive(fleet: FleetConfig) -> Path:
-    """The coordinator's Prometheus and Grafana files, written from fleet.yaml, as one archive."""
-    out = state_dir(fleet) / "monitoring"
-    written = write_monitoring(fleet, out)
+def pushgateway_web_config(creds: Credentials) -> str:
+    """The Pushgateway's web configuration: basic auth, the password's bcrypt hash (hashed
+    once and kept, so that an unchanged fleet redeploys with nothing changed)."""
+    import bcrypt
+
+    stored = creds.pushgateway_password.with_suffix(".bcrypt")
+    if not stored.is_file():
+        password = creds.pushgateway_password.read_bytes().strip()
+        write_text_atomic(stored, bcrypt.hashpw(password, bcrypt.gensalt()).decode(), 0o600)
+    return f"basic_auth_users:\n  {PUSH_USER}: {stored.read_text()}\n"
+
+
+def coordinator_archive(fleet: FleetConfig, creds: Credentials) -> Path:
+    """The coordinator's generated files (front door, Prometheus, Grafana) as one archive."""
+    out = state_dir(fleet) / "coordinator-files"
+    run_dir = state_dir(fleet) / "coordinator" / "run"
+    written = [
+        *write_monitoring(fleet, out),
+        write_nginx_config(fleet, creds, out / "frontdoor", run_dir),
+        write_text_atomic(out / PUSHGATEWAY_WEB_CONFIG, pushgateway_web_config(creds)),
+    ]
     return content_archive(
-        state_dir(fleet), "monitoring", {str(p.relative_to(out)): p for p in written}, 0o644
+        state_dir(fleet), "coordinator", {str(p.relative_to(out)): p for p in written}, 0o644
     )
 
 
@@ -100,6 +127,7 @@ def device_vars(fleet: FleetConfig, device: Device, creds: Credentials) -> dict:
         "ansible_user": device.ssh_user,
         "ansible_python_interpreter": device.python,
         "install_dir": str(home),
+        "service_user": SERVICE_USER,
         "device_etc": str(device_etc(fleet, device, creds)),
         "supernode_argv": [str(home / "venv" / "bin" / supernode[0]), *supernode[1:]],
         "agent_argv": agent_command(
@@ -116,18 +144,21 @@ def device_vars(fleet: FleetConfig, device: Device, creds: Credentials) -> dict:
 def coordinator_vars(fleet: FleetConfig, creds: Credentials) -> dict:
     state = state_dir(fleet)
     bin_dir = Path(sys.executable).parent
-    superlink = superlink_command(fleet, creds, host=fleet.coordinator.address)
+    superlink = superlink_command(fleet, creds)
+    run_dir = state / "coordinator" / "run"
     gateway = fleet.coordinator.pushgateway or "127.0.0.1:9091"
     return {
         "ansible_connection": "local",
         "ansible_python_interpreter": sys.executable,
         "coordinator_dir": str(state / "coordinator"),
-        "monitoring_archive": str(monitoring_archive(fleet)),
+        "coordinator_archive": str(coordinator_archive(fleet, creds)),
         "fleet_cli": f"{sys.executable} -m skip2fleet.server.cli",
         "superlink_argv": [str(bin_dir / superlink[0]), *superlink[1:]],
+        "frontdoor_argv": nginx_command(state / "coordinator" / "frontdoor" / CONFIG_NAME, run_dir),
         "pushgateway_argv": [
             "prometheus-pushgateway",
             f"--web.listen-address={gateway}",
+            f"--web.config.file={state / 'coordinator' / PUSHGATEWAY_WEB_CONFIG}",
             f"--persistence.file={state / 'coordinator/pushgateway.metrics'}",
         ],
         "prometheus_argv": [
@@ -137,6 +168,11 @@ def coordinator_vars(fleet: FleetConfig, creds: Credentials) -> dict:
             f"--web.listen-address=127.0.0.1:{fleet.coordinator.prometheus_port}",
         ],
     }
+
+
+def known_hosts(fleet: FleetConfig) -> Path:
+    """The devices' SSH host keys, as first seen: the project's own, in the state folder."""
+    return state_dir(fleet) / "known_hosts"
 
 
 def deploy(
@@ -190,7 +226,11 @@ def deploy(
     for written_once in ("inventory", "env"):  # ansible-runner never overwrites these
         shutil.rmtree(runner_dir / written_once, ignore_errors=True)
     runner_dir.mkdir(parents=True, exist_ok=True)
-    ssh_args = "-o UserKnownHostsFile=/dev/null -o ControlMaster=auto -o ControlPersist=60s"
+    # A device's host key is learnt on first contact and checked on every later one.
+    ssh_args = (
+        f"-o StrictHostKeyChecking=accept-new -o UserKnownHostsFile={known_hosts(fleet)} "
+        "-o ControlMaster=auto -o ControlPersist=60s"
+    )
     result = ansible_runner.run(
         private_data_dir=str(runner_dir),
         project_dir=str(ANSIBLE_DIR),
@@ -202,7 +242,7 @@ def deploy(
         event_handler=on_event,
         quiet=True,
         envvars={
-            "ANSIBLE_HOST_KEY_CHECKING": "False",
+            "ANSIBLE_HOST_KEY_CHECKING": "True",
             "ANSIBLE_SSH_ARGS": ssh_args,
             "ANSIBLE_PIPELINING": "True",
             "ANSIBLE_FORKS": "10",
@@ -255,5 +295,17 @@ def deploy_command(
     broken = {h: c for h, c in summary["hosts"].items() if c["failed"] or c["unreachable"]}
     for host in broken:
         typer.echo(f"{host}: {summary['reasons'].get(host) or 'failed'}", err=True)
+    changed = [h for h in broken if HOST_KEY_CHANGED in summary["reasons"].get(h, "")]
+    if changed:
+        hosts = {d.name: d.host for d in fleet.devices}
+        raise FleetError(
+            "; ".join(
+                f"{name}: its SSH host key is not the one recorded at the first deploy "
+                f"(another machine at {hosts[name]}, or a reinstalled board); nothing was done "
+                f"there. If the new key is right: ssh-keygen -R {hosts[name]} -f "
+                f"{known_hosts(fleet)}"
+                for name in changed
+            )
+        )
     if broken or summary["status"] != "successful":
         raise typer.Exit(1)

@@ -1,6 +1,6 @@
 """Services on this machine's loopback, for tests and benchmarks: a whole Flower deployment
-(SuperLink with TLS and node authentication, one SuperNode per device), Prometheus and the
-Pushgateway.
+(SuperLink with TLS and node authentication behind the nginx front door, one SuperNode per
+device), Prometheus and the Pushgateway.
 
 Every process starts in its own process group and is stopped by it (Flower's services start
 children of their own), also when the block that used it fails.
@@ -28,6 +28,7 @@ from skip2fleet.server.federation.superlink import (
     superlink_command,
     write_connection,
 )
+from skip2fleet.server.operations.frontdoor import nginx_command, write_nginx_config
 from skip2fleet.shared.config import FleetConfig
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.services import supernode_command
@@ -77,7 +78,12 @@ class Processes:
 def on_loopback(fleet: FleetConfig, state: Path) -> FleetConfig:
     """The fleet with its coordinator on 127.0.0.1, a free port, and state under `state`."""
     coordinator = dataclasses.replace(
-        fleet.coordinator, address="127.0.0.1", port=free_port(), state_dir=str(state), tls=True
+        fleet.coordinator,
+        address="127.0.0.1",
+        port=free_port(),
+        superlink_port=free_port(),
+        state_dir=str(state),
+        tls=True,
     )
     return dataclasses.replace(fleet, coordinator=coordinator)
 
@@ -86,13 +92,17 @@ def on_loopback(fleet: FleetConfig, state: Path) -> FleetConfig:
 def loopback_deployment(
     fleet: FleetConfig, folder: Path, offline: Collection[str] = ()
 ) -> Iterator[Processes]:
-    """Start the SuperLink, register every device and start its SuperNode (not those named in
-    `offline`: registered, but left for the caller to start); stop all on exit."""
+    """Start the SuperLink and its front door, register every device and start its SuperNode
+    (through the front door, as on a real fleet), except those named in `offline`: registered,
+    but left for the caller to start; stop all on exit."""
     creds = credentials_for(fleet)
     processes = Processes(folder / "logs")
     names = [d.name for d in fleet.devices]
     try:
         start_superlink(processes, fleet)
+        door = folder / "frontdoor"
+        config = write_nginx_config(fleet, creds, door, door)
+        processes.start("frontdoor", nginx_command(config, door), flower_env(fleet))
         write_connection(fleet, creds)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while True:  # the Control API answers once the SuperLink is up
@@ -112,9 +122,9 @@ def loopback_deployment(
 
 
 def start_superlink(processes: Processes, fleet: FleetConfig, name: str = "superlink") -> None:
-    """The SuperLink on loopback with its database in the fleet's state folder (a restart with
-    the same database keeps the registered nodes)."""
-    command = superlink_command(fleet, credentials_for(fleet), host="127.0.0.1")
+    """The SuperLink (on loopback, behind the front door) with its database in the fleet's state
+    folder (a restart with the same database keeps the registered nodes)."""
+    command = superlink_command(fleet, credentials_for(fleet))
     processes.start(name, command, flower_env(fleet))
 
 

@@ -20,6 +20,8 @@ from typing import Annotated
 import typer
 import yaml
 
+from skip2fleet.server.federation.certs import fleet_credentials
+from skip2fleet.server.federation.pushes import PUSH_USER
 from skip2fleet.shared import metric_names as names
 from skip2fleet.shared.atomic import write_text_atomic
 from skip2fleet.shared.config import FleetConfig, load_config
@@ -89,6 +91,12 @@ PANELS = (
 
 def prometheus_config(fleet: FleetConfig) -> dict:
     gateway = fleet.coordinator.pushgateway or "127.0.0.1:9091"
+    password = fleet_credentials(fleet).pushgateway_password
+    auth = (
+        {"basic_auth": {"username": PUSH_USER, "password_file": str(password)}}
+        if password.is_file()
+        else {}
+    )
     return {
         "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": SCRAPE_INTERVAL},
         "rule_files": ["alerts.yml"],
@@ -106,6 +114,7 @@ def prometheus_config(fleet: FleetConfig) -> dict:
                 "honor_labels": True,
                 "scrape_interval": PUSH_SCRAPE_INTERVAL,
                 "static_configs": [{"targets": [gateway]}],
+                **auth,
             },
         ],
     }

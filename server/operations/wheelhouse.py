@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import fcntl
 import hashlib
-import importlib
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -35,10 +35,16 @@ PARTS = ("server", "client", "shared", "ansible")  # the sub-packages of `skip2f
 OLDEST_GLIBC_MINOR = 17  # manylinux2014
 
 
+def package_root(part: str) -> Path:
+    """Where `skip2fleet.<part>` lives: the checkout's folder, or the wheel's in site-packages."""
+    spec = importlib.util.find_spec(f"{DISTRIBUTION}.{part}")
+    return Path(spec.submodule_search_locations[0])
+
+
 def package_files() -> Iterator[tuple[str, Path]]:
     """(name inside the wheel, file) for every file of the installed package, in a fixed order."""
     for part in PARTS:
-        root = Path(importlib.import_module(f"{DISTRIBUTION}.{part}").__file__).parent
+        root = package_root(part)
         for path in sorted(root.rglob("*")):
             if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
                 yield f"{DISTRIBUTION}/{part}/{path.relative_to(root).as_posix()}", path

@@ -1,1 +1,0 @@
-"""The Ansible playbook and roles of `fleet deploy`, shipped inside the package as data."""
