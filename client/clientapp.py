@@ -1,9 +1,11 @@
 """The Flower ClientApp: one device's round of Skip2-LoRA fine-tuning.
 
-Round 1 brings the base model and its sha256: the device checks the hash, keeps the base on disk
-and builds its Skip2 cache there. Every round it trains its adapters (from the coordinator's merged
-ones when the fleet aggregates, else from its own) and replies with the packed adapters and its
-figures. A base whose hash does not match, or a device that cannot find itself or its data, gets
+Every plan names the base model by its sha256; the first message a device gets in a run also
+carries the base itself: the device checks the hash, keeps the base on disk and builds its Skip2
+cache there. Every round it trains its adapters (from the coordinator's merged ones when the fleet
+aggregates, else from its own) and replies with the packed adapters and its figures. A device
+without the plan's base (a wiped disk, a base refused for its hash) replies BASE_MISSING, and the
+coordinator sends the base with its next plan; a device that cannot find itself or its data gets
 an error reply that says why.
 """
 
@@ -28,6 +30,7 @@ from skip2fleet.shared.protocol import (
     ADAPTERS,
     ADAPTERS_BY_DEVICE,
     BASE,
+    BASE_MISSING,
     DEVICE_ERROR,
     FIGURES,
     PLAN,
@@ -40,12 +43,17 @@ from skip2fleet.shared.train import FineTuneConfig, finetune
 app = ClientApp()
 
 
+class BaseMissing(FleetError):
+    """This device does not hold the plan's base model: the coordinator should send it."""
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     try:
         return Message(content=run_round(msg.content, context.node_config), reply_to=msg)
     except (FleetError, ValueError, KeyError) as exc:
-        return Message(error=Error(code=DEVICE_ERROR, reason=str(exc)), reply_to=msg)
+        code = BASE_MISSING if isinstance(exc, BaseMissing) else DEVICE_ERROR
+        return Message(error=Error(code=code, reason=str(exc)), reply_to=msg)
 
 
 def identify(plan: RoundPlan, node_config: dict) -> int:
@@ -71,7 +79,7 @@ def run_round(content: RecordDict, node_config: dict) -> RecordDict:
     except (FleetError, ValueError, KeyError) as exc:
         message = str(exc)
         prefixed = message if message.startswith(f"{name}:") else f"{name}: {message}"
-        raise FleetError(prefixed) from exc
+        raise (BaseMissing if isinstance(exc, BaseMissing) else FleetError)(prefixed) from exc
 
 
 def _fine_tune(content: RecordDict, node_config: dict, plan: RoundPlan, index: int) -> RecordDict:
@@ -83,14 +91,14 @@ def _fine_tune(content: RecordDict, node_config: dict, plan: RoundPlan, index: i
         received = record_model(content[BASE])
         digest = base_model.sha256(received)
         if digest != plan.base_sha256:
-            raise FleetError(
+            raise BaseMissing(
                 f"{name}: base model hash {digest[:12]} does not match the announced "
                 f"{plan.base_sha256[:12]}; refusing it"
             )
         store.save_base(received)
     model = store.load_base(plan.base_sha256)
     if model is None:
-        raise FleetError(f"{name}: no base model {plan.base_sha256[:12]} on this device")
+        raise BaseMissing(f"{name}: no base model {plan.base_sha256[:12]} on this device")
     data_dir = node_config.get("data-dir") or plan.data_dir or None
     options = TaskOptions(
         Path(str(data_dir)) if data_dir else None, plan.source_room, seed=plan.seed

@@ -82,6 +82,8 @@ class Federation:
     aggregation: str = "none"
     min_devices: int = 1
     round_timeout_s: float = 120.0
+    # a reply whose adapter norm exceeds this many times the round's median is refused
+    max_update_ratio: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -235,6 +237,8 @@ def _check(config: FleetConfig) -> None:
         fail("federation.min_devices", "must be at least 1")
     if not fed.round_timeout_s > 0:
         fail("federation.round_timeout_s", "must be positive")
+    if not fed.max_update_ratio > 1:
+        fail("federation.max_update_ratio", "must be above 1")
     for key in ("port", "superlink_port", "prometheus_port"):
         if not 0 < getattr(config.coordinator, key) < 65536:
             fail(f"coordinator.{key}", "must be a TCP port, 1 to 65535")

@@ -14,7 +14,8 @@ from flwr.app import ConfigRecord, MetricRecord
 
 PLAN, BASE, ADAPTERS, FIGURES = "plan", "base", "adapters", "figures"
 ADAPTERS_BY_DEVICE = "adapters-by-device"  # a resumed run's first round: node ids not yet known
-DEVICE_ERROR = 1001  # Flower error code of a device's refusal (hash mismatch, missing data, ...)
+DEVICE_ERROR = 1001  # Flower error code of a device's refusal (missing data, unknown device, ...)
+BASE_MISSING = 1002  # the device lacks the plan's base (wiped, or refused by hash): send it again
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,7 @@ AGENT_MODULE = "skip2fleet.client.telemetry.agent"
 # The device's Flower ClientApps, as Flower names components (`module:attribute`).
 CLIENTAPP = "skip2fleet.client.clientapp:app"
 NOOP_CLIENTAPP = "skip2fleet.client.noop:app"  # no work: Flower's own cost, for `fleet bench round`
+FAULTY_CLIENTAPP = "skip2fleet.client.faulty:app"  # poisons chosen rounds, for the fault suite
 
 
 def agent_command(

@@ -203,4 +203,5 @@ def test_a_pushgateway_that_is_down_costs_one_line_per_round(tmp_path, caplog):
     assert result.exit_code == 0, result.output
     warnings = [r.getMessage() for r in caplog.records if "Pushgateway" in r.getMessage()]
     assert len(warnings) == 2 and "round 1" in warnings[0] and "round 2" in warnings[1]
+    assert "1 round(s) kept" in warnings[0] and "2 round(s) kept" in warnings[1]
     assert (tmp_path / "run" / "rounds" / "002" / "round.json").is_file()

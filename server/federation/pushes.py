@@ -1,10 +1,12 @@
-"""Each round's figures, pushed to a Prometheus Pushgateway, grouped by run.
+"""Each round's figures, pushed to a Prometheus Pushgateway, one group per round of a run.
 
 Flower ends the ServerApp's process with the run, so nothing there can be scraped: the coordinator
-pushes after every round instead. Names follow Prometheus conventions: base units with unit
-suffixes, labels `device`, `method`, `round` (and `job`, `run` from the grouping key); nothing per
-training step. A Pushgateway that cannot be reached costs one logged line per round: the round has
-already been written to the run folder.
+pushes after every round instead. Each round is its own group (`job`, `run`, `round`), so the
+gateway keeps every round of a run and a Prometheus that was down catches up on all of them when
+it scrapes again. Names follow Prometheus conventions: base units with unit suffixes, labels
+`device`, `method`, `round`; nothing per training step. A Pushgateway that cannot be reached costs
+one logged line per round: the round has already been written to the run folder, and the
+coordinator pushes it again after the next round.
 """
 
 from __future__ import annotations
@@ -65,30 +67,34 @@ def round_registry(result: dict, method: str) -> CollectorRegistry:
     return registry
 
 
-def push_round(
-    gateway: str, run: str, method: str, result: dict, password_file: Path | None = None
-) -> str | None:
-    """Push the round's figures (with basic auth when the fleet has a Pushgateway password);
-    returns the reason if the Pushgateway could not take them."""
-    try:
-        registry = round_registry(result, method)
-        push_to_gateway(
-            gateway,
-            job=JOB,
-            grouping_key={"run": run},
-            registry=registry,
-            timeout=PUSH_TIMEOUT_S,
-            handler=_handler(password_file),
-        )
-    except OSError as exc:  # URLError and connection errors are OSErrors
-        log.warning(
-            "round %s: Pushgateway %s unreachable (%s); figures are in the run folder",
-            result["round"],
-            gateway,
-            exc,
-        )
-        return str(exc)
-    return None
+def push_rounds(
+    gateway: str, run: str, method: str, pending: list[dict], password_file: Path | None = None
+) -> list[dict]:
+    """Push `pending` rounds oldest first (with basic auth when the fleet has a Pushgateway
+    password); returns those the Pushgateway did not take, for the next call. An unreachable
+    gateway costs one logged line per call."""
+    handler = _handler(password_file)
+    for index, result in enumerate(pending):
+        try:
+            push_to_gateway(
+                gateway,
+                job=JOB,
+                grouping_key={"run": run, "round": str(result["round"])},
+                registry=round_registry(result, method),
+                timeout=PUSH_TIMEOUT_S,
+                handler=handler,
+            )
+        except OSError as exc:  # URLError and connection errors are OSErrors
+            log.warning(
+                "round %s: Pushgateway %s unreachable (%s); %d round(s) kept to push after the "
+                "next round; the figures are in the run folder",
+                pending[-1]["round"],
+                gateway,
+                exc,
+                len(pending) - index,
+            )
+            return pending[index:]
+    return []
 
 
 def _handler(password_file: Path | None):

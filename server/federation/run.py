@@ -3,7 +3,10 @@
 The SuperLink and the SuperNodes are long-lived services (`fleet deploy` starts them); `fleet run`
 submits one Flower run through the Control API and follows it: it prints a row per round as the
 ServerApp writes it to the run folder, and ends when Flower reports the run finished, naming the
-reason when it failed.
+reason when it failed and the command that resumes it. A SuperLink that restarts meanwhile is
+waited for (status polls retry with back-off for up to a round's timeout). `--resume` refuses a
+folder whose ServerApp is still running and one whose completed rounds do not match their
+manifests, before anything is submitted.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from skip2fleet.shared.services import CLIENTAPP
 
 POLL_S = 1.0
 STATUS_EVERY_S = 3.0
+RETRY_MAX_S = 10.0  # the longest pause between status polls while the SuperLink is away
 
 
 def start_run(fleet: FleetConfig, folder: RunFolder, clientapp: str = CLIENTAPP) -> str:
@@ -48,8 +52,22 @@ def start_run(fleet: FleetConfig, folder: RunFolder, clientapp: str = CLIENTAPP)
 
 
 def run_status(fleet: FleetConfig, run_id: str) -> tuple[str, str]:
-    run = flwr(fleet, "ls", CONNECTION, "--run-id", run_id)["runs"][0]
-    return str(run["status"]), str(run.get("status-details", ""))
+    """The run's status; while the SuperLink does not answer, retried with back-off for up to
+    the round timeout (a restarted SuperLink answers again within seconds)."""
+    deadline = time.monotonic() + fleet.federation.round_timeout_s
+    pause = POLL_S
+    while True:
+        try:
+            run = flwr(fleet, "ls", CONNECTION, "--run-id", run_id)["runs"][0]
+            return str(run["status"]), str(run.get("status-details", ""))
+        except FleetError as exc:
+            if time.monotonic() + pause > deadline:
+                raise FleetError(
+                    f"{exc} (the SuperLink did not answer for "
+                    f"{fleet.federation.round_timeout_s:.0f} s)"
+                ) from None
+        time.sleep(pause)
+        pause = min(2 * pause, RETRY_MAX_S)
 
 
 def follow(fleet: FleetConfig, folder: RunFolder, run_id: str) -> None:
@@ -96,7 +114,7 @@ def run_command(
 ) -> None:
     """Run the fleet's federated rounds on its SuperLink and SuperNodes (TLS, node auth)."""
     if resume is not None:
-        folder = RunFolder(resume).extend(rounds)
+        folder = RunFolder(resume).resume(rounds)
         fleet = folder.config()
     else:
         fleet = load_config(config)
@@ -111,5 +129,8 @@ def run_command(
     )
     print_round_header()
     run_id = start_run(fleet, folder)
-    follow(fleet, folder, run_id)
+    try:
+        follow(fleet, folder, run_id)
+    except FleetError as exc:
+        raise FleetError(f"{exc}; resume with: fleet run --resume {folder.path}") from None
     typer.echo(f"run {run_id} completed; rounds in {folder.path}/rounds")

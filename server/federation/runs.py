@@ -4,20 +4,30 @@
     nodes.json            device name -> Flower node id, as the coordinator registered the keys
                           (deployments only: the ServerApp trusts a reply's node id, not its words)
     base.npz              the base model every device fine-tunes
+    run.lock              held (flock) by the ServerApp writing the folder; the OS drops it
+                          when that process dies, so a crashed run never blocks a resume
+    failure.txt           why the run stopped early (removed when a resume starts)
     rounds/NNN/round.json the round's figures: per device, refused replies, missing devices
     rounds/NNN/received/  each device's packed adapters as it sent them
     rounds/NNN/outgoing/  what each device starts the next round from (when the fleet aggregates)
+    rounds/NNN/manifest.json  sha256 of every other file of the round, written with it
 
-A round's folder appears whole (written aside, then renamed), so the last complete round is the
-highest-numbered folder, and `--resume` continues after it.
+A round's folder appears whole (written aside, fsynced, then renamed), so the last complete round
+is the highest-numbered folder, and `--resume` continues after it once every completed round
+matches its manifest. A save that fails (a full disk) names the file and leaves no staging folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import io
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +36,8 @@ import yaml
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.config import FleetConfig, load_config, parse_config
 from skip2fleet.shared.errors import FleetError
+
+MANIFEST = "manifest.json"
 
 
 class RunFolder:
@@ -63,9 +75,73 @@ class RunFolder:
             )
         return self
 
+    def resume(self, rounds: int | None) -> RunFolder:
+        """Ready the folder to continue: refused while its ServerApp runs or when a completed
+        round does not match its manifest (named; nothing is submitted), then `extend`."""
+        holder = self.holder()
+        if holder is not None:
+            raise self._active(holder)
+        self.verify()
+        self.extend(rounds).clear_failure()
+        return self
+
     def record_failure(self, reason: str) -> None:
-        """Why the run stopped early, for `fleet run` to report (the ServerApp's log is remote)."""
-        (self.path / "failure.txt").write_text(reason + "\n")
+        """Why the run stopped early, for `fleet run` to report (the ServerApp's log is remote);
+        on a full disk even this may fail, and the reason is left to Flower's run status."""
+        with contextlib.suppress(OSError):
+            (self.path / "failure.txt").write_text(reason + "\n")
+
+    def clear_failure(self) -> None:
+        (self.path / "failure.txt").unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder for this process; a second writer is refused, naming the holder."""
+        with (self.path / "run.lock").open("a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                raise self._active(handle.read().strip()) from None
+            handle.truncate(0)
+            handle.write(f"pid {os.getpid()}\n")
+            handle.flush()
+            yield
+
+    def holder(self) -> str | None:
+        """Who holds the folder ("pid N") while a ServerApp writes it, else None."""
+        path = self.path / "run.lock"
+        if not path.is_file():
+            return None
+        with path.open() as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return handle.read().strip() or "another process"
+        return None
+
+    def _active(self, holder: str) -> FleetError:
+        return FleetError(
+            f"{self.path}: its run is still active ({holder or 'another process'} holds "
+            "run.lock); wait for it to end or stop it with `flwr stop`"
+        )
+
+    def verify(self) -> None:
+        """Every completed round's files against its manifest; the first bad file is named."""
+        for number in self.completed_rounds():
+            folder = self.path / "rounds" / f"{number:03d}"
+            try:
+                manifest = json.loads((folder / MANIFEST).read_text())
+            except (OSError, ValueError) as exc:
+                raise FleetError(f"{folder / MANIFEST}: unreadable ({exc})") from None
+            for name, digest in manifest.items():
+                path = folder / name
+                try:
+                    actual = hashlib.sha256(path.read_bytes()).hexdigest()
+                except OSError as exc:
+                    raise FleetError(f"{path}: {exc.strerror or exc}") from None
+                if actual != digest:
+                    raise FleetError(f"{path}: corrupt (its sha256 differs from {MANIFEST})")
 
     def failure(self) -> str | None:
         path = self.path / "failure.txt"
@@ -108,15 +184,49 @@ class RunFolder:
         received: dict[str, np.ndarray],
         outgoing: dict[str, np.ndarray],
     ) -> None:
+        """Write the round aside with its manifest, then rename it into place."""
+        files = {f"received/{d}.npy": _npy(a) for d, a in received.items()}
+        files |= {f"outgoing/{d}.npy": _npy(a) for d, a in outgoing.items()}
+        files["round.json"] = (json.dumps(result, indent=2) + "\n").encode()
+        manifest = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+        files[MANIFEST] = (json.dumps(manifest, indent=2) + "\n").encode()
         rounds = self.path / "rounds"
-        rounds.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=rounds, prefix=f".{number:03d}-"))
-        for kind, arrays in (("received", received), ("outgoing", outgoing)):
-            (staging / kind).mkdir()
-            for device, array in arrays.items():
-                np.save(staging / kind / f"{device}.npy", array)
-        (staging / "round.json").write_text(json.dumps(result, indent=2) + "\n")
-        final = rounds / f"{number:03d}"
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        staging = None
+        try:
+            rounds.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=rounds, prefix=f".{number:03d}-"))
+            for kind in ("received", "outgoing"):
+                (staging / kind).mkdir()
+            for name, data in files.items():
+                _write_synced(staging / name, data)
+            final = rounds / f"{number:03d}"
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+        except OSError as exc:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            where = exc.filename or staging or rounds
+            raise FleetError(
+                f"round {number} not saved: {where}: {exc.strerror or exc}; "
+                f"rounds up to {number - 1} are intact"
+            ) from None
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    """Write and fsync, so a full disk fails here with its errno and the file's name (NumPy's own
+    writer reports only "N requested and M written")."""
+    try:
+        with path.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        exc.filename = exc.filename or str(path)
+        raise

@@ -54,7 +54,7 @@ def simulate_command(
 ) -> None:
     """Run the fleet's federated rounds on this machine, one simulated device per entry."""
     if resume is not None:
-        folder = RunFolder(resume).extend(rounds)
+        folder = RunFolder(resume).resume(rounds)
     else:
         fleet = opt.resolve_fleet(config, devices, rounds, dataset, data_dir, aggregation)
         out = out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")

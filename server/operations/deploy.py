@@ -166,6 +166,7 @@ def coordinator_vars(fleet: FleetConfig, creds: Credentials) -> dict:
             "prometheus-pushgateway",
             f"--web.listen-address={gateway}",
             f"--web.config.file={state / 'coordinator' / PUSHGATEWAY_WEB_CONFIG}",
+            f"--persistence.file={state / 'coordinator/pushgateway.metrics'}",
         ],
         "prometheus_argv": [
             "prometheus",

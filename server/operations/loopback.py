@@ -18,7 +18,7 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 from skip2fleet.server.federation.certs import credentials_for
@@ -89,18 +89,20 @@ def on_loopback(fleet: FleetConfig, state: Path) -> FleetConfig:
 
 
 @contextlib.contextmanager
-def loopback_deployment(fleet: FleetConfig, folder: Path) -> Iterator[Processes]:
+def loopback_deployment(
+    fleet: FleetConfig, folder: Path, offline: Collection[str] = ()
+) -> Iterator[Processes]:
     """Start the SuperLink and its front door, register every device and start its SuperNode
-    (through the front door, as on a real fleet); stop all on exit."""
+    (through the front door, as on a real fleet), except those named in `offline`: registered,
+    but left for the caller to start; stop all on exit."""
     creds = credentials_for(fleet)
     processes = Processes(folder / "logs")
-    env = flower_env(fleet)
     names = [d.name for d in fleet.devices]
     try:
-        processes.start("superlink", superlink_command(fleet, creds), env)
+        start_superlink(processes, fleet)
         door = folder / "frontdoor"
         config = write_nginx_config(fleet, creds, door, door)
-        processes.start("frontdoor", nginx_command(config, door), env)
+        processes.start("frontdoor", nginx_command(config, door), flower_env(fleet))
         write_connection(fleet, creds)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while True:  # the Control API answers once the SuperLink is up
@@ -111,22 +113,37 @@ def loopback_deployment(fleet: FleetConfig, folder: Path) -> Iterator[Processes]
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1)
-        superlink = f"127.0.0.1:{fleet.coordinator.port}"
         for device in fleet.devices:
-            data_dir = Path(device.data.data_dir) if device.data.data_dir else None
-            command = supernode_command(
-                superlink,
-                device.name,
-                folder / "devices" / device.name,
-                free_port(),
-                creds.ca_cert,
-                creds.node_key(device.name),
-                data_dir,
-            )
-            processes.start(device.name, command, env)
+            if device.name not in offline:
+                start_supernode(processes, fleet, folder, device.name)
         yield processes
     finally:
         processes.stop_all()
+
+
+def start_superlink(processes: Processes, fleet: FleetConfig, name: str = "superlink") -> None:
+    """The SuperLink (on loopback, behind the front door) with its database in the fleet's state
+    folder (a restart with the same database keeps the registered nodes)."""
+    command = superlink_command(fleet, credentials_for(fleet))
+    processes.start(name, command, flower_env(fleet))
+
+
+def start_supernode(
+    processes: Processes, fleet: FleetConfig, folder: Path, device: str, name: str | None = None
+) -> subprocess.Popen:
+    """`device`'s SuperNode, its state under `folder/devices/<device>` (the same on a restart)."""
+    creds = credentials_for(fleet)
+    data = next(d for d in fleet.devices if d.name == device).data
+    command = supernode_command(
+        f"127.0.0.1:{fleet.coordinator.port}",
+        device,
+        folder / "devices" / device,
+        free_port(),
+        creds.ca_cert,
+        creds.node_key(device),
+        Path(data.data_dir) if data.data_dir else None,
+    )
+    return processes.start(name or device, command, flower_env(fleet))
 
 
 def start_prometheus(processes: Processes, config_dir: Path, port: int) -> None:
@@ -145,9 +162,15 @@ def start_prometheus(processes: Processes, config_dir: Path, port: int) -> None:
 
 
 def start_pushgateway(processes: Processes, port: int) -> None:
+    """Debian's Pushgateway on loopback; its persistence file beside the logs keeps the pushed
+    rounds across a restart."""
     processes.start(
         "pushgateway",
-        ["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{port}"],
+        [
+            "prometheus-pushgateway",
+            f"--web.listen-address=127.0.0.1:{port}",
+            f"--persistence.file={processes.folder / 'pushgateway.metrics'}",
+        ],
         dict(os.environ),
     )
 

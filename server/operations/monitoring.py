@@ -31,6 +31,7 @@ AGENT_JOB = "skip2fleet-agents"
 PUSH_JOB = "skip2fleet-pushgateway"
 DATASOURCE_UID = "skip2fleet-prometheus"
 TOO_HOT_CELSIUS = 80  # Raspberry Pis start throttling between 80 and 85
+REFUSED_ALERT_S = 3600  # how long a round with refused replies stays an alert
 SCRAPE_INTERVAL = "5s"
 PUSH_SCRAPE_INTERVAL = "2s"  # a round's figures are queryable about this soon after it ends
 DEVICE = 'device=~"$device"'
@@ -141,7 +142,9 @@ def alert_rules() -> dict:
                     },
                     {
                         "alert": "RoundRefusedReplies",
-                        "expr": f"{names.ROUND_REFUSED.name} > 0",
+                        # the Pushgateway keeps every round: alert on those pushed lately
+                        "expr": f"{names.ROUND_REFUSED.name} > 0 and on (run, round) "
+                        f"time() - push_time_seconds < {REFUSED_ALERT_S}",
                         "labels": {"severity": "info"},
                         "annotations": {
                             "summary": "round {{ $labels.round }} of run {{ $labels.run }} "

@@ -1,0 +1,47 @@
+"""One round's messages out and replies in, every node accounted for.
+
+Flower's `Grid.send_and_receive` returns a list of replies: a node that never answers is simply
+absent, and the error the SuperLink makes for a node whose heartbeat stopped comes from node 1
+(the SuperLink itself). Here each reply is matched to the node it was sent to by message id, with
+the seconds it took, so a round can say who was waited for, how long, and why.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+POLL_S = 1.0
+
+
+@dataclass
+class Exchange:
+    replies: dict[int, Message] = field(default_factory=dict)  # node -> its reply (or error)
+    seconds: dict[int, float] = field(default_factory=dict)  # node -> seconds until it came
+    unanswered: list[int] = field(default_factory=list)  # nodes with no reply at the deadline
+    waited_s: float = 0.0  # from the push to the last reply or the deadline
+
+
+def exchange(grid: Grid, messages: list[Message], timeout: float) -> Exchange:
+    """Send `messages` and collect the replies until all came or `timeout` seconds passed."""
+    ids = list(grid.push_messages(messages))
+    node_of = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages, strict=True)}
+    started = time.monotonic()
+    done = Exchange()
+    while True:
+        pending = [mid for mid in ids if node_of[mid] not in done.replies]
+        if not pending or time.monotonic() - started >= timeout:
+            break
+        for reply in grid.pull_messages(pending):
+            node = node_of.get(reply.metadata.reply_to_message_id)
+            if node is not None and node not in done.replies:
+                done.replies[node] = reply
+                done.seconds[node] = time.monotonic() - started
+        if len(done.replies) < len(ids):
+            time.sleep(POLL_S)
+    done.unanswered = [node_of[mid] for mid in ids if node_of[mid] not in done.replies]
+    done.waited_s = time.monotonic() - started
+    return done
