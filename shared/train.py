@@ -64,7 +64,7 @@ class FineTuneResult:
         if not self.tuner.method.cached:
             return 0
         source = self.tuner.source
-        return source[:, self.tuner.dims[3] :].nbytes
+        return source[:, self.tuner.spec.n_classes :].nbytes
 
 
 def finetune(

@@ -60,16 +60,16 @@ def test_first_round_stores_base_and_cache_then_reuses_them(tmp_path, base):
     assert figures.acc_after > figures.acc_before
     vector = record_vector(first[ADAPTERS])
     assert vector.dtype == np.float32
-    assert vector.shape == (packed_size(get_method("skip2-lora"), base_model.dims(base), 2),)
+    assert vector.shape == (packed_size(get_method("skip2-lora"), base_model.spec_of(base), 2),)
     assert figures.uplink_bytes > vector.nbytes
     assert len(list((tmp_path / "cache").iterdir())) == 1
 
     second = run_round(content(base, round_=2, with_base=False), node)  # no base sent again
     again = Figures.from_record(second[FIGURES])
     assert again.cache_built == 0
-    before = unpack(vector, get_method("skip2-lora"), base_model.dims(base), 2)
+    before = unpack(vector, get_method("skip2-lora"), base_model.spec_of(base), 2)
     after = unpack(
-        record_vector(second[ADAPTERS]), get_method("skip2-lora"), base_model.dims(base), 2
+        record_vector(second[ADAPTERS]), get_method("skip2-lora"), base_model.spec_of(base), 2
     )
     assert not np.array_equal(before, after)  # it continued training its own adapters
     assert (tmp_path / "last-finetune.json").is_file()

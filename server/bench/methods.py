@@ -22,10 +22,11 @@ from skip2fleet.server.progress import progress
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.atomic import write_text_atomic
 from skip2fleet.shared.datasets import Task, load_task
-from skip2fleet.shared.engine import count_matmul_flops
+from skip2fleet.shared.flops import count_flops
 from skip2fleet.shared.methods import Method, parse_methods
 from skip2fleet.shared.predictor import Predictor
 from skip2fleet.shared.pretrain import PretrainConfig, pretrain
+from skip2fleet.shared.spec import describe
 from skip2fleet.shared.train import FineTuneConfig, finetune
 
 Methods = Annotated[str | None, typer.Option(help="Comma-separated method names; default all.")]
@@ -45,7 +46,7 @@ def predict_sample_ms(predict: Predictor, x: np.ndarray) -> float:
 def step_flops(tuner, batch: int) -> int:
     """Matrix-product FLOPs of one training step (forward, backward, update)."""
     idx = np.arange(batch)
-    with count_matmul_flops() as counter:
+    with count_flops() as counter:
         tuner.forward(idx)
         tuner.backward()
         tuner.update(0.0)
@@ -82,7 +83,7 @@ def measure_timing(task: Task, methods: list[Method], config: FineTuneConfig, re
         }
     return {
         "dataset": task.name,
-        "dims": list(base_model.dims(base)),
+        "model": describe(base_model.spec_of(base)),
         "batch_size": config.batch_size,
         "rank": config.rank,
         "epochs": config.epochs,
@@ -106,9 +107,7 @@ def measure_accuracy(
                 len(task.classes),
                 PretrainConfig(epochs=pretrain_epochs, seed=seed),
             )
-            before.append(
-                base_model.accuracy(base_model.forward_frozen(base, task.test.x)[-1], task.test.y)
-            )
+            before.append(base_model.accuracy(base_model.logits(base, task.test.x), task.test.y))
             advance(f"trial {trial + 1}: pretrained")
             for method in methods:
                 trial_config = FineTuneConfig(**{**config.__dict__, "seed": seed})

@@ -77,7 +77,7 @@ def timing_report(results: dict) -> tuple[str, Chart]:
     lora_all = methods.get("lora-all", {}).get("train_batch_ms", {}).get("total")
     lines = [
         f"### Training time per batch, {results['dataset']} "
-        f"(dims {'-'.join(map(str, results['dims']))}, batch {results['batch_size']}, "
+        f"(model {results['model']}, batch {results['batch_size']}, "
         f"rank {results['rank']}, median of {results['repeats']} rounds of "
         f"{results['steps_per_run']} steps)",
         "",

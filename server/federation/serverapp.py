@@ -34,6 +34,7 @@ from skip2fleet.shared.protocol import (
     RoundPlan,
 )
 from skip2fleet.shared.records import model_record, record_vector, vector_record, wire_bytes
+from skip2fleet.shared.spec import Spec
 
 RoundListener = Callable[[dict], None]
 NODE_POLL_S = 1.0
@@ -101,7 +102,7 @@ def coordinate(grid: Grid, folder: RunFolder, on_round: RoundListener) -> None:
     config = folder.config()
     base = folder.base()
     digest = base_model.sha256(base)
-    dims = base_model.dims(base)
+    spec = base_model.spec_of(base)
     method = get_method(config.training.method)
     fed = config.federation
     ranks = {d.name: config.rank_of(d) for d in config.devices}
@@ -131,7 +132,7 @@ def coordinate(grid: Grid, folder: RunFolder, on_round: RoundListener) -> None:
             )
         downlink = {node: wire_bytes(m.content) for node, m in zip(nodes, messages, strict=True)}
         replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout_s))
-        result, updates, received = judge(replies, method, dims, ranks, device_of)
+        result, updates, received = judge(replies, method, spec, ranks, device_of)
         answered = set(result["devices"]) | set(result["refused"])
         result["missing"] = [d.name for d in config.devices if d.name not in answered]
         if len(updates) < fed.min_devices:
@@ -148,9 +149,9 @@ def coordinate(grid: Grid, folder: RunFolder, on_round: RoundListener) -> None:
                 f"round {number}: {len(updates)} usable replies, {fed.min_devices} needed; "
                 + "; ".join(reasons)
             )
-        aggregate = STRATEGIES[fed.aggregation](updates, method, dims)
+        aggregate = STRATEGIES[fed.aggregation](updates, method, spec)
         outgoing = {
-            device: pack(theta, method, dims, ranks[device])
+            device: pack(theta, method, spec, ranks[device])
             for device, theta in aggregate.per_device.items()
         }
         result.update(
@@ -176,7 +177,7 @@ def _named_device(reason: str, ranks: dict[str, int]) -> str | None:
 def judge(
     replies: list[Message],
     method: Method,
-    dims: tuple[int, ...],
+    spec: Spec,
     ranks: dict[str, int],
     device_of: dict[int, str],
 ) -> tuple[dict, list[Update], dict[str, np.ndarray]]:
@@ -197,7 +198,7 @@ def judge(
         try:
             figures = Figures.from_record(content[FIGURES])
             vector = record_vector(content[ADAPTERS])
-            expected = packed_size(method, dims, ranks[name]) if name in ranks else None
+            expected = packed_size(method, spec, ranks[name]) if name in ranks else None
             if name not in ranks:
                 problem = "not a device of this fleet"
             elif vector.dtype != np.float32 or vector.shape != (expected,):
@@ -214,7 +215,7 @@ def judge(
         result["devices"][name] = figures.__dict__
         received[name] = vector
         updates.append(
-            Update(name, unpack(vector, method, dims, ranks[name]), figures.samples, ranks[name])
+            Update(name, unpack(vector, method, spec, ranks[name]), figures.samples, ranks[name])
         )
     result["devices"] = {n: result["devices"][n] for n in ranks if n in result["devices"]}
     return result, updates, received

@@ -76,7 +76,7 @@ def simulate_command(
             f"the simulation ended after {len(rounds_done)} of "
             f"{fleet.federation.rounds} rounds; see the log above"
         )
-    dims = base_model.dims(base)
+    spec = base_model.spec_of(base)
     rank = fleet.training.rank
     summary = {
         "dataset": task.dataset,
@@ -86,7 +86,7 @@ def simulate_command(
         "wall_s": wall,
         "full_model_bytes": wire_bytes(model_record(base)),
         "adapter_bytes": wire_bytes(
-            vector_record(np.zeros(packed_size(get_method(fleet.training.method), dims, rank)))
+            vector_record(np.zeros(packed_size(get_method(fleet.training.method), spec, rank)))
         ),
         "rounds": rounds_done,
     }

@@ -47,9 +47,9 @@ def finetune_command(
         )
     else:
         model = base_model.load(base)
-        if base_model.dims(model)[0] != task.n_features:
+        if base_model.spec_of(model).width != task.n_features:
             raise FleetError(
-                f"{base}: the base takes {base_model.dims(model)[0]} features, "
+                f"{base}: the base takes {base_model.spec_of(model).width} features, "
                 f"{dataset} has {task.n_features}"
             )
     config = FineTuneConfig(epochs, batch_size, rank, None, lr, seed)
@@ -62,7 +62,7 @@ def finetune_command(
             config,
             on_epoch=lambda epoch: advance(f"{method}: epoch {epoch + 1} done"),
         )
-    before = base_model.accuracy(base_model.forward_frozen(model, task.test.x)[-1], task.test.y)
+    before = base_model.accuracy(base_model.logits(model, task.test.x), task.test.y)
     after = base_model.accuracy(result.tuner.merged()(task.test.x), task.test.y)
     split = result.times.per_batch_ms()
     figures = {

@@ -62,10 +62,8 @@ def pretrain_command(
     out = out or Path("runs") / time.strftime(f"pretrain-{dataset}-%Y%m%d-%H%M%S") / "base.npz"
     out.parent.mkdir(parents=True, exist_ok=True)
     digest = base_model.save(model, out)
-    source = base_model.accuracy(
-        base_model.forward_frozen(model, task.pretrain.x)[-1], task.pretrain.y
-    )
-    target = base_model.accuracy(base_model.forward_frozen(model, task.test.x)[-1], task.test.y)
+    source = base_model.accuracy(base_model.logits(model, task.pretrain.x), task.pretrain.y)
+    target = base_model.accuracy(base_model.logits(model, task.test.x), task.test.y)
     typer.echo(f"wrote {out} (sha256 {digest})")
     typer.echo(
         f"accuracy on the source domain {source:.2f} %, on the target test split {target:.2f} %"
