@@ -34,6 +34,7 @@ from skip2fleet.shared.protocol import (
     RoundPlan,
 )
 from skip2fleet.shared.records import record_model, record_vector, vector_record, wire_bytes
+from skip2fleet.shared.spec import form_of
 from skip2fleet.shared.train import FineTuneConfig, finetune
 
 app = ClientApp()
@@ -90,12 +91,20 @@ def _fine_tune(content: RecordDict, node_config: dict, plan: RoundPlan, index: i
     model = store.load_base(plan.base_sha256)
     if model is None:
         raise FleetError(f"{name}: no base model {plan.base_sha256[:12]} on this device")
+    spec = base_model.spec_of(model)
     data_dir = node_config.get("data-dir") or plan.data_dir or None
     options = TaskOptions(
-        Path(str(data_dir)) if data_dir else None, plan.source_room, seed=plan.seed
+        Path(str(data_dir)) if data_dir else None,
+        plan.source_room,
+        seed=plan.seed,
+        form=form_of(spec),
     )
     tune, test = store.data(plan.dataset, plan.partitions[index], options)
-    spec = base_model.spec_of(model)
+    if tune.x.shape[1] != spec.width:
+        raise FleetError(
+            f"{name}: the base takes {spec.width} values per sample, "
+            f"this device's {plan.dataset} data has {tune.x.shape[1]}"
+        )
     cache, built = (None, False)
     if method.cached:
         cache, built = store.cache(model, plan.base_sha256, tune.x)

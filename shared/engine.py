@@ -73,12 +73,6 @@ class FineTuner:
             for p in method.adapted(self.spec)
         }
         self.network = Network(self.spec, arrays, self.grads, self.layer_adapters, batch_stats)
-        self.pairs = adapter_pairs(method, self.spec, rank)
-        self.skip = (
-            Skip(self.params, self.grads, [p for p in self.pairs if p.skip], self.scaling, n, init)
-            if method.skip
-            else None
-        )
         self.optimizer = OPTIMIZERS[method.optimizer](self)
 
         # Batch buffer [y | x_0 | x_1 | ... | z] and its views.
@@ -91,6 +85,12 @@ class FineTuner:
         self.dz = np.zeros((n, C), dtype)
         self.rows = np.zeros((n, 1), dtype)
         self.source: np.ndarray | None = None
+
+        self.pairs = adapter_pairs(method, self.spec, rank)
+        skips = [p for p in self.pairs if p.skip]
+        self.skip = (
+            Skip(self.params, self.grads, skips, self.scaling, self.xcat, init) if skips else None
+        )
 
     # -- data ---------------------------------------------------------------------------------
 
@@ -116,7 +116,7 @@ class FineTuner:
                     view[...] = tap
             self.z[...] = z
         if self.skip is not None:
-            self.skip.forward(self.xcat, self.z)
+            self.skip.forward(self.z)
 
     def backward(self) -> None:
         """Gradient of the batch's mean cross-entropy into `self.grad` (after `forward`)."""
@@ -129,7 +129,7 @@ class FineTuner:
         dz -= self.y
         dz *= 1.0 / len(dz)
         if self.skip is not None:
-            self.skip.backward(self.xcat, dz)
+            self.skip.backward(dz)
         self.network.backward(dz)
 
     def update(self, lr: float) -> None:

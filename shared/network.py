@@ -30,7 +30,7 @@ class Adapter(Protocol):
     def weight(self, base: np.ndarray) -> np.ndarray: ...
     def add(self, cols: np.ndarray, out: np.ndarray) -> None: ...
     def backward(
-        self, cols: np.ndarray, dout: np.ndarray, dweight: np.ndarray | None
+        self, cols: np.ndarray, dout: np.ndarray, dweight: np.ndarray | None, need_dx: bool
     ) -> np.ndarray | None: ...
 
 
@@ -92,7 +92,8 @@ class Dense:
             dweight = matmul(self.cols.T, d)
         if self.gb is not None:
             np.add.reduce(d, axis=0, out=self.gb)
-        extra = None if self.adapter is None else self.adapter.backward(self.cols, d, dweight)
+        adapter = self.adapter
+        extra = None if adapter is None else adapter.backward(self.cols, d, dweight, need_dx)
         if not need_dx:
             return None
         dcols = matmul(d, self.weight.T)

@@ -250,6 +250,16 @@ def dscnn(channels: int, length: int, n_classes: int, widths: tuple[int, ...] = 
 MODELS = ("mlp", "cnn", "dscnn")
 
 
+def input_form(name: str) -> str:
+    """The data form (`shared.datasets.FORMS`) a built-in model reads."""
+    return "features" if name == "mlp" else "windows"
+
+
+def form_of(spec: Spec) -> str:
+    """The data form a spec reads: windows for (channels, length) inputs, else features."""
+    return "windows" if len(spec.input) == 2 else "features"
+
+
 def build(name: str, shape: tuple[int, ...], n_classes: int) -> Spec:
     """The built-in model `name` for samples of `shape` ((features,) or (channels, length))."""
     if name == "mlp":

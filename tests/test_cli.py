@@ -138,4 +138,4 @@ def test_base_for_other_features_is_refused(tmp_path, data_dir):
         ],
     )
     assert result.exit_code == 2
-    assert "takes 64 features, har has 220" in result.output
+    assert "takes 64 values per sample, har has 220" in result.output

@@ -72,6 +72,26 @@ def test_gradient_matches_central_differences(kind, name):
 
 
 @pytest.mark.parametrize("kind", TINY_SPECS)
+@pytest.mark.parametrize("name", ["skip-lora", "skip2-lora"])
+def test_skip_adapters_one_product_per_tap_is_the_same_step(kind, name, monkeypatch):
+    """Large taps take one product per tap instead of one block-diagonal product: the same
+    gradients (against finite differences) and the same step."""
+    model, x, y = tiny_model(kind)
+    steps = []
+    for limit in (10**9, 0):
+        monkeypatch.setattr("skip2fleet.shared.peft.skip.ONE_PRODUCT_MAX", limit)
+        tuner = FineTuner(
+            model, get_method(name), rank=2, alpha=3.0, batch_size=6, dtype=np.float64
+        )
+        assert tuner.skip.one_product == (limit > 0)
+        tuner.attach(x, y)
+        real = _randomise(tuner, np.random.default_rng(1))
+        check_gradient(tuner, np.array([3, 1, 4, 15, 9, 26]), real)
+        steps.append(tuner.grad.copy())
+    np.testing.assert_allclose(steps[0], steps[1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", TINY_SPECS)
 def test_every_method_starts_at_the_base_model(kind):
     model, x, y = tiny_model(kind)
     base_logits = reference_logits(spec_of(model), model, x)

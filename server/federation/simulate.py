@@ -39,6 +39,7 @@ def simulate_command(
     devices: opt.DeviceCount = None,
     rounds: Annotated[int | None, typer.Option(min=1, help="Federated rounds.")] = None,
     dataset: opt.DatasetOverride = None,
+    model: opt.ModelOverride = None,
     data_dir: opt.DataDir = None,
     aggregation: Annotated[str | None, typer.Option(help="none, fedavg or svd.")] = None,
     out: Annotated[
@@ -54,7 +55,7 @@ def simulate_command(
     if resume is not None:
         folder = RunFolder(resume).extend(rounds)
     else:
-        fleet = opt.resolve_fleet(config, devices, rounds, dataset, data_dir, aggregation)
+        fleet = opt.resolve_fleet(config, devices, rounds, dataset, data_dir, aggregation, model)
         out = out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
         folder = RunFolder.create(out, as_yaml_dict(fleet), fleet_base(fleet))
     fleet, base = folder.config(), folder.base()

@@ -17,6 +17,7 @@ from skip2fleet.shared.datasets import load_task
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.methods import METHODS, get_method
 from skip2fleet.shared.pretrain import PretrainConfig
+from skip2fleet.shared.spec import describe, form_of, input_form
 from skip2fleet.shared.train import FineTuneConfig, finetune
 
 
@@ -28,6 +29,7 @@ def finetune_command(
     method: Annotated[str, typer.Option(help=f"One of {', '.join(METHODS)}.")] = "skip2-lora",
     out: Annotated[Path | None, typer.Option(help="Where to write the adapters (.npz).")] = None,
     dataset: opt.Dataset = opt.DEFAULT_DATASET,
+    model_name: opt.ModelName = opt.DEFAULT_MODEL,
     data_dir: opt.DataDir = None,
     epochs: opt.Epochs = opt.DEFAULT_EPOCHS,
     batch_size: opt.BatchSize = opt.DEFAULT_BATCH,
@@ -38,20 +40,20 @@ def finetune_command(
     subjects: opt.Subjects = opt.DEFAULT_SUBJECTS_OPTION,
     json_out: opt.JsonOut = None,
 ) -> None:
-    """Fine-tune one method on the task's target domain and report accuracy and time."""
+    """Fine-tune one method on the task's target domain and report accuracy and time.
+
+    With --base, the model is the base file's own (its spec), whatever --model says."""
     chosen = get_method(method)
-    task = load_task(dataset, opt.task_options(data_dir, source_room, subjects, seed))
-    if base is None:
-        model = pretrain_shown(
-            task.pretrain, len(task.classes), task.name, PretrainConfig().epochs, seed
+    model = base_model.load(base) if base is not None else None
+    form = form_of(base_model.spec_of(model)) if model is not None else input_form(model_name)
+    task = load_task(dataset, opt.task_options(data_dir, source_room, subjects, seed, form))
+    if model is None:
+        model = pretrain_shown(task, model_name, PretrainConfig().epochs, seed)
+    elif base_model.spec_of(model).width != task.n_features:
+        raise FleetError(
+            f"{base}: the base takes {base_model.spec_of(model).width} values per sample, "
+            f"{dataset} has {task.n_features}"
         )
-    else:
-        model = base_model.load(base)
-        if base_model.spec_of(model).width != task.n_features:
-            raise FleetError(
-                f"{base}: the base takes {base_model.spec_of(model).width} features, "
-                f"{dataset} has {task.n_features}"
-            )
     config = FineTuneConfig(epochs, batch_size, rank, None, lr, seed)
     with progress(epochs, f"fine-tuning {method}") as advance:
         result = finetune(
@@ -68,6 +70,7 @@ def finetune_command(
     figures = {
         "dataset": dataset,
         "method": method,
+        "model": describe(base_model.spec_of(model)),
         "samples": len(task.finetune),
         "epochs": epochs,
         "accuracy_before": before,

@@ -48,7 +48,10 @@ class DoRA:
     def add(self, cols: np.ndarray, out: np.ndarray) -> None:
         """DoRA adds no term of its own: it changes the weight."""
 
-    def backward(self, cols: np.ndarray, dout: np.ndarray, dweight: np.ndarray) -> None:
+    def backward(
+        self, cols: np.ndarray, dout: np.ndarray, dweight: np.ndarray, need_dx: bool
+    ) -> None:
+        """Gradients of m, A and B; the layer's input gradient goes through W' alone."""
         lora = self.lora
         np.add.reduce(dweight * self.V, axis=0, out=self.gm)
         self.gm *= self.inv_norm

@@ -49,12 +49,14 @@ class LoRA:
         v *= self.scaling
         out += v
 
-    def backward(self, cols: np.ndarray, dout: np.ndarray, dweight: None) -> np.ndarray:
+    def backward(
+        self, cols: np.ndarray, dout: np.ndarray, dweight: None, need_dx: bool
+    ) -> np.ndarray | None:
         dv = dout * self.scaling
         matmul(self.u.T, dv, out=self.gB)
         du = matmul(dv, self.B.T)
         matmul(cols.T, du, out=self.gA)
-        return matmul(du, self.A.T)
+        return matmul(du, self.A.T) if need_dx else None
 
     def merge(self, base: np.ndarray) -> np.ndarray:
         return base + self.scaling * (self.A @ self.B)
