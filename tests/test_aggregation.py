@@ -6,7 +6,7 @@ import numpy as np
 from skip2fleet.server.federation.aggregation import STRATEGIES, Update
 from skip2fleet.shared.engine import adapter_pairs, trainable_shapes, unflatten
 from skip2fleet.shared.methods import get_method
-from skip2fleet.shared.spec import mlp
+from skip2fleet.shared.spec import cnn, mlp
 
 SPEC = mlp(6, 3, hidden=5)
 SKIP2 = get_method("skip2-lora")
@@ -95,3 +95,25 @@ def test_svd_keeps_the_rank_when_the_product_has_fewer_columns():
     for got, want in zip(products(result.per_device["a"], 4), exact, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     assert result.svd_relative_error < 1e-5
+
+
+def test_svd_merges_conv_adapters_exactly_when_the_rank_allows():
+    """LoRA beside convolutions: A is (C_in * k) x r, B r x C_out, the product the kernel's."""
+    spec, method = cnn(2, 12, 3, widths=(3, 4, 5)), get_method("lora-all")
+
+    def update(name: str, rank: int, seed: int) -> Update:
+        size = sum(int(np.prod(s)) for s in trainable_shapes(method, spec, rank).values())
+        return Update(name, np.random.default_rng(seed).normal(size=size), 10, rank)
+
+    def kernel_products(theta: np.ndarray, rank: int) -> list[np.ndarray]:
+        arrays = unflatten(theta, trainable_shapes(method, spec, rank))
+        return [arrays[p.a] @ arrays[p.b] for p in adapter_pairs(method, spec, rank)]
+
+    a, b, wide = update("a", 1, 0), update("b", 1, 1), update("c", 2, 2)
+    wide = Update("c", wide.theta, 1e-9, 2)
+    result = STRATEGIES["svd"]([a, b, wide], method, spec)
+    assert {p.layer for p in adapter_pairs(method, spec, 2)} == {0, 1, 2, 3}
+    pairs = zip(kernel_products(a.theta, 1), kernel_products(b.theta, 1), strict=True)
+    mean = [0.5 * pa + 0.5 * pb for pa, pb in pairs]
+    for got, want in zip(kernel_products(result.per_device["c"], 2), mean, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
