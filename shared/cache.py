@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 from skip2fleet.shared.model import Model, spec_of, standardise
-from skip2fleet.shared.network import Network
-
-CHUNK = 256  # rows per pass: bounds an im2col's memory on large sets
+from skip2fleet.shared.network import ROWS_PER_PASS, Network
 
 
 def build_cache(model: Model, x: np.ndarray) -> np.ndarray:
@@ -21,7 +19,7 @@ def build_cache(model: Model, x: np.ndarray) -> np.ndarray:
     network = Network(spec_of(model), model)
     x0 = standardise(model, x)
     rows = []
-    for start in range(0, len(x0), CHUNK):
-        z = network.forward(x0[start : start + CHUNK], keep_taps=True)
+    for start in range(0, len(x0), ROWS_PER_PASS):
+        z = network.forward(x0[start : start + ROWS_PER_PASS], keep_taps=True)
         rows.append(np.hstack([*network.taps, z]))
     return np.vstack(rows)

@@ -18,6 +18,7 @@ from skip2fleet.shared.flops import matmul
 from skip2fleet.shared.spec import Placed, Spec
 
 BN_EPS = 1e-5
+ROWS_PER_PASS = 256  # a whole data set goes through in passes of this many rows (bounds im2col)
 Arrays = dict[str, np.ndarray]
 
 

@@ -11,10 +11,8 @@ import dataclasses
 
 import numpy as np
 from skip2fleet.shared.flops import matmul
-from skip2fleet.shared.network import BN_EPS, Arrays, Network
+from skip2fleet.shared.network import BN_EPS, ROWS_PER_PASS, Arrays, Network
 from skip2fleet.shared.spec import Spec
-
-CHUNK = 256  # rows per pass: bounds an im2col's memory on large sets
 
 
 def fold_batchnorm(spec: Spec, arrays: Arrays) -> tuple[Spec, Arrays]:
@@ -44,9 +42,8 @@ class Predictor:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Logits for raw sample rows `x`."""
         x0 = ((x - self.in_mean) / self.in_std).astype(self.dtype)
-        return np.vstack(
-            [self._logits(x0[i : i + CHUNK]) for i in range(0, max(len(x0), 1), CHUNK)]
-        )
+        rows = ROWS_PER_PASS
+        return np.vstack([self._logits(x0[i : i + rows]) for i in range(0, len(x0), rows)])
 
     def _logits(self, x0: np.ndarray) -> np.ndarray:
         z = self.network.forward(x0, keep_taps=bool(self.skips))
