@@ -38,6 +38,7 @@ from skip2fleet.shared.protocol import (
     RoundPlan,
 )
 from skip2fleet.shared.records import record_model, record_vector, vector_record, wire_bytes
+from skip2fleet.shared.spec import form_of
 from skip2fleet.shared.train import FineTuneConfig, finetune
 
 app = ClientApp()
@@ -99,19 +100,27 @@ def _fine_tune(content: RecordDict, node_config: dict, plan: RoundPlan, index: i
     model = store.load_base(plan.base_sha256)
     if model is None:
         raise BaseMissing(f"{name}: no base model {plan.base_sha256[:12]} on this device")
+    spec = base_model.spec_of(model)
     data_dir = node_config.get("data-dir") or plan.data_dir or None
     options = TaskOptions(
-        Path(str(data_dir)) if data_dir else None, plan.source_room, seed=plan.seed
+        Path(str(data_dir)) if data_dir else None,
+        plan.source_room,
+        seed=plan.seed,
+        form=form_of(spec),
     )
     tune, test = store.data(plan.dataset, plan.partitions[index], options)
-    dims = base_model.dims(model)
+    if tune.x.shape[1] != spec.width:
+        raise FleetError(
+            f"{name}: the base takes {spec.width} values per sample, "
+            f"this device's {plan.dataset} data has {tune.x.shape[1]}"
+        )
     cache, built = (None, False)
     if method.cached:
         cache, built = store.cache(model, plan.base_sha256, tune.x)
     if ADAPTERS in content:
-        start = unpack(record_vector(content[ADAPTERS]), method, dims, rank)
+        start = unpack(record_vector(content[ADAPTERS]), method, spec, rank)
     elif ADAPTERS_BY_DEVICE in content and name in content[ADAPTERS_BY_DEVICE]:
-        start = unpack(content[ADAPTERS_BY_DEVICE][name].numpy(), method, dims, rank)
+        start = unpack(content[ADAPTERS_BY_DEVICE][name].numpy(), method, spec, rank)
     else:
         start = store.load_adapters(plan.base_sha256, method.name, rank) if plan.round > 1 else None
     config = FineTuneConfig(plan.epochs, plan.batch_size, rank, None, plan.lr, plan.seed + index)
@@ -130,14 +139,14 @@ def _fine_tune(content: RecordDict, node_config: dict, plan: RoundPlan, index: i
     split = result.times.per_batch_ms()
     reply = RecordDict(
         {
-            ADAPTERS: vector_record(pack(result.tuner.theta, method, dims, rank)),
+            ADAPTERS: vector_record(pack(result.tuner.theta, method, spec, rank)),
             "device": ConfigRecord({"name": name}),
         }
     )
     figures = Figures(
         samples=len(tune),
         loss=base_model.cross_entropy(predict(tune.x), tune.y),
-        acc_before=base_model.accuracy(base_model.forward_frozen(model, test.x)[-1], test.y),
+        acc_before=base_model.accuracy(base_model.logits(model, test.x), test.y),
         acc_after=base_model.accuracy(predict(test.x), test.y),
         forward_ms=split["forward"],
         backward_ms=split["backward"],

@@ -17,6 +17,7 @@ from skip2fleet.shared.adapters import packed_size
 from skip2fleet.shared.methods import get_method
 from skip2fleet.shared.protocol import ADAPTERS, BASE, PLAN, Figures, RoundPlan
 from skip2fleet.shared.records import record_model, vector_record
+from skip2fleet.shared.spec import Spec
 
 app = ClientApp()
 
@@ -26,10 +27,10 @@ def train(msg: Message, context: Context) -> Message:
     plan = RoundPlan.from_record(msg.content[PLAN])
     index = identify(plan, context.node_config)
     if BASE in msg.content:
-        dims = base_model.dims(record_model(msg.content[BASE]))
-        context.state["noop"] = ConfigRecord({"dims": list(dims)})
-    dims = tuple(context.state["noop"]["dims"])
-    size = packed_size(get_method(plan.method), dims, plan.ranks[index])
+        spec = base_model.spec_of(record_model(msg.content[BASE]))
+        context.state["noop"] = ConfigRecord({"spec": spec.to_json()})
+    spec = Spec.from_json(str(context.state["noop"]["spec"]))
+    size = packed_size(get_method(plan.method), spec, plan.ranks[index])
     reply = RecordDict(
         {
             ADAPTERS: vector_record(np.zeros(size, np.float32)),

@@ -45,6 +45,7 @@ class DeviceStore:
     def data(self, dataset: str, partition: str, options: TaskOptions) -> tuple[Split, Split]:
         """The device's (fine-tune, test) split, read from the data set once and kept."""
         spec = f"{dataset}|{partition}|{options.data_dir}|{options.source_room}|{options.seed}"
+        spec += f"|{options.form}"
         path = self._path("data", hashlib.sha256(spec.encode()).hexdigest()[:24], ".npz")
         if path.is_file():
             with np.load(path) as npz:

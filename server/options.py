@@ -23,6 +23,7 @@ from skip2fleet.shared.config import (
 from skip2fleet.shared.datasets import TASKS, TaskOptions, parse_subjects
 from skip2fleet.shared.datasets.federated import default_partitions
 from skip2fleet.shared.errors import FleetError
+from skip2fleet.shared.spec import MODELS
 from skip2fleet.shared.train import FineTuneConfig
 
 _defaults = FineTuneConfig()
@@ -77,8 +78,16 @@ DeviceCount = Annotated[
     int | None, typer.Option(min=1, help="Simulate this many devices instead of fleet.yaml's.")
 ]
 DatasetOverride = Annotated[str | None, typer.Option(help="Override the fleet's data set.")]
+ModelName = Annotated[
+    str,
+    typer.Option("--model", help=f"Built-in model: {', '.join(MODELS)} (the README's specs)."),
+]
+ModelOverride = Annotated[
+    str | None, typer.Option("--model", help=f"Override the fleet's model: {', '.join(MODELS)}.")
+]
 
 DEFAULT_DATASET = "generated"
+DEFAULT_MODEL = "mlp"
 DEFAULT_SOURCE_ROOM = datasets.DEFAULT_SOURCE_ROOM
 DEFAULT_SUBJECTS_OPTION = ",".join(map(str, datasets.DEFAULT_SUBJECTS))
 DEFAULT_EPOCHS = _defaults.epochs
@@ -87,8 +96,20 @@ DEFAULT_RANK = _defaults.rank
 DEFAULT_LR = _defaults.lr
 
 
-def task_options(data_dir: Path | None, source_room: str, subjects: str, seed: int) -> TaskOptions:
-    return TaskOptions(data_dir, source_room, parse_subjects(subjects), seed)
+def task_options(
+    data_dir: Path | None, source_room: str, subjects: str, seed: int, form: str = "features"
+) -> TaskOptions:
+    """The task's options, its data in `form` (`shared.spec.input_form` of the model)."""
+    return TaskOptions(data_dir, source_room, parse_subjects(subjects), seed, form)
+
+
+def with_model(config: FleetConfig, model: str | None) -> FleetConfig:
+    """The fleet with `training.model` overridden (by --model), validated again."""
+    if model is None:
+        return config
+    data = as_yaml_dict(config)
+    data["training"]["model"] = model
+    return parse_config(data, config.source)
 
 
 def fresh_workdir(workdir: Path) -> Path:
@@ -108,6 +129,7 @@ def resolve_fleet(
     dataset: str | None,
     data_dir: Path | None,
     aggregation: str | None,
+    model: str | None = None,
 ) -> FleetConfig:
     """fleet.yaml with the command line's overrides, validated again.
 
@@ -137,4 +159,4 @@ def resolve_fleet(
             for i, partition in enumerate(partitions)
         ]
         data["federation"]["min_devices"] = min(data["federation"]["min_devices"], count)
-    return parse_config(data, str(path or "built-in example fleet"))
+    return with_model(parse_config(data, str(path or "built-in example fleet")), model)

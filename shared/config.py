@@ -21,6 +21,7 @@ import yaml
 from skip2fleet.shared.datasets import DEFAULT_SOURCE_ROOM, DEFAULT_SUBJECTS, SOURCE_ROOMS, TASKS
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.methods import METHODS
+from skip2fleet.shared.spec import MODELS
 
 AGGREGATIONS = ("none", "fedavg", "svd")
 PROBES = ("auto", "hwmon", "pi5-pmic", "rapl", "cpu-model", "none")
@@ -67,6 +68,7 @@ class TaskConfig:
 
 @dataclass(frozen=True)
 class Training:
+    model: str = "mlp"  # a built-in model of shared.spec.MODELS
     method: str = "skip2-lora"
     rank: int = 4
     epochs: int = 100
@@ -221,6 +223,8 @@ def _check(config: FleetConfig) -> None:
         fail("task.source_room", f"must be one of {', '.join(SOURCE_ROOMS)}")
     if config.task.data_dir is not None and not Path(config.task.data_dir).expanduser().is_dir():
         fail("task.data_dir", f"data folder {config.task.data_dir} does not exist")
+    if config.training.model not in MODELS:
+        fail("training.model", f"unknown model; choose from {', '.join(MODELS)}")
     if config.training.method not in METHODS:
         fail("training.method", f"unknown method; choose from {', '.join(METHODS)}")
     for name, (low, high) in TRAINING_LIMITS.items():

@@ -1,51 +1,35 @@
-"""One fine-tuning step for any method of `shared.methods`, laid out for NumPy's per-call cost.
+"""One fine-tuning step for any method of `shared.methods` on any model of `shared.spec`.
 
-At batch 20 a step costs more in NumPy calls (1-3 us each) than in arithmetic, so the layout is
-chosen to make every method's step a short, fixed list of calls, with no allocation:
+At batch 20 a step costs more in NumPy calls (1-3 us each) than in arithmetic on the MLP, so:
 
 - Every trainable array is a view into one flat vector `theta` (its gradient a view into `grad`):
-  the SGD update is two calls whatever the method.
-- Frozen batch norm is folded into its Linear layer (`shared.model.fold`); a layer whose weight or
-  bias trains keeps the raw array in `theta` and refreshes its folded copy after each update.
-- A batch lives in one buffer with columns `[y | x0 | x1 | x2 | z]`. The forward pass writes each
-  layer's output into its slice, so the skip adapters' inputs form one block `[x0 | x1 | x2]` and
-  the three products `x_k A_k` are one product with a block-diagonal A (kept block-diagonal by a
-  gradient mask); the three `(x_k A_k) B_k` are one product with the stacked B.
-- Skip2-LoRA fills the whole buffer with one `np.take` from the cache (`shared.cache`); the other
-  methods take `[y | x0]` and compute the rest.
+  the SGD update is two calls whatever the method; the network's ops read and write these views.
+- A batch lives in one buffer with columns `[y | x_0 | x_1 | ... | z]`, the skip taps side by side,
+  so Skip-LoRA's adapters are one product each way (`shared.peft.skip`).
+- Skip2-LoRA fills the whole buffer with one `np.take` from the cache (`shared.cache`) and never
+  runs the base; the other methods take `[y | x_0]` and run the network (`shared.network`), whose
+  backward pass stops at the lowest layer with anything to train.
 
-The loss is the mean softmax cross-entropy of the batch; `grad` holds its exact gradient.
+The method's declaration decides everything: which base arrays join `theta`, which adapter sits
+beside which layer, the skip adapters, the cache and the optimizer. The loss is the mean softmax
+cross-entropy of the batch; `grad` holds its exact gradient (DoRA: with its norm held constant).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+import itertools
 
 import numpy as np
 
 from skip2fleet.shared.cache import build_cache
-from skip2fleet.shared.methods import LAYERS, Method
-from skip2fleet.shared.model import Model, dims, fold, standardise
+from skip2fleet.shared.methods import Method
+from skip2fleet.shared.model import SPEC_KEY, Model, cross_entropy, spec_of, standardise
+from skip2fleet.shared.network import Network
+from skip2fleet.shared.peft import ADAPTERS, OPTIMIZERS
+from skip2fleet.shared.peft.galore import INTERVAL, SCALE
+from skip2fleet.shared.peft.skip import AdapterPair, Skip, skip_pairs
 from skip2fleet.shared.predictor import Predictor
-
-_matmul = np.matmul  # module-level so that `count_matmul_flops` can swap in a counting one
-
-
-@dataclass
-class _Lora:
-    """A LoRA adapter beside one Linear layer and its per-batch buffers."""
-
-    A: np.ndarray
-    B: np.ndarray
-    gA: np.ndarray
-    gB: np.ndarray
-    gain: np.ndarray | float  # alpha/r times the layer's batch-norm scale
-    u: np.ndarray  # x @ A
-    v: np.ndarray  # (x @ A) @ B * gain, then reused for its gradient
-    du: np.ndarray
-    dx: np.ndarray
+from skip2fleet.shared.spec import Spec
 
 
 class FineTuner:
@@ -61,92 +45,59 @@ class FineTuner:
         batch_size: int = 20,
         seed: int = 0,
         dtype: type = np.float32,
+        galore_interval: int = INTERVAL,
+        galore_scale: float = SCALE,
+        batch_stats: bool = False,
     ) -> None:
-        self.model = {name: array.astype(dtype) for name, array in model.items()}
-        self.method = method
-        self.rank = rank
+        self.spec = spec_of(model)
+        self.model = {k: v if k == SPEC_KEY else v.astype(dtype) for k, v in model.items()}
+        self.method, self.rank, self.batch_size = method, rank, batch_size
         self.scaling = (rank if alpha is None else alpha) / rank
-        self.batch_size = batch_size
-        self.dims = dims(model)
-        self.folded = fold(self.model, dtype)
+        self.galore_interval, self.galore_scale = galore_interval, galore_scale
         init = np.random.default_rng([seed, 1])
-        d, n, C = self.dims, batch_size, self.dims[3]
-        width = sum(d[:3])
+        n, C, taps = batch_size, self.spec.n_classes, self.spec.taps()
 
-        shapes = trainable_shapes(method, self.dims, rank)
+        shapes = trainable_shapes(method, self.spec, rank)
         self.theta = np.zeros(sum(int(np.prod(s)) for s in shapes.values()), dtype)
         self.grad = np.zeros_like(self.theta)
-        self._step = np.zeros_like(self.theta)
         self.params = unflatten(self.theta, shapes)
         self.grads = unflatten(self.grad, shapes)
+        arrays = dict(self.model)
+        for name, view in self.params.items():
+            if name in arrays:  # a base array that trains: its values start in theta
+                view[...] = arrays[name]
+                arrays[name] = view
+        self.layer_adapters = {
+            p.k: ADAPTERS[method.adapter](
+                p.k, self.params, self.grads, self.scaling, arrays[f"W{p.k}"], init
+            )
+            for p in method.adapted(self.spec)
+        }
+        self.network = Network(self.spec, arrays, self.grads, self.layer_adapters, batch_stats)
+        self.optimizer = OPTIMIZERS[method.optimizer](self)
 
-        # Batch buffer [y | x0 | x1 | x2 | z] and its views.
-        self.buf = np.zeros((n, C + width + C), dtype)
+        # Batch buffer [y | x_0 | x_1 | ... | z] and its views.
+        self.buf = np.zeros((n, C + sum(taps) + C), dtype)
         self.y = self.buf[:, :C]
-        bounds = np.cumsum([C, d[0], d[1], d[2]])
-        self.x = [self.buf[:, bounds[k] : bounds[k + 1]] for k in LAYERS]
-        self.z = self.buf[:, bounds[3] :]
-        self.out = [self.x[1], self.x[2], self.z]
-        self.xcat = self.buf[:, C : C + width]
+        bounds = [int(b) for b in np.cumsum([C, *taps])]
+        self.taps = [self.buf[:, a:b] for a, b in itertools.pairwise(bounds)]
+        self.xcat = self.buf[:, C : bounds[-1]]
+        self.z = self.buf[:, bounds[-1] :]
         self.dz = np.zeros((n, C), dtype)
         self.rows = np.zeros((n, 1), dtype)
-        self.delta = [None] + [np.zeros((n, d[k]), dtype) for k in (1, 2)]
-        self.active = [None] + [np.zeros((n, d[k]), bool) for k in (1, 2)]
-
-        # Effective (folded) weight and bias per layer; trainable ones are refreshed after updates.
-        self.weight, self.bias, self._refresh = [], [], []
-        for k, layer in enumerate(self.folded):
-            kind = method.base[k]
-            weight = self.params[f"W{k}"] if kind == "all" else layer.weight
-            bias = self.params[f"b{k}"] if kind != "frozen" else layer.bias
-            if k < 2 and kind == "all":
-                weight = np.empty_like(layer.weight)
-                self._refresh.append((self.params[f"W{k}"], layer.scale, None, weight))
-            if k < 2 and kind != "frozen":
-                bias = np.empty_like(layer.bias)
-                self._refresh.append((self.params[f"b{k}"], layer.scale, layer.shift, bias))
-            self.weight.append(weight)
-            self.bias.append(bias)
-        for k in LAYERS:
-            if method.base[k] != "frozen":
-                self.params[f"b{k}"][...] = self.model[f"b{k}"]
-            if method.base[k] == "all":
-                self.params[f"W{k}"][...] = self.model[f"W{k}"]
-
-        self.lora: dict[int, _Lora] = {}
-        for k in method.lora:
-            A, B = self.params[f"A{k}"], self.params[f"B{k}"]
-            A[...] = _kaiming_uniform(init, A.shape)
-            self.lora[k] = _Lora(
-                A=A,
-                B=B,
-                gA=self.grads[f"A{k}"],
-                gB=self.grads[f"B{k}"],
-                gain=self.folded[k].scale * self.scaling,
-                u=np.zeros((n, rank), dtype),
-                v=np.zeros((n, d[k + 1]), dtype),
-                du=np.zeros((n, rank), dtype),
-                dx=np.zeros((n, d[k]), dtype),
-            )
-
-        self.pairs = adapter_pairs(method, self.dims, rank)
-        if method.skip:
-            A = self.params["A_skip"]
-            self.skip_mask = np.zeros(A.shape, dtype)
-            for pair in (p for p in self.pairs if p.skip):
-                A[pair.rows, pair.cols] = _kaiming_uniform(init, (d[pair.layer], rank))
-                self.skip_mask[pair.rows, pair.cols] = self.scaling
-            self.H = np.zeros((n, A.shape[1]), dtype)
-            self.dH = np.zeros_like(self.H)
-            self.V = np.zeros((n, C), dtype)
-        self.refresh()
         self.source: np.ndarray | None = None
+
+        self.pairs = adapter_pairs(method, self.spec, rank)
+        skips = [p for p in self.pairs if p.skip]
+        self.skip = (
+            Skip(self.params, self.grads, skips, self.scaling, self.xcat, init) if skips else None
+        )
 
     # -- data ---------------------------------------------------------------------------------
 
     def attach(self, x: np.ndarray, y: np.ndarray, cache: np.ndarray | None = None) -> None:
-        """Set the fine-tuning set: raw features and integer labels (Skip2: and its cache)."""
-        onehot = np.eye(self.dims[3], dtype=self.theta.dtype)[y]
+        """Set the fine-tuning set: raw samples and integer labels (Skip2: and its cache)."""
+        onehot = np.eye(self.spec.n_classes, dtype=self.theta.dtype)[y]
         if self.method.cached:
             cache = build_cache(self.model, x) if cache is None else cache
             self.source = np.hstack([onehot, cache.astype(self.theta.dtype, copy=False)])
@@ -160,23 +111,13 @@ class FineTuner:
         """Logits of the batch `idx` of the attached set, into `self.z`."""
         self.source.take(idx, axis=0, out=self._gathered, mode="clip")
         if not self.method.cached:
-            for k in LAYERS:
-                x, out = self.x[k], self.out[k]
-                _matmul(x, self.weight[k], out=out)
-                out += self.bias[k]
-                lora = self.lora.get(k)
-                if lora is not None:
-                    _matmul(x, lora.A, out=lora.u)
-                    _matmul(lora.u, lora.B, out=lora.v)
-                    lora.v *= lora.gain
-                    out += lora.v
-                if k < 2:
-                    np.maximum(out, 0, out=out)
-        if self.method.skip:
-            _matmul(self.xcat, self.params["A_skip"], out=self.H)
-            self.H *= self.scaling  # H holds (x A) * alpha/r, so B's gradient needs no rescaling
-            _matmul(self.H, self.params["B_skip"], out=self.V)
-            self.z += self.V
+            z = self.network.forward(self.taps[0], keep_taps=self.skip is not None)
+            if self.skip is not None:
+                for view, tap in zip(self.taps[1:], self.network.taps[1:], strict=True):
+                    view[...] = tap
+            self.z[...] = z
+        if self.skip is not None:
+            self.skip.forward(self.z)
 
     def backward(self) -> None:
         """Gradient of the batch's mean cross-entropy into `self.grad` (after `forward`)."""
@@ -188,69 +129,20 @@ class FineTuner:
         dz /= rows
         dz -= self.y
         dz *= 1.0 / len(dz)
-        if self.method.skip:
-            g = self.grads
-            _matmul(self.H.T, dz, out=g["B_skip"])
-            _matmul(dz, self.params["B_skip"].T, out=self.dH)
-            _matmul(self.xcat.T, self.dH, out=g["A_skip"])
-            g["A_skip"] *= self.skip_mask
-        delta = dz
-        for k in range(2, self.method.reaches - 1, -1):
-            delta = self._layer_backward(k, delta)
-
-    def _layer_backward(self, k: int, delta: np.ndarray) -> np.ndarray | None:
-        """Gradients of layer k's trainables from the gradient at its output; returns the one at
-        its input (after the ReLU mask) when a lower layer still needs it."""
-        x, kind, scale = self.x[k], self.method.base[k], self.folded[k].scale
-        if kind == "all":
-            gW = self.grads[f"W{k}"]
-            _matmul(x.T, delta, out=gW)
-            if k < 2:
-                gW *= scale
-        if kind != "frozen":
-            gb = self.grads[f"b{k}"]
-            np.add.reduce(delta, axis=0, out=gb)
-            if k < 2:
-                gb *= scale
-        lora = self.lora.get(k)
-        if lora is not None:
-            np.multiply(delta, lora.gain, out=lora.v)
-            _matmul(lora.u.T, lora.v, out=lora.gB)
-            _matmul(lora.v, lora.B.T, out=lora.du)
-            _matmul(x.T, lora.du, out=lora.gA)
-        if k == self.method.reaches:
-            return None
-        below = self.delta[k]
-        _matmul(delta, self.weight[k].T, out=below)
-        if lora is not None:
-            _matmul(lora.du, lora.A.T, out=lora.dx)
-            below += lora.dx
-        np.greater(x, 0, out=self.active[k])
-        below *= self.active[k]
-        return below
+        if self.skip is not None:
+            self.skip.backward(dz)
+        self.network.backward(dz)
 
     def update(self, lr: float) -> None:
-        """Plain SGD on every trainable array at once, then refresh folded copies."""
-        np.multiply(self.grad, lr, out=self._step)
-        self.theta -= self._step
-        self.refresh()
-
-    def refresh(self) -> None:
-        """Recompute the folded weight and bias of layers whose raw arrays train."""
-        for raw, scale, shift, folded in self._refresh:
-            np.multiply(raw, scale, out=folded)
-            if shift is not None:
-                folded += shift
+        """One step of the method's optimizer on every trainable array at once."""
+        self.optimizer.update(lr)
 
     # -- evaluation ----------------------------------------------------------------------------
 
     def loss(self, idx: np.ndarray) -> float:
         """Mean cross-entropy of the batch `idx` (runs `forward`)."""
         self.forward(idx)
-        z = self.z.astype(np.float64)
-        top = z.max(axis=1, keepdims=True)
-        log_norm = top[:, 0] + np.log(np.exp(z - top).sum(axis=1))
-        return float(np.mean(log_norm - (z * self.y).sum(axis=1)))
+        return cross_entropy(self.z, np.argmax(self.y, axis=1))
 
     def adapters(self) -> dict[str, np.ndarray]:
         """Copies of the trainable arrays, by name."""
@@ -261,47 +153,33 @@ class FineTuner:
         if flat.shape != self.theta.shape:
             raise ValueError(f"expected {self.theta.size} values, got {flat.size}")
         self.theta[...] = flat
-        self.refresh()
 
     def merged(self) -> Predictor:
         """The fine-tuned network for inference: adapters merged into plain matrices."""
-        d, C = self.dims, self.dims[3]
-        layers = [[self.weight[k].copy(), self.bias[k].copy()] for k in LAYERS]
-        skips = []
-        for pair in self.pairs:
-            k = pair.layer
-            product = self.params[pair.a][pair.rows, pair.cols] @ self.params[pair.b][pair.cols]
-            if not pair.skip:
-                layers[k][0] += product * self.lora[k].gain
-            elif k == 2:
-                layers[2][0] += product * self.scaling
-            else:
-                skips.append((k, product * self.scaling))
-        # A skip from x_k (k < 2) rides along layer k's product as extra output columns.
-        for k, product in skips:
-            layers[k][0] = np.hstack([layers[k][0], product])
-            layers[k][1] = np.concatenate([layers[k][1], np.zeros(C, product.dtype)])
-        return Predictor(
-            self.model["in_mean"], self.model["in_std"], [tuple(w_b) for w_b in layers], d[1:3]
-        )
+        arrays = {name: self.params.get(name, array).copy() for name, array in self.model.items()}
+        for k, adapter in self.layer_adapters.items():
+            arrays[f"W{k}"] = adapter.merge(arrays[f"W{k}"])
+        return Predictor(self.spec, arrays, self.skip.merged() if self.skip else None)
 
 
-def trainable_shapes(
-    method: Method, dims: tuple[int, ...], rank: int
-) -> dict[str, tuple[int, ...]]:
+def trainable_shapes(method: Method, spec: Spec, rank: int) -> dict[str, tuple[int, ...]]:
     """Name and shape of every trainable array, in their order inside `theta`."""
-    d, r = dims, rank
+    base = spec.array_shapes()
+    weights, biases = method.trained("weights", spec), method.trained("biases", spec)
+    norms = {p.k for p in spec.placed() if p.layer.op == "batchnorm"} if method.batchnorm else set()
+    adapted = {p.k: p for p in method.adapted(spec)}
     shapes: dict[str, tuple[int, ...]] = {}
-    for k in LAYERS:
-        if method.base[k] == "all":
-            shapes[f"W{k}"] = (d[k], d[k + 1])
-        if method.base[k] != "frozen":
-            shapes[f"b{k}"] = (d[k + 1],)
-        if k in method.lora:
-            shapes[f"A{k}"], shapes[f"B{k}"] = (d[k], r), (r, d[k + 1])
+    for p in spec.weighted():
+        k = p.k
+        names = [f"W{k}"] * (k in weights) + [f"b{k}"] * (k in biases)
+        names += [f"gamma{k}", f"beta{k}"] * (k in norms)
+        shapes.update({name: base[name] for name in names})
+        if k in adapted:
+            shapes.update(ADAPTERS[method.adapter].shapes(p, rank))
     if method.skip:
-        shapes["A_skip"] = (sum(d[:3]), len(method.skip) * r)
-        shapes["B_skip"] = (len(method.skip) * r, d[3])
+        taps = spec.taps()
+        shapes["A_skip"] = (sum(taps), len(taps) * rank)
+        shapes["B_skip"] = (len(taps) * rank, spec.n_classes)
     return shapes
 
 
@@ -315,47 +193,10 @@ def unflatten(flat: np.ndarray, shapes: dict[str, tuple[int, ...]]) -> dict[str,
     return views
 
 
-@dataclass(frozen=True)
-class AdapterPair:
-    """One low-rank product A @ B inside the named arrays: A[rows, cols] @ B[cols, :]."""
-
-    a: str
-    b: str
-    rows: slice
-    cols: slice
-    layer: int  # LoRA: the Linear it sits beside; skip: the activation x_k it reads
-    skip: bool
-
-
-def adapter_pairs(method: Method, dims: tuple[int, ...], rank: int) -> list[AdapterPair]:
-    """Every low-rank pair of a method: a LoRA adapter per layer, a block per skip adapter."""
+def adapter_pairs(method: Method, spec: Spec, rank: int) -> list[AdapterPair]:
+    """Every low-rank pair of a method: one per adapted layer, one per skip tap."""
     full = slice(None)
-    pairs = [AdapterPair(f"A{k}", f"B{k}", full, full, k, False) for k in method.lora]
-    starts = [int(s) for s in np.cumsum([0, *dims[:3]])]
-    for block, k in enumerate(method.skip):
-        rows, cols = slice(starts[k], starts[k + 1]), slice(block * rank, (block + 1) * rank)
-        pairs.append(AdapterPair("A_skip", "B_skip", rows, cols, k, True))
-    return pairs
-
-
-def _kaiming_uniform(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
-    """PEFT's LoRA-A init: Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(fan_in), +)."""
-    bound = 1.0 / np.sqrt(shape[0])
-    return rng.uniform(-bound, bound, shape)
-
-
-@contextmanager
-def count_matmul_flops() -> Iterator[list[int]]:
-    """Within the block, count 2*m*k*n for every matrix product the engine makes."""
-    global _matmul
-    counter = [0]
-
-    def counting(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        counter[0] += 2 * a.shape[0] * a.shape[1] * b.shape[1]
-        return np.matmul(a, b, out=out)
-
-    _matmul = counting
-    try:
-        yield counter
-    finally:
-        _matmul = np.matmul
+    pairs = [
+        AdapterPair(f"A{p.k}", f"B{p.k}", full, full, p.k, False) for p in method.adapted(spec)
+    ]
+    return pairs + (skip_pairs(spec.taps(), rank) if method.skip else [])

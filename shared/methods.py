@@ -1,59 +1,99 @@
-"""The paper's eight fine-tuning methods, declared in one table.
+"""The fine-tuning methods, declared in one table.
 
-Each method says what of the base it trains (per Linear layer), where its adapters sit, and whether
-its forward pass reads the Skip2 cache. The engine (`shared.engine`) derives everything else from
-this declaration, including how far back the backward pass has to go.
+Each method says what of the base it trains (weight matrices, biases, batch-norm scale and shift:
+on every weighted layer or on the last), which adapter (`shared.peft.ADAPTERS`) sits beside which
+weighted layers, whether adapters run from every block's input straight into the logits (skip),
+whether its forward pass reads the Skip2 cache, and its optimizer (`shared.peft.OPTIMIZERS`). How
+an adapter merges for inference and which state an optimizer keeps are the adapter's and the
+optimizer's own. The engine (`shared.engine`) derives everything else, including how far back the
+backward pass has to go. LoRA and DoRA sit only beside linear and conv1d layers, never beside a
+depthwise one (see `shared.spec.Placed.adaptable`); with `last`, beside the head.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from skip2fleet.shared.errors import FleetError
+from skip2fleet.shared.spec import Placed, Spec
 
-LAYERS = (0, 1, 2)
+Where = Literal["none", "last", "all"]
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     summary: str
-    base: tuple[str, str, str] = ("frozen", "frozen", "frozen")  # per layer: frozen | bias | all
-    lora: tuple[int, ...] = ()  # Linear layers with a LoRA adapter beside them
-    skip: tuple[int, ...] = ()  # activations x_k with an adapter straight into the logits
-    cached: bool = False  # forward gathers x0, x1, x2 and base logits from the Skip2 cache
+    weights: Where = "none"  # base weight matrices that train
+    biases: Where = "none"
+    batchnorm: bool = False  # batch-norm scale and shift (statistics stay frozen)
+    adapter: str | None = None  # a key of shared.peft.ADAPTERS
+    adapt: Where = "none"  # weighted layers the adapter sits beside
+    skip: bool = False  # an adapter from every block's input straight into the logits
+    cached: bool = False  # forward gathers the skip taps and base logits from the Skip2 cache
+    optimizer: str = "sgd"  # a key of shared.peft.OPTIMIZERS
 
-    @property
-    def reaches(self) -> int:
-        """The lowest layer whose input gradient is never needed: backward stops above it.
+    def __post_init__(self) -> None:
+        if self.cached and not self.skip:
+            raise ValueError(f"{self.name}: only skip adapters can read the cache")
+        trains_base = self.weights != "none" or self.biases != "none" or self.batchnorm
+        if self.skip and (trains_base or self.adapt != "none"):
+            raise ValueError(f"{self.name}: skip adapters assume a frozen base")
 
-        The backward pass must deliver a gradient to the output of every layer below the highest
-        trainable one; 3 means no back-propagation through any base layer at all.
-        """
-        trained = [k for k in LAYERS if self.base[k] != "frozen" or k in self.lora]
-        return min(trained, default=3)
+    def adapted(self, spec: Spec) -> list[Placed]:
+        """The weighted layers with an adapter beside them."""
+        return [p for p in _where(self.adapt, spec) if p.adaptable]
+
+    def trained(self, what: str, spec: Spec) -> set[int]:
+        """Weight indices k whose base `what` ("weights" or "biases") train."""
+        return {p.k for p in _where(getattr(self, what), spec)}
+
+
+def _where(where: Where, spec: Spec) -> list[Placed]:
+    weighted = spec.weighted()
+    return {"none": [], "last": weighted[-1:], "all": weighted}[where]
 
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("ft-all", "all weights and biases", base=("all", "all", "all")),
-        Method("ft-last", "last layer's weight and bias", base=("frozen", "frozen", "all")),
-        Method("ft-bias", "the three biases", base=("bias", "bias", "bias")),
+        Method("ft-all", "all weights and biases", weights="all", biases="all"),
+        Method("ft-last", "the last layer's weight and bias", weights="last", biases="last"),
+        Method("ft-bias", "every bias", biases="all"),
         Method(
             "ft-all-lora",
-            "all weights and biases, plus a LoRA adapter beside each Linear",
-            base=("all", "all", "all"),
-            lora=LAYERS,
+            "all weights and biases, plus LoRA beside each layer",
+            weights="all",
+            biases="all",
+            adapter="lora",
+            adapt="all",
         ),
-        Method("lora-all", "a LoRA adapter beside each Linear", lora=LAYERS),
-        Method("lora-last", "a LoRA adapter beside the last Linear", lora=(2,)),
-        Method("skip-lora", "adapters from x0, x1, x2 straight into the logits", skip=LAYERS),
+        Method("lora-all", "LoRA beside each layer", adapter="lora", adapt="all"),
+        Method("lora-last", "LoRA beside the last layer", adapter="lora", adapt="last"),
+        Method(
+            "skip-lora", "adapters from every block's input straight into the logits", skip=True
+        ),
         Method(
             "skip2-lora",
-            "Skip-LoRA reading the frozen base's outputs from a cache",
-            skip=LAYERS,
+            "Skip-LoRA reading the frozen base's taps and logits from a cache",
+            skip=True,
             cached=True,
+        ),
+        Method(
+            "bn-head",
+            "batch-norm scale and shift plus the last layer (TinyTL-style BN+H)",
+            weights="last",
+            biases="last",
+            batchnorm=True,
+        ),
+        Method("dora", "DoRA beside each layer", adapter="dora", adapt="all"),
+        Method(
+            "galore",
+            "all weights and biases, each weight gradient projected to rank r",
+            weights="all",
+            biases="all",
+            optimizer="galore",
         ),
     )
 }
@@ -67,7 +107,7 @@ def get_method(name: str) -> Method:
 
 
 def parse_methods(text: str | None) -> list[Method]:
-    """A comma-separated list of method names; None or empty means all eight."""
+    """A comma-separated list of method names; None or empty means all of them."""
     if not text:
         return list(METHODS.values())
     return [get_method(name.strip()) for name in text.split(",") if name.strip()]

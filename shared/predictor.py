@@ -1,41 +1,53 @@
 """A fine-tuned network merged for inference: what a device runs to classify new samples.
 
-Merging keeps prediction as cheap as the base network's whatever the method: LoRA products are
-added into their Linear weights, the skip adapter from x2 into the last weight, and the skip
-adapters from x0 and x1 become extra output columns of layers 0 and 1 that are summed into the
-logits. Input standardisation is folded into the first layer, so raw features go straight in.
+Merging keeps prediction as cheap as the base network's whatever the method: LoRA and DoRA are
+merged into their weights (by the adapters themselves), frozen batch norm is folded into the
+weighted layer before it, and each skip adapter becomes one matrix from its tap into the logits.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+
+from skip2fleet.shared.flops import matmul
+from skip2fleet.shared.network import BN_EPS, ROWS_PER_PASS, Arrays, Network
+from skip2fleet.shared.spec import Spec
+
+
+def fold_batchnorm(spec: Spec, arrays: Arrays) -> tuple[Spec, Arrays]:
+    """The same function without batch norm layers: each one's inference-mode scale and shift
+    folded into the output columns of the weighted layer before it."""
+    folded = dict(arrays)
+    for p in spec.placed():
+        if p.layer.op == "batchnorm":
+            k = p.k
+            scale = arrays[f"gamma{k}"] / np.sqrt(arrays[f"var{k}"] + BN_EPS)
+            folded[f"W{k}"] = arrays[f"W{k}"] * scale
+            folded[f"b{k}"] = (arrays[f"b{k}"] - arrays[f"mean{k}"]) * scale + arrays[f"beta{k}"]
+    blocks = tuple(tuple(x for x in block if x.op != "batchnorm") for block in spec.blocks)
+    return dataclasses.replace(spec, blocks=blocks), folded
 
 
 class Predictor:
     def __init__(
-        self,
-        in_mean: np.ndarray,
-        in_std: np.ndarray,
-        layers: list[tuple[np.ndarray, np.ndarray]],
-        hidden: tuple[int, int],
+        self, spec: Spec, arrays: Arrays, skips: list[tuple[int, np.ndarray]] | None = None
     ) -> None:
-        (w0, b0), *rest = layers
-        w0 = w0 / in_std[:, None]
-        self.layers = [(w0, b0 - in_mean @ w0), *rest]
-        self.hidden = hidden
+        folded_spec, folded = fold_batchnorm(spec, arrays)
+        self.in_mean, self.in_std = arrays["in_mean"], arrays["in_std"]
+        self.dtype = arrays["W0"].dtype
+        self.network = Network(folded_spec, folded)
+        self.skips = skips or []
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """Logits for raw feature rows `x`."""
-        skip = 0.0
-        h = x
-        for k, (weight, bias) in enumerate(self.layers):
-            out = h @ weight
-            out += bias
-            if k == 2:
-                out += skip
-                return out
-            width = self.hidden[k]
-            if out.shape[1] > width:
-                skip = skip + out[:, width:]
-            h = np.maximum(out[:, :width], 0)
-        raise AssertionError("unreachable: the network has three layers")
+        """Logits for raw sample rows `x`."""
+        x0 = ((x - self.in_mean) / self.in_std).astype(self.dtype)
+        rows = ROWS_PER_PASS
+        return np.vstack([self._logits(x0[i : i + rows]) for i in range(0, len(x0), rows)])
+
+    def _logits(self, x0: np.ndarray) -> np.ndarray:
+        z = self.network.forward(x0, keep_taps=bool(self.skips))
+        for tap, matrix in self.skips:
+            z += matmul(self.network.taps[tap], matrix)
+        return z

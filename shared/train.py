@@ -21,6 +21,7 @@ from skip2fleet.shared.engine import FineTuner
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.methods import Method
 from skip2fleet.shared.model import Model
+from skip2fleet.shared.peft.galore import INTERVAL, SCALE
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class FineTuneConfig:
     alpha: float | None = None  # LoRA scaling is alpha / rank; None means alpha = rank
     lr: float = 0.01  # chosen on a validation quarter of the fine-tune splits, never the test
     seed: int = 0
+    galore_interval: int = INTERVAL  # GaLore: steps between projector refreshes (SVDs)
+    galore_scale: float = SCALE  # GaLore: the projected step's scale
 
 
 @dataclass
@@ -65,7 +68,7 @@ class FineTuneResult:
         if not self.tuner.method.cached:
             return 0
         source = self.tuner.source
-        return source[:, self.tuner.dims[3] :].nbytes
+        return source[:, self.tuner.spec.n_classes :].nbytes
 
 
 def finetune(
@@ -82,7 +85,14 @@ def finetune(
     continues from earlier trainable values (a flat `theta`) instead of a fresh init."""
     batch = min(config.batch_size, len(y))
     tuner = FineTuner(
-        model, method, rank=config.rank, alpha=config.alpha, batch_size=batch, seed=config.seed
+        model,
+        method,
+        rank=config.rank,
+        alpha=config.alpha,
+        batch_size=batch,
+        seed=config.seed,
+        galore_interval=config.galore_interval,
+        galore_scale=config.galore_scale,
     )
     if start is not None:
         tuner.load(start)

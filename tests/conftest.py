@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny model and data, and the real data folder when CI provides it.
+"""Shared fixtures: tiny models of every built-in kind and data, and the real data folder when CI
+provides it.
 
 Under `FLEET_NO_SKIPS=1` (what .ci/run sets) a skipped test fails: CI has the data, Prometheus,
 root and sshd, so a skip there means a test silently stopped testing."""
@@ -12,25 +13,38 @@ import numpy as np
 import pytest
 
 from skip2fleet.shared.model import init_model
+from skip2fleet.shared.spec import cnn, dscnn, mlp
+
+TINY_SPECS = {
+    "mlp": mlp(7, 3, hidden=5),
+    "cnn": cnn(2, 12, 3, widths=(3, 4, 5)),
+    "dscnn": dscnn(2, 12, 3, widths=(3, 4, 5)),
+}
+
+
+def tiny_model(kind: str, seed: int = 7):
+    """A tiny model with non-trivial weights and batch norm, and 40 labelled samples."""
+    spec = TINY_SPECS[kind]
+    rng = np.random.default_rng(seed)
+    model = init_model(spec, rng)
+    for name, array in model.items():
+        if name[0] == "W" and name != "W0":  # Kaiming keeps small layers' logits tiny
+            model[name] = rng.uniform(-1, 1, array.shape).astype(np.float32)
+        elif name.startswith(("gamma", "var")):
+            model[name] = rng.uniform(0.5, 1.5, array.shape).astype(np.float32)
+        elif name.startswith(("beta", "mean", "b")):
+            model[name] = rng.uniform(-0.5, 0.5, array.shape).astype(np.float32)
+    model["in_mean"] = rng.normal(size=spec.width).astype(np.float32)
+    model["in_std"] = rng.uniform(0.5, 2, spec.width).astype(np.float32)
+    x = rng.normal(size=(40, spec.width))
+    y = rng.integers(0, 3, 40)
+    return model, x, y
 
 
 @pytest.fixture
 def tiny():
-    """A 7-5-4-3 model with non-trivial batch norm, and 40 labelled samples."""
-    rng = np.random.default_rng(7)
-    model = init_model(7, 3, rng, hidden=5)
-    model["W2"] = rng.uniform(-1, 1, (5, 3)).astype(np.float32)  # 5 -> 4 would need its own init
-    model["W1"] = rng.uniform(-1, 1, (5, 5)).astype(np.float32)
-    for k in (0, 1):
-        model[f"gamma{k}"] = rng.uniform(0.5, 1.5, 5).astype(np.float32)
-        model[f"beta{k}"] = rng.uniform(-0.5, 0.5, 5).astype(np.float32)
-        model[f"mean{k}"] = rng.uniform(-0.5, 0.5, 5).astype(np.float32)
-        model[f"var{k}"] = rng.uniform(0.5, 2.0, 5).astype(np.float32)
-    model["in_mean"] = rng.normal(size=7).astype(np.float32)
-    model["in_std"] = rng.uniform(0.5, 2, 7).astype(np.float32)
-    x = rng.normal(size=(40, 7))
-    y = rng.integers(0, 3, 40)
-    return model, x, y
+    """The tiny 7-5-5-3 MLP, and 40 labelled samples."""
+    return tiny_model("mlp")
 
 
 @pytest.fixture(scope="session")

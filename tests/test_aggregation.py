@@ -7,39 +7,40 @@ import numpy as np
 from skip2fleet.server.federation.aggregation import STRATEGIES, Update
 from skip2fleet.shared.engine import adapter_pairs, trainable_shapes, unflatten
 from skip2fleet.shared.methods import get_method
+from skip2fleet.shared.spec import cnn, mlp
 
-DIMS = (6, 5, 5, 3)
+SPEC = mlp(6, 3, hidden=5)
 SKIP2 = get_method("skip2-lora")
 
 
 def random_update(name: str, rank: int, samples: int, seed: int, method=SKIP2) -> Update:
     rng = np.random.default_rng(seed)
-    shapes = trainable_shapes(method, DIMS, rank)
+    shapes = trainable_shapes(method, SPEC, rank)
     theta = rng.normal(size=sum(int(np.prod(s)) for s in shapes.values())).astype(np.float32)
     arrays = unflatten(theta, shapes)
     if "A_skip" in arrays:  # keep the skip A block-diagonal, as the engine does
         mask = np.zeros(arrays["A_skip"].shape, bool)
-        for pair in adapter_pairs(method, DIMS, rank):
+        for pair in adapter_pairs(method, SPEC, rank):
             mask[pair.rows, pair.cols] = True
         arrays["A_skip"][~mask] = 0
     return Update(name, theta, samples, rank)
 
 
 def products(theta: np.ndarray, rank: int, method=SKIP2) -> list[np.ndarray]:
-    arrays = unflatten(theta, trainable_shapes(method, DIMS, rank))
+    arrays = unflatten(theta, trainable_shapes(method, SPEC, rank))
     return [
-        arrays[p.a][p.rows, p.cols] @ arrays[p.b][p.cols] for p in adapter_pairs(method, DIMS, rank)
+        arrays[p.a][p.rows, p.cols] @ arrays[p.b][p.cols] for p in adapter_pairs(method, SPEC, rank)
     ]
 
 
 def test_none_sends_nothing_back():
     updates = [random_update("a", 2, 10, 0), random_update("b", 2, 30, 1)]
-    assert STRATEGIES["none"](updates, SKIP2, DIMS).per_device == {}
+    assert STRATEGIES["none"](updates, SKIP2, SPEC).per_device == {}
 
 
 def test_fedavg_is_the_sample_weighted_mean():
     a, b = random_update("a", 2, 10, 0), random_update("b", 2, 30, 1)
-    result = STRATEGIES["fedavg"]([a, b], SKIP2, DIMS).per_device
+    result = STRATEGIES["fedavg"]([a, b], SKIP2, SPEC).per_device
     np.testing.assert_allclose(result["a"], 0.25 * a.theta + 0.75 * b.theta, rtol=1e-6)
     assert result["a"] is result["b"]
 
@@ -48,7 +49,7 @@ def test_svd_recovers_the_exact_mean_product_when_the_rank_allows():
     """Two rank-1 devices re-factorised at rank 2: the mean of the products is exact."""
     a, b = random_update("a", 1, 10, 0), random_update("b", 1, 30, 1)
     wide = Update("c", random_update("c", 2, 1, 2).theta, 1e-9, 2)  # takes the rank-2 result
-    result = STRATEGIES["svd"]([a, b, wide], SKIP2, DIMS)
+    result = STRATEGIES["svd"]([a, b, wide], SKIP2, SPEC)
     mean = [
         0.25 * pa + 0.75 * pb
         for pa, pb in zip(products(a.theta, 1), products(b.theta, 1), strict=True)
@@ -65,9 +66,9 @@ def test_svd_is_unbiased_where_fedavg_is_not():
         0.5 * pa + 0.5 * pb
         for pa, pb in zip(products(a.theta, 2), products(b.theta, 2), strict=True)
     ]
-    fed = products(STRATEGIES["fedavg"]([a, b], SKIP2, DIMS).per_device["a"], 2)
+    fed = products(STRATEGIES["fedavg"]([a, b], SKIP2, SPEC).per_device["a"], 2)
     err = lambda got: sum(np.linalg.norm(g - e) for g, e in zip(got, exact, strict=True))  # noqa: E731
-    svd = STRATEGIES["svd"]([a, b], SKIP2, DIMS)
+    svd = STRATEGIES["svd"]([a, b], SKIP2, SPEC)
     assert err(products(svd.per_device["a"], 2)) < err(fed)
 
 
@@ -75,11 +76,11 @@ def test_svd_averages_plain_arrays_of_lora_methods():
     method = get_method("ft-all-lora")
     a, b = random_update("a", 2, 10, 0, method), random_update("b", 2, 10, 1, method)
     merged = unflatten(
-        STRATEGIES["svd"]([a, b], method, DIMS).per_device["a"], trainable_shapes(method, DIMS, 2)
+        STRATEGIES["svd"]([a, b], method, SPEC).per_device["a"], trainable_shapes(method, SPEC, 2)
     )
     mean_w0 = 0.5 * (
-        unflatten(a.theta, trainable_shapes(method, DIMS, 2))["W0"]
-        + unflatten(b.theta, trainable_shapes(method, DIMS, 2))["W0"]
+        unflatten(a.theta, trainable_shapes(method, SPEC, 2))["W0"]
+        + unflatten(b.theta, trainable_shapes(method, SPEC, 2))["W0"]
     )
     np.testing.assert_allclose(merged["W0"], mean_w0, rtol=1e-6)
 
@@ -87,7 +88,7 @@ def test_svd_averages_plain_arrays_of_lora_methods():
 def test_svd_keeps_the_rank_when_the_product_has_fewer_columns():
     """A skip product is d x C; with C = 3 < rank 4 the fourth column of A stays zero."""
     a, b = random_update("a", 4, 10, 0), random_update("b", 4, 10, 1)
-    result = STRATEGIES["svd"]([a, b], SKIP2, DIMS)
+    result = STRATEGIES["svd"]([a, b], SKIP2, SPEC)
     exact = [
         0.5 * pa + 0.5 * pb
         for pa, pb in zip(products(a.theta, 4), products(b.theta, 4), strict=True)
@@ -95,3 +96,25 @@ def test_svd_keeps_the_rank_when_the_product_has_fewer_columns():
     for got, want in zip(products(result.per_device["a"], 4), exact, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     assert result.svd_relative_error < 1e-5
+
+
+def test_svd_merges_conv_adapters_exactly_when_the_rank_allows():
+    """LoRA beside convolutions: A is (C_in * k) x r, B r x C_out, the product the kernel's."""
+    spec, method = cnn(2, 12, 3, widths=(3, 4, 5)), get_method("lora-all")
+
+    def update(name: str, rank: int, seed: int) -> Update:
+        size = sum(int(np.prod(s)) for s in trainable_shapes(method, spec, rank).values())
+        return Update(name, np.random.default_rng(seed).normal(size=size), 10, rank)
+
+    def kernel_products(theta: np.ndarray, rank: int) -> list[np.ndarray]:
+        arrays = unflatten(theta, trainable_shapes(method, spec, rank))
+        return [arrays[p.a] @ arrays[p.b] for p in adapter_pairs(method, spec, rank)]
+
+    a, b, wide = update("a", 1, 0), update("b", 1, 1), update("c", 2, 2)
+    wide = Update("c", wide.theta, 1e-9, 2)
+    result = STRATEGIES["svd"]([a, b, wide], method, spec)
+    assert {p.layer for p in adapter_pairs(method, spec, 2)} == {0, 1, 2, 3}
+    pairs = zip(kernel_products(a.theta, 1), kernel_products(b.theta, 1), strict=True)
+    mean = [0.5 * pa + 0.5 * pb for pa, pb in pairs]
+    for got, want in zip(kernel_products(result.per_device["c"], 2), mean, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

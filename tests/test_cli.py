@@ -44,6 +44,16 @@ def test_pretrain_then_finetune_improves_accuracy(tmp_path):
         assert set(adapters.files) >= {"A_skip", "B_skip", "meta.base_sha256"}
 
 
+@pytest.mark.parametrize("model", ["cnn", "dscnn"])
+def test_finetune_a_built_in_cnn(tmp_path, model):
+    report = tmp_path / "ft.json"
+    result = fleet("finetune", "--model", model, "--epochs", "3", "--json", str(report))
+    assert result.exit_code == 0, result.output
+    figures = json.loads(report.read_text())
+    assert figures["model"].startswith("1x64 -> conv1d5:16")
+    assert figures["cache_bytes"] == figures["samples"] * (64 + 16 * 32 + 32 * 16 + 64 * 8 + 3) * 4
+
+
 def test_bench_timing_writes_json_markdown_and_chart(tmp_path):
     report = tmp_path / "timing.json"
     result = fleet(
@@ -144,7 +154,7 @@ def test_base_for_other_features_is_refused(tmp_path, data_dir):
         ],
     )
     assert result.exit_code == 2
-    assert "takes 64 features, har has 220" in result.output
+    assert "takes 64 values per sample, har has 220" in result.output
 
 
 def test_pretrain_writes_under_runs_by_default(tmp_path, monkeypatch):

@@ -36,6 +36,7 @@ def test_the_example_fleet_loads():
         (lambda c: c["devices"][2].update(name="pi-1"), "devices[2].name: duplicate device name"),
         (lambda c: c["task"].update(data_dir="/no/such/folder"), "task.data_dir: data folder"),
         (lambda c: c["federation"].update(aggregation="mean"), "federation.aggregation: must be"),
+        (lambda c: c["training"].update(model="resnet"), "training.model: unknown model"),
         (lambda c: c["devices"][0].pop("name"), "devices[0].name: required"),
         (
             lambda c: (

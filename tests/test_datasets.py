@@ -200,6 +200,30 @@ def test_real_har_task(data_dir):
     assert len(task.pretrain) > 5 * len(task.finetune)
 
 
+def test_real_data_as_windows_are_the_same_samples(data_dir):
+    """HAR as raw 9 x 128 windows, fan as 1 x 256: the samples, labels and splits of the
+    feature form."""
+    for name, shape in (("har", (9, 128)), ("fan-damage1", (1, 256))):
+        features = load_task(name, TaskOptions(data_dir))
+        windows = load_task(name, TaskOptions(data_dir, form="windows"))
+        assert windows.input_shape == shape and features.input_shape == (features.n_features,)
+        for split in ("pretrain", "finetune", "test"):
+            a, b = getattr(features, split), getattr(windows, split)
+            np.testing.assert_array_equal(a.y, b.y)
+            assert b.x.shape == (len(a), shape[0] * shape[1])
+    fan = load_task("fan-damage1", TaskOptions(data_dir))
+    np.testing.assert_array_equal(fan.test.x, windows.test.x)
+    har = load_task("har", TaskOptions(data_dir, form="windows")).pretrain.x.reshape(-1, 9, 128)
+    body, total = har[:, :3].mean(axis=(0, 2)), har[:, 3:6].mean(axis=(0, 2))
+    assert np.abs(body).max() < 0.01 and np.linalg.norm(total) > 0.8  # gravity (g) left the body
+
+
+def test_windows_need_the_raw_har_signals(tmp_path):
+    write_uci(tmp_path)
+    with pytest.raises(DataError, match="raw HAR windows need the raw signals"):
+        load_task("har", TaskOptions(tmp_path, subjects=(2,), form="windows"))
+
+
 def test_hapt_import_rebuilds_the_archive_from_ucis_raw_layout(tmp_path, data_dir):
     """Two recordings written out as UCI ships them (RawData/acc_exp01_user01.txt, ..., labels.txt)
     come back as the same rows of hapt_raw.npz."""

@@ -9,12 +9,13 @@ from flwr.app import RecordDict
 from skip2fleet.client.clientapp import run_round
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.adapters import packed_size, unpack
-from skip2fleet.shared.datasets import load_task
+from skip2fleet.shared.datasets import TaskOptions, load_task
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.methods import get_method
 from skip2fleet.shared.pretrain import PretrainConfig, pretrain
 from skip2fleet.shared.protocol import ADAPTERS, BASE, FIGURES, PLAN, Figures, RoundPlan
 from skip2fleet.shared.records import model_record, record_vector
+from skip2fleet.shared.spec import cnn
 
 
 @pytest.fixture(scope="module")
@@ -61,16 +62,16 @@ def test_first_round_stores_base_and_cache_then_reuses_them(tmp_path, base):
     assert figures.acc_after > figures.acc_before
     vector = record_vector(first[ADAPTERS])
     assert vector.dtype == np.float32
-    assert vector.shape == (packed_size(get_method("skip2-lora"), base_model.dims(base), 2),)
+    assert vector.shape == (packed_size(get_method("skip2-lora"), base_model.spec_of(base), 2),)
     assert figures.uplink_bytes > vector.nbytes
     assert len(list((tmp_path / "cache").iterdir())) == 1
 
     second = run_round(content(base, round_=2, with_base=False), node)  # no base sent again
     again = Figures.from_record(second[FIGURES])
     assert again.cache_built == 0
-    before = unpack(vector, get_method("skip2-lora"), base_model.dims(base), 2)
+    before = unpack(vector, get_method("skip2-lora"), base_model.spec_of(base), 2)
     after = unpack(
-        record_vector(second[ADAPTERS]), get_method("skip2-lora"), base_model.dims(base), 2
+        record_vector(second[ADAPTERS]), get_method("skip2-lora"), base_model.spec_of(base), 2
     )
     assert not np.array_equal(before, after)  # it continued training its own adapters
     assert (tmp_path / "last-finetune.json").is_file()
@@ -94,3 +95,16 @@ def test_a_device_without_the_base_says_so(tmp_path, base):
 def test_a_device_outside_the_fleet_says_so(tmp_path, base):
     with pytest.raises(FleetError, match="'c' is not in the fleet"):
         run_round(content(base), {"device": "c", "state-dir": str(tmp_path)})
+
+
+@pytest.mark.parametrize("method", ["skip2-lora", "lora-all"])
+def test_a_cnn_base_travels_with_its_spec_and_the_device_reads_windows(tmp_path, method):
+    """The device learns the model, and so the data form, from the base alone."""
+    task = load_task("generated", TaskOptions(form="windows"))
+    spec = cnn(1, 64, 3, widths=(4, 8, 8))
+    cnn_base = pretrain(task.pretrain.x, task.pretrain.y, 3, PretrainConfig(epochs=2), spec=spec)
+    reply = run_round(content(cnn_base, method=method), {"device": "b", "state-dir": str(tmp_path)})
+    figures = Figures.from_record(reply[FIGURES])
+    vector = record_vector(reply[ADAPTERS])
+    assert vector.shape == (packed_size(get_method(method), base_model.spec_of(cnn_base), 2),)
+    assert np.abs(vector).max() > 0 and 0 <= figures.acc_after <= 100

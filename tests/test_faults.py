@@ -55,6 +55,7 @@ from skip2fleet.shared.methods import get_method
 from skip2fleet.shared.protocol import ADAPTERS, FIGURES, Figures
 from skip2fleet.shared.records import vector_record
 from skip2fleet.shared.services import FAULTY_CLIENTAPP
+from skip2fleet.shared.spec import mlp
 
 DEVICES = ["pi-1", "pi-2", "pi-3"]
 RESTART_S = 10  # the services' back-off (ansible/roles/service/templates)
@@ -254,7 +255,11 @@ def poisoned_run(deployment) -> RunFolder:
 def test_poisoned_replies_are_refused_and_left_out_of_the_aggregate(poisoned_run):
     folder = poisoned_run
     training = folder.config().training
-    method, dims, rank = get_method(training.method), base_model.dims(folder.base()), training.rank
+    method, spec, rank = (
+        get_method(training.method),
+        base_model.spec_of(folder.base()),
+        training.rank,
+    )
     first, second = folder.round_result(1), folder.round_result(2)
     assert first["refused"]["pi-3"] == "adapters hold NaN or Inf"
     assert "x the round's median" in first["refused"]["pi-2"], first["refused"]
@@ -267,14 +272,14 @@ def test_poisoned_replies_are_refused_and_left_out_of_the_aggregate(poisoned_run
         }
         assert sorted(received) == sorted(result["devices"])
         updates = [
-            Update(n, unpack(v, method, dims, rank), result["devices"][n]["samples"], rank)
+            Update(n, unpack(v, method, spec, rank), result["devices"][n]["samples"], rank)
             for n, v in sorted(received.items(), key=lambda item: DEVICES.index(item[0]))
         ]
-        expected = STRATEGIES["fedavg"](updates, method, dims).per_device
+        expected = STRATEGIES["fedavg"](updates, method, spec).per_device
         outgoing = folder.outgoing(number)
         assert sorted(outgoing) == sorted(expected)
         for device, theta in expected.items():
-            np.testing.assert_array_equal(outgoing[device], pack(theta, method, dims, rank))
+            np.testing.assert_array_equal(outgoing[device], pack(theta, method, spec, rank))
     figure(
         "poisoned replies refused",
         {**first["refused"], **{f"{k} (round 2)": v for k, v in second["refused"].items()}},
@@ -336,9 +341,9 @@ def test_a_full_disk_names_the_file_and_keeps_the_completed_rounds(tmp_path):
 def test_an_oversized_reply_is_refused_before_its_arrays_are_built():
     """A reply of 100 MB of adapters: its arrays are checked on their metadata, so the ServerApp
     holds the reply Flower received and nothing more (the old check built the array first)."""
-    base = base_model.init_model(8, 3, np.random.default_rng(0), hidden=8)
-    method, dims = get_method("skip2-lora"), base_model.dims(base)
-    size = packed_size(method, dims, 4)
+    base = base_model.init_model(mlp(8, 3, hidden=8), np.random.default_rng(0))
+    method, spec = get_method("skip2-lora"), base_model.spec_of(base)
+    size = packed_size(method, spec, 4)
     huge = np.ones(25_000_000, np.float32)
     content = RecordDict({ADAPTERS: vector_record(huge), "device": ConfigRecord({"name": "pi-1"})})
     content[FIGURES] = Figures(*([1] * len(dataclasses.fields(Figures)))).record()
@@ -351,7 +356,7 @@ def test_an_oversized_reply_is_refused_before_its_arrays_are_built():
         content[ADAPTERS]["theta"].numpy()  # what refusing by shape used to cost
         before = tracemalloc.get_traced_memory()[1]
         tracemalloc.reset_peak()
-        result, updates, _ = judge(answers, method, dims, {"pi-1": 4}, {7: "pi-1"}, trusted=True)
+        result, updates, _ = judge(answers, method, spec, {"pi-1": 4}, {7: "pi-1"}, trusted=True)
         after = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

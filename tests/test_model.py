@@ -8,34 +8,26 @@ import pytest
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.datasets import load_task
 from skip2fleet.shared.errors import FleetError
-from skip2fleet.shared.pretrain import TRAINED, PretrainConfig, loss_and_grads, pretrain
+from skip2fleet.shared.pretrain import PretrainConfig, pretrain, pretraining_tuner
+from tests.conftest import TINY_SPECS, tiny_model
+from tests.test_engine import check_gradient
 
 
-def test_pretrain_gradients_match_central_differences(tiny):
-    model, x, y = tiny
-    model = {k: v.astype(np.float64) for k, v in model.items()}
-    x0, y = x[:9], y[:9]
-    _, grads, _ = loss_and_grads(model, x0, y)
-    eps = 1e-6
-    for name in TRAINED:
-        numeric = np.zeros_like(model[name])
-        for i in np.ndindex(model[name].shape):
-            keep = model[name][i]
-            model[name][i] = keep + eps
-            up = loss_and_grads(model, x0, y)[0]
-            model[name][i] = keep - eps
-            down = loss_and_grads(model, x0, y)[0]
-            model[name][i] = keep
-            numeric[i] = (up - down) / (2 * eps)
-        np.testing.assert_allclose(grads[name], numeric, rtol=1e-5, atol=1e-8, err_msg=name)
+@pytest.mark.parametrize("kind", TINY_SPECS)
+def test_pretrain_gradients_match_central_differences(kind):
+    """Batch statistics included: every weight, bias and batch-norm scale and shift."""
+    model, x, y = tiny_model(kind)
+    tuner = pretraining_tuner(model, 9)
+    tuner.attach(x, y)
+    check_gradient(tuner, np.arange(9), np.ones(tuner.theta.shape, bool))
 
 
 def test_pretraining_learns_the_source_domain():
     task = load_task("generated")
     model = pretrain(task.pretrain.x, task.pretrain.y, 3, PretrainConfig(epochs=10))
-    logits = base_model.forward_frozen(model, task.pretrain.x)[-1]
+    logits = base_model.logits(model, task.pretrain.x)
     assert base_model.accuracy(logits, task.pretrain.y) > 95
-    assert all(v.dtype == np.float32 for v in model.values())
+    assert all(v.dtype == np.float32 for k, v in model.items() if k != "spec")
 
 
 def test_save_load_roundtrip_keeps_the_hash(tmp_path, tiny):

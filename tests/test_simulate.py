@@ -19,6 +19,7 @@ from skip2fleet.shared import model as base_model
 from skip2fleet.shared.config import as_yaml_dict
 from skip2fleet.shared.protocol import ADAPTERS
 from skip2fleet.shared.records import vector_record
+from skip2fleet.shared.spec import mlp
 
 runner = CliRunner()
 
@@ -92,7 +93,7 @@ def test_a_device_sending_nan_is_refused_and_does_not_poison_the_average(tmp_pat
     fleet = dataclasses.replace(
         fleet, federation=dataclasses.replace(fleet.federation, min_devices=2)
     )
-    base = base_model.init_model(64, 3, np.random.default_rng(0))
+    base = base_model.init_model(mlp(64, 3), np.random.default_rng(0))
     folder = RunFolder.create(tmp_path / "run", as_yaml_dict(fleet), base)
     run_simulation(
         server_app=make_server_app(folder.path), client_app=poisoning_client(1), num_supernodes=3

@@ -23,10 +23,11 @@ from skip2fleet.server.progress import progress
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.atomic import write_text_atomic
 from skip2fleet.shared.datasets import Task, load_task
-from skip2fleet.shared.engine import count_matmul_flops
+from skip2fleet.shared.flops import count_flops
 from skip2fleet.shared.methods import Method, parse_methods
 from skip2fleet.shared.predictor import Predictor
 from skip2fleet.shared.pretrain import PretrainConfig, pretrain
+from skip2fleet.shared.spec import Spec, build, describe, input_form
 from skip2fleet.shared.train import FineTuneConfig, finetune
 
 Methods = Annotated[str | None, typer.Option(help="Comma-separated method names; default all.")]
@@ -46,16 +47,20 @@ def predict_sample_ms(predict: Predictor, x: np.ndarray) -> float:
 def step_flops(tuner, batch: int) -> int:
     """Matrix-product FLOPs of one training step (forward, backward, update)."""
     idx = np.arange(batch)
-    with count_matmul_flops() as counter:
+    with count_flops() as counter:
         tuner.forward(idx)
         tuner.backward()
         tuner.update(0.0)
     return counter[0]
 
 
-def measure_timing(task: Task, methods: list[Method], config: FineTuneConfig, repeats: int) -> dict:
+def measure_timing(
+    task: Task, spec: Spec, methods: list[Method], config: FineTuneConfig, repeats: int
+) -> dict:
     # Timing does not depend on how well the base is trained; one epoch gives real BN statistics.
-    base = pretrain(task.pretrain.x, task.pretrain.y, len(task.classes), PretrainConfig(epochs=1))
+    base = pretrain(
+        task.pretrain.x, task.pretrain.y, len(task.classes), PretrainConfig(epochs=1), spec=spec
+    )
     runs: dict[str, list[dict]] = {m.name: [] for m in methods}
     with progress(repeats * len(methods), "timing") as advance:
         for repeat in range(repeats):
@@ -83,7 +88,7 @@ def measure_timing(task: Task, methods: list[Method], config: FineTuneConfig, re
         }
     return {
         "dataset": task.name,
-        "dims": list(base_model.dims(base)),
+        "model": describe(spec),
         "batch_size": config.batch_size,
         "rank": config.rank,
         "epochs": config.epochs,
@@ -94,7 +99,12 @@ def measure_timing(task: Task, methods: list[Method], config: FineTuneConfig, re
 
 
 def measure_accuracy(
-    task: Task, methods: list[Method], config: FineTuneConfig, trials: int, pretrain_epochs: int
+    task: Task,
+    spec: Spec,
+    methods: list[Method],
+    config: FineTuneConfig,
+    trials: int,
+    pretrain_epochs: int,
 ) -> dict:
     before: list[float] = []
     after: dict[str, list[float]] = {m.name: [] for m in methods}
@@ -106,10 +116,9 @@ def measure_accuracy(
                 task.pretrain.y,
                 len(task.classes),
                 PretrainConfig(epochs=pretrain_epochs, seed=seed),
+                spec=spec,
             )
-            before.append(
-                base_model.accuracy(base_model.forward_frozen(base, task.test.x)[-1], task.test.y)
-            )
+            before.append(base_model.accuracy(base_model.logits(base, task.test.x), task.test.y))
             advance(f"trial {trial + 1}: pretrained")
             for method in methods:
                 trial_config = FineTuneConfig(**{**config.__dict__, "seed": seed})
@@ -124,6 +133,7 @@ def measure_accuracy(
 
     return {
         "dataset": task.name,
+        "model": describe(spec),
         "trials": trials,
         "epochs": config.epochs,
         "lr": config.lr,
@@ -137,7 +147,8 @@ def measure_accuracy(
 
 def _write(results: dict, kind: str, out_dir: Path, json_out: Path | None) -> None:
     markdown, chart = (timing_report if kind == "timing" else accuracy_report)(results)
-    stem = f"{kind}-{results['dataset']}"
+    model = results["model_name"]
+    stem = f"{kind}-{results['dataset']}" + ("" if model == "mlp" else f"-{model}")
     chart(out_dir / f"{stem}.png")  # first: it is the part that can fail (no matplotlib)
     write_text_atomic(out_dir / f"{stem}.md", markdown)
     if json_out is not None:
@@ -148,6 +159,7 @@ def _write(results: dict, kind: str, out_dir: Path, json_out: Path | None) -> No
 
 def timing_command(
     dataset: opt.Dataset = opt.DEFAULT_DATASET,
+    model: opt.ModelName = opt.DEFAULT_MODEL,
     data_dir: opt.DataDir = None,
     methods: Methods = None,
     epochs: Annotated[int, typer.Option(min=1, help="Epochs per timed run.")] = 20,
@@ -162,13 +174,18 @@ def timing_command(
 ) -> None:
     """Time per training batch (forward / backward / update) and per prediction, all methods."""
     chosen = parse_methods(methods)
-    task = load_task(dataset, opt.task_options(data_dir, source_room, subjects, seed))
+    task = load_task(
+        dataset, opt.task_options(data_dir, source_room, subjects, seed, input_form(model))
+    )
+    spec = build(model, task.input_shape, len(task.classes))
     config = FineTuneConfig(epochs=epochs, batch_size=batch_size, rank=rank, seed=seed)
-    _write(measure_timing(task, chosen, config, repeats), "timing", out_dir, json_out)
+    results = {**measure_timing(task, spec, chosen, config, repeats), "model_name": model}
+    _write(results, "timing", out_dir, json_out)
 
 
 def accuracy_command(
     dataset: opt.Dataset = opt.DEFAULT_DATASET,
+    model: opt.ModelName = opt.DEFAULT_MODEL,
     data_dir: opt.DataDir = None,
     methods: Methods = None,
     trials: Annotated[int, typer.Option(min=1, help="Independent trials (seed + trial).")] = 10,
@@ -185,7 +202,11 @@ def accuracy_command(
 ) -> None:
     """Test accuracy before and after fine-tuning, every method, mean and std over trials."""
     chosen = parse_methods(methods)
-    task = load_task(dataset, opt.task_options(data_dir, source_room, subjects, seed))
+    task = load_task(
+        dataset, opt.task_options(data_dir, source_room, subjects, seed, input_form(model))
+    )
+    spec = build(model, task.input_shape, len(task.classes))
     config = FineTuneConfig(epochs, batch_size, rank, None, lr, seed)
-    results = measure_accuracy(task, chosen, config, trials, pretrain_epochs)
+    results = measure_accuracy(task, spec, chosen, config, trials, pretrain_epochs)
+    results["model_name"] = model
     _write(results, "accuracy", out_dir, json_out)

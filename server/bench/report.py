@@ -77,12 +77,12 @@ def timing_report(results: dict) -> tuple[str, Chart]:
     lora_all = methods.get("lora-all", {}).get("train_batch_ms", {}).get("total")
     lines = [
         f"### Training time per batch, {results['dataset']} "
-        f"(dims {'-'.join(map(str, results['dims']))}, batch {results['batch_size']}, "
+        f"(model {results['model']}, batch {results['batch_size']}, "
         f"rank {results['rank']}, median of {results['repeats']} rounds of "
         f"{results['steps_per_run']} steps)",
         "",
         "| method | forward ms | backward ms | update ms | total ms | / LoRA-All | MFLOP/step "
-        "| predict ms/sample | paper ms (Pi Zero 2 W) | paper / LoRA-All |",
+        "| predict ms/sample | paper ms (its MLP, Pi Zero 2 W) | paper / LoRA-All |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in methods.items():
@@ -127,12 +127,13 @@ def accuracy_report(results: dict) -> tuple[str, Chart]:
     paper = PAPER_ACCURACY.get(results["dataset"], {})
     before = results["before"]
     lines = [
-        f"### Test accuracy, {results['dataset']} ({results['trials']} trials, "
+        f"### Test accuracy, {results['dataset']}, model {results['model']} "
+        f"({results['trials']} trials, "
         f"{results['epochs']} epochs, lr {results['lr']}, rank {results['rank']}, "
         f"batch {results['batch_size']}; {results['samples']['finetune']} fine-tune and "
         f"{results['samples']['test']} test samples)",
         "",
-        "| method | accuracy % (mean ± std) | after - before | paper % |",
+        "| method | accuracy % (mean ± std) | after - before | paper % (its MLP) |",
         "|---|---:|---:|---:|",
         f"| before fine-tuning | {before['mean']:.2f} ± {before['std']:.2f} | "
         f"| {paper.get('before', '-')} |",

@@ -19,6 +19,7 @@ import numpy as np
 
 from skip2fleet.shared.engine import adapter_pairs, trainable_shapes, unflatten
 from skip2fleet.shared.methods import Method
+from skip2fleet.shared.spec import Spec
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class Aggregate:
     svd_relative_error: float | None = None
 
 
-Strategy = Callable[[list[Update], Method, tuple[int, ...]], Aggregate]
+Strategy = Callable[[list[Update], Method, Spec], Aggregate]
 
 
 def _weights(updates: list[Update]) -> np.ndarray:
@@ -45,20 +46,20 @@ def _weights(updates: list[Update]) -> np.ndarray:
     return samples / samples.sum()
 
 
-def keep_own(updates: list[Update], method: Method, dims: tuple[int, ...]) -> Aggregate:
+def keep_own(updates: list[Update], method: Method, spec: Spec) -> Aggregate:
     return Aggregate({})
 
 
-def fedavg(updates: list[Update], method: Method, dims: tuple[int, ...]) -> Aggregate:
+def fedavg(updates: list[Update], method: Method, spec: Spec) -> Aggregate:
     mean = np.tensordot(_weights(updates), np.stack([u.theta for u in updates]), axes=1)
     mean = mean.astype(np.float32)
     return Aggregate({u.device: mean for u in updates})
 
 
-def svd(updates: list[Update], method: Method, dims: tuple[int, ...]) -> Aggregate:
+def svd(updates: list[Update], method: Method, spec: Spec) -> Aggregate:
     weights = _weights(updates)
-    views = [unflatten(u.theta, trainable_shapes(method, dims, u.rank)) for u in updates]
-    layouts = [adapter_pairs(method, dims, u.rank) for u in updates]  # pair i of every device
+    views = [unflatten(u.theta, trainable_shapes(method, spec, u.rank)) for u in updates]
+    layouts = [adapter_pairs(method, spec, u.rank) for u in updates]  # pair i of every device
     products, paired = [], set()
     for pairs in zip(*layouts, strict=True):
         paired |= {pairs[0].a, pairs[0].b}
@@ -75,12 +76,12 @@ def svd(updates: list[Update], method: Method, dims: tuple[int, ...]) -> Aggrega
     }
     per_device, residual, total = {}, 0.0, 0.0
     for rank in sorted({u.rank for u in updates}):
-        shapes = trainable_shapes(method, dims, rank)
+        shapes = trainable_shapes(method, spec, rank)
         theta = np.zeros(sum(int(np.prod(s)) for s in shapes.values()), np.float32)
         arrays = unflatten(theta, shapes)
         for name, value in plain.items():
             arrays[name][...] = value
-        for pair, product in zip(adapter_pairs(method, dims, rank), products, strict=True):
+        for pair, product in zip(adapter_pairs(method, spec, rank), products, strict=True):
             u, s, vt = np.linalg.svd(product, full_matrices=False)
             keep = min(rank, len(s))  # a d x C product has rank <= C; further columns stay 0
             root = np.sqrt(s[:keep])

@@ -43,6 +43,7 @@ from skip2fleet.shared.protocol import (
     RoundPlan,
 )
 from skip2fleet.shared.records import model_record, vector_record, wire_bytes
+from skip2fleet.shared.spec import Spec
 
 RoundListener = Callable[[dict], None]
 NODE_POLL_S = 1.0
@@ -116,7 +117,7 @@ def coordinate(grid: Grid, folder: RunFolder, on_round: RoundListener) -> None:
     config = folder.config()
     base = folder.base()
     digest = base_model.sha256(base)
-    dims = base_model.dims(base)
+    spec = base_model.spec_of(base)
     method = get_method(config.training.method)
     fed = config.federation
     ranks = {d.name: config.rank_of(d) for d in config.devices}
@@ -153,7 +154,7 @@ def coordinate(grid: Grid, folder: RunFolder, on_round: RoundListener) -> None:
             n for n, r in answers.replies.items() if r.has_error() and r.error.code == BASE_MISSING
         }
         result, updates, received = judge(
-            answers, method, dims, ranks, device_of, bool(registered), fed.max_update_ratio
+            answers, method, spec, ranks, device_of, bool(registered), fed.max_update_ratio
         )
         if len(updates) < fed.min_devices:
             reasons = [f"{name} {why}" for name, why in result["missing_why"].items()]
@@ -162,9 +163,9 @@ def coordinate(grid: Grid, folder: RunFolder, on_round: RoundListener) -> None:
                 f"round {number}: {len(updates)} usable replies, {fed.min_devices} needed; "
                 + "; ".join(reasons)
             )
-        aggregate = STRATEGIES[fed.aggregation](updates, method, dims)
+        aggregate = STRATEGIES[fed.aggregation](updates, method, spec)
         outgoing = {
-            device: pack(theta, method, dims, ranks[device])
+            device: pack(theta, method, spec, ranks[device])
             for device, theta in aggregate.per_device.items()
         }
         result.update(
@@ -221,7 +222,7 @@ def _adapters(reply: Message, expected: int) -> np.ndarray:
 def judge(
     answers: Exchange,
     method: Method,
-    dims: tuple[int, ...],
+    spec: Spec,
     ranks: dict[str, int],
     device_of: dict[int, str],
     trusted: bool = False,
@@ -268,7 +269,7 @@ def judge(
             continue
         try:
             figures = Figures.from_record(content[FIGURES])
-            vector = _adapters(reply, packed_size(method, dims, ranks[name]))
+            vector = _adapters(reply, packed_size(method, spec, ranks[name]))
         except (KeyError, ValueError, TypeError) as exc:
             result["refused"][name] = f"malformed reply ({exc})"
             continue
@@ -293,7 +294,7 @@ def judge(
     result["missing"], result["missing_why"] = list(missing), missing
     received = {n: vectors[n] for n in accepted}
     updates = [
-        Update(n, unpack(vectors[n], method, dims, ranks[n]), figures_of[n].samples, ranks[n])
+        Update(n, unpack(vectors[n], method, spec, ranks[n]), figures_of[n].samples, ranks[n])
         for n in accepted
     ]
     return result, updates, received

@@ -41,6 +41,7 @@ def simulate_command(
     devices: opt.DeviceCount = None,
     rounds: Annotated[int | None, typer.Option(min=1, help="Federated rounds.")] = None,
     dataset: opt.DatasetOverride = None,
+    model: opt.ModelOverride = None,
     data_dir: opt.DataDir = None,
     aggregation: Annotated[str | None, typer.Option(help="none, fedavg or svd.")] = None,
     out: Annotated[
@@ -56,7 +57,7 @@ def simulate_command(
     if resume is not None:
         folder = RunFolder(resume).resume(rounds)
     else:
-        fleet = opt.resolve_fleet(config, devices, rounds, dataset, data_dir, aggregation)
+        fleet = opt.resolve_fleet(config, devices, rounds, dataset, data_dir, aggregation, model)
         out = out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
         folder = RunFolder.create(out, as_yaml_dict(fleet), fleet_base(fleet))
     fleet, base = folder.config(), folder.base()
@@ -78,7 +79,7 @@ def simulate_command(
             f"the simulation ended after {len(rounds_done)} of "
             f"{fleet.federation.rounds} rounds; see the log above"
         )
-    dims = base_model.dims(base)
+    spec = base_model.spec_of(base)
     rank = fleet.training.rank
     summary = {
         "dataset": task.dataset,
@@ -88,7 +89,7 @@ def simulate_command(
         "wall_s": wall,
         "full_model_bytes": wire_bytes(model_record(base)),
         "adapter_bytes": wire_bytes(
-            vector_record(np.zeros(packed_size(get_method(fleet.training.method), dims, rank)))
+            vector_record(np.zeros(packed_size(get_method(fleet.training.method), spec, rank)))
         ),
         "rounds": rounds_done,
     }

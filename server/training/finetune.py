@@ -18,6 +18,7 @@ from skip2fleet.shared.datasets import load_task
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.methods import METHODS, get_method
 from skip2fleet.shared.pretrain import PretrainConfig
+from skip2fleet.shared.spec import describe, form_of, input_form
 from skip2fleet.shared.train import FineTuneConfig, finetune
 
 
@@ -29,6 +30,7 @@ def finetune_command(
     method: Annotated[str, typer.Option(help=f"One of {', '.join(METHODS)}.")] = "skip2-lora",
     out: Annotated[Path | None, typer.Option(help="Where to write the adapters (.npz).")] = None,
     dataset: opt.Dataset = opt.DEFAULT_DATASET,
+    model_name: opt.ModelName = opt.DEFAULT_MODEL,
     data_dir: opt.DataDir = None,
     epochs: opt.Epochs = opt.DEFAULT_EPOCHS,
     batch_size: opt.BatchSize = opt.DEFAULT_BATCH,
@@ -39,20 +41,20 @@ def finetune_command(
     subjects: opt.Subjects = opt.DEFAULT_SUBJECTS_OPTION,
     json_out: opt.JsonOut = None,
 ) -> None:
-    """Fine-tune one method on the task's target domain and report accuracy and time."""
+    """Fine-tune one method on the task's target domain and report accuracy and time.
+
+    With --base, the model is the base file's own (its spec), whatever --model says."""
     chosen = get_method(method)
-    task = load_task(dataset, opt.task_options(data_dir, source_room, subjects, seed))
-    if base is None:
-        model = pretrain_shown(
-            task.pretrain, len(task.classes), task.name, PretrainConfig().epochs, seed
+    model = base_model.load(base) if base is not None else None
+    form = form_of(base_model.spec_of(model)) if model is not None else input_form(model_name)
+    task = load_task(dataset, opt.task_options(data_dir, source_room, subjects, seed, form))
+    if model is None:
+        model = pretrain_shown(task, model_name, PretrainConfig().epochs, seed)
+    elif base_model.spec_of(model).width != task.n_features:
+        raise FleetError(
+            f"{base}: the base takes {base_model.spec_of(model).width} values per sample, "
+            f"{dataset} has {task.n_features}"
         )
-    else:
-        model = base_model.load(base)
-        if base_model.dims(model)[0] != task.n_features:
-            raise FleetError(
-                f"{base}: the base takes {base_model.dims(model)[0]} features, "
-                f"{dataset} has {task.n_features}"
-            )
     config = FineTuneConfig(epochs, batch_size, rank, None, lr, seed)
     with progress(epochs, f"fine-tuning {method}") as advance:
         result = finetune(
@@ -63,12 +65,13 @@ def finetune_command(
             config,
             on_epoch=lambda epoch: advance(f"{method}: epoch {epoch + 1} done"),
         )
-    before = base_model.accuracy(base_model.forward_frozen(model, task.test.x)[-1], task.test.y)
+    before = base_model.accuracy(base_model.logits(model, task.test.x), task.test.y)
     after = base_model.accuracy(result.tuner.merged()(task.test.x), task.test.y)
     split = result.times.per_batch_ms()
     figures = {
         "dataset": dataset,
         "method": method,
+        "model": describe(base_model.spec_of(model)),
         "samples": len(task.finetune),
         "epochs": epochs,
         "accuracy_before": before,

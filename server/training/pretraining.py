@@ -14,33 +14,37 @@ from skip2fleet.server import options as opt
 from skip2fleet.server.progress import progress
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.config import FleetConfig
-from skip2fleet.shared.datasets import Split, TaskOptions, load_task
-from skip2fleet.shared.datasets.federated import source_split
+from skip2fleet.shared.datasets import Task, TaskOptions, load_task
+from skip2fleet.shared.datasets.federated import source_task
 from skip2fleet.shared.model import Model
 from skip2fleet.shared.pretrain import PretrainConfig, pretrain
+from skip2fleet.shared.spec import build, input_form
 
 
-def pretrain_shown(source: Split, n_classes: int, name: str, epochs: int, seed: int) -> Model:
-    """Pretrain on `source`, showing a bar per epoch with the loss."""
-    with progress(epochs, f"pretraining on {name}") as advance:
+def pretrain_shown(task: Task, model: str, epochs: int, seed: int) -> Model:
+    """Pretrain the built-in `model` on the task's source split, a bar per epoch with the loss."""
+    spec = build(model, task.input_shape, len(task.classes))
+    source = task.pretrain
+    with progress(epochs, f"pretraining {model} on {task.name}") as advance:
         return pretrain(
             source.x,
             source.y,
-            n_classes,
+            len(task.classes),
             PretrainConfig(epochs=epochs, seed=seed),
             on_epoch=lambda epoch, loss: advance(f"pretrained epoch {epoch + 1}, loss {loss:.3f}"),
+            spec=spec,
         )
 
 
 def fleet_base(fleet: FleetConfig) -> Model:
-    """The base model for the fleet's task, from the coordinator's source data."""
-    task = fleet.task
+    """The base model for the fleet's task and model, from the coordinator's source data."""
+    task, training = fleet.task, fleet.training
     data_dir = Path(task.data_dir) if task.data_dir else None
-    options = TaskOptions(data_dir, task.source_room, task.subjects, fleet.training.seed)
-    source, classes = source_split(task.dataset, options)
-    return pretrain_shown(
-        source, len(classes), task.dataset, fleet.training.pretrain_epochs, fleet.training.seed
+    options = TaskOptions(
+        data_dir, task.source_room, task.subjects, training.seed, input_form(training.model)
     )
+    source = source_task(task.dataset, options)
+    return pretrain_shown(source, training.model, training.pretrain_epochs, training.seed)
 
 
 def pretrain_command(
@@ -51,6 +55,7 @@ def pretrain_command(
         ),
     ] = None,
     dataset: opt.Dataset = opt.DEFAULT_DATASET,
+    model_name: opt.ModelName = opt.DEFAULT_MODEL,
     data_dir: opt.DataDir = None,
     epochs: opt.PretrainEpochs = PretrainConfig().epochs,
     seed: opt.Seed = 0,
@@ -58,15 +63,15 @@ def pretrain_command(
     subjects: opt.Subjects = opt.DEFAULT_SUBJECTS_OPTION,
 ) -> None:
     """Pretrain the base model on the task's source domain and save it with its sha256."""
-    task = load_task(dataset, opt.task_options(data_dir, source_room, subjects, seed))
-    model = pretrain_shown(task.pretrain, len(task.classes), task.name, epochs, seed)
+    task = load_task(
+        dataset, opt.task_options(data_dir, source_room, subjects, seed, input_form(model_name))
+    )
+    model = pretrain_shown(task, model_name, epochs, seed)
     out = out or Path("runs") / time.strftime(f"pretrain-{dataset}-%Y%m%d-%H%M%S") / "base.npz"
     out.parent.mkdir(parents=True, exist_ok=True)
     digest = base_model.save(model, out)
-    source = base_model.accuracy(
-        base_model.forward_frozen(model, task.pretrain.x)[-1], task.pretrain.y
-    )
-    target = base_model.accuracy(base_model.forward_frozen(model, task.test.x)[-1], task.test.y)
+    source = base_model.accuracy(base_model.logits(model, task.pretrain.x), task.pretrain.y)
+    target = base_model.accuracy(base_model.logits(model, task.test.x), task.test.y)
     typer.echo(f"wrote {out} (sha256 {digest})")
     typer.echo(
         f"accuracy on the source domain {source:.2f} %, on the target test split {target:.2f} %"

@@ -1,12 +1,16 @@
 """Tasks: a source domain to pretrain on, and a drifted target domain to fine-tune and test on.
 
-Every task comes as three labelled splits of raw feature rows. The registry maps a task name to its
-loader; `load_task` resolves the data folder and turns any problem into a `DataError` that names
-the file and what is wrong with it.
+Every task comes as three labelled splits of raw sample rows, in one of two forms: `features`
+(what the MLP reads: HAR's window features, a fan spectrum as 256 features) or `windows` (what a
+CNN reads: HAR's raw 9 x 128 windows, a fan spectrum as one channel of 256), always the same
+samples, subjects and splits, so results of the two kinds of model compare. The registry maps a
+task name to its loader; `load_task` resolves the data folder and turns any problem into a
+`DataError` that names the file and what is wrong with it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +22,7 @@ from skip2fleet.shared.errors import DataError, FleetError
 
 DEFAULT_SUBJECTS = (9, 14, 16, 19, 25)
 SOURCE_ROOMS = ("silentA", "silentB")
+FORMS = ("features", "windows")
 DEFAULT_SOURCE_ROOM = SOURCE_ROOMS[0]
 
 
@@ -45,10 +50,16 @@ class Task:
     pretrain: Split  # source domain
     finetune: Split  # target domain, what a device trains on
     test: Split  # target domain, held out
+    shape: tuple[int, ...] = ()  # of a sample: (channels, length) for windows; () for features
 
     @property
     def n_features(self) -> int:
         return self.pretrain.x.shape[1]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """(features,) or (channels, length): what a model spec takes."""
+        return self.shape or (self.n_features,)
 
 
 @dataclass(frozen=True)
@@ -57,6 +68,7 @@ class TaskOptions:
     source_room: str = DEFAULT_SOURCE_ROOM
     subjects: tuple[int, ...] = DEFAULT_SUBJECTS
     seed: int = 0
+    form: str = "features"  # one of FORMS
 
 
 def _fan(name: str) -> Callable[[TaskOptions], Task]:
@@ -71,7 +83,7 @@ def _fan(name: str) -> Callable[[TaskOptions], Task]:
 def _har(options: TaskOptions) -> Task:
     from skip2fleet.shared.datasets.har import load_har_task
 
-    return load_har_task(dataset_dir(options, "hapt"), options.subjects)
+    return load_har_task(dataset_dir(options, "hapt"), options.subjects, options.form)
 
 
 def _generated(options: TaskOptions) -> Task:
@@ -96,7 +108,11 @@ def load_task(name: str, options: TaskOptions = TaskOptions()) -> Task:
         raise FleetError(
             f"unknown source room {options.source_room!r}; choose from {', '.join(SOURCE_ROOMS)}"
         )
+    if options.form not in FORMS:
+        raise FleetError(f"unknown data form {options.form!r}; choose from {', '.join(FORMS)}")
     task = TASKS[name](options)
+    if options.form == "windows" and not task.shape:  # a spectrum is a one-channel window
+        task = dataclasses.replace(task, shape=(1, task.n_features))
     for split in ("pretrain", "finetune", "test"):
         getattr(task, split).check(f"{name} {split} split")
     return task

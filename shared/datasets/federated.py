@@ -10,9 +10,11 @@ A device is a partition of the task's target domain:
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
-from skip2fleet.shared.datasets import Split, TaskOptions, dataset_dir, load_task
+from skip2fleet.shared.datasets import Split, Task, TaskOptions, dataset_dir, load_task
 from skip2fleet.shared.datasets.generated import noisy_room, spectra
 from skip2fleet.shared.datasets.har import load_har_subject
 from skip2fleet.shared.errors import FleetError
@@ -20,15 +22,14 @@ from skip2fleet.shared.errors import FleetError
 FAN_PARTITIONS = ("damage1", "damage2")
 
 
-def source_split(dataset: str, options: TaskOptions) -> tuple[Split, tuple[str, ...]]:
-    """The coordinator's pretraining data and the class names."""
+def source_task(dataset: str, options: TaskOptions) -> Task:
+    """The coordinator's task: its pretraining split is what the base is trained on."""
     if dataset.startswith("fan-"):
         tasks = [load_task(f"fan-{p}", options) for p in FAN_PARTITIONS]
         x = np.vstack([t.pretrain.x for t in tasks])
         y = np.concatenate([t.pretrain.y for t in tasks])
-        return Split(x, y), tasks[0].classes
-    task = load_task(dataset, options)
-    return task.pretrain, task.classes
+        return dataclasses.replace(tasks[0], name=dataset, pretrain=Split(x, y))
+    return load_task(dataset, options)
 
 
 def device_split(dataset: str, partition: str, options: TaskOptions) -> tuple[Split, Split]:
@@ -40,7 +41,9 @@ def device_split(dataset: str, partition: str, options: TaskOptions) -> tuple[Sp
         noise = 0.1 + 0.02 * (index % 5)
         return spectra(rng, 300, noise, room), spectra(rng, 300, noise, room)
     if dataset == "har":
-        task = load_har_subject(dataset_dir(options, "hapt"), _integer(partition, dataset))
+        task = load_har_subject(
+            dataset_dir(options, "hapt"), _integer(partition, dataset), options.form
+        )
         return task.finetune, task.test
     if dataset.startswith("fan-"):
         if partition not in FAN_PARTITIONS:

@@ -3,8 +3,12 @@
 Two formats are read:
 - the raw HAPT signals (`hapt_raw.npz`: 50 Hz acc + gyro with per-sample labels, subject and
   recording), cut into UCI's windows, 128 samples with 50 % overlap, never across a recording,
-  keeping windows that lie wholly inside one of activities 1-6, and described by
-  `har_features.window_features`;
+  keeping windows that lie wholly inside one of activities 1-6, and either described by
+  `har_features.window_features` (form `features`) or kept raw (form `windows`) as UCI's 9
+  "Inertial Signals" channels: body acceleration x, y, z, total acceleration x, y, z (g), gyroscope
+  x, y, z (rad/s), channel by channel in a row. Body acceleration is the total minus gravity, and
+  gravity is the total low-passed at 0.3 Hz (UCI's cut-off; here an ideal filter, by FFT over each
+  whole recording, as UCI filtered whole recordings before windowing);
 - the published UCI HAR layout (`train/X_train.txt`, `y_train.txt`, `subject_train.txt` and the
   same under `test/`), its 561 features as they are.
 
@@ -18,13 +22,15 @@ not from a placement it barely saw.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from skip2fleet.shared.datasets import Split, Task
-from skip2fleet.shared.datasets.har_features import WINDOW, window_features
+from skip2fleet.shared.datasets.har_features import RATE_HZ, WINDOW, window_features
 from skip2fleet.shared.errors import DataError
 
 CLASSES = ("walking", "upstairs", "downstairs", "sitting", "standing", "laying")
@@ -32,25 +38,33 @@ RAW_FILE = "hapt_raw.npz"
 FINETUNE_SHARE = 0.6
 SKIP_BYTES = 1 << 20
 CHUNK = 256  # windows featurised at once: about 4 MB per float64 temporary
+CHANNELS = 9  # of a raw window: body acc xyz, total acc xyz, gyro xyz
+GRAVITY_HZ = 0.3
 
 
-def load_har_task(folder: Path, subjects: tuple[int, ...]) -> Task:
-    return split_by_subject(*har_windows(folder), subjects)
+def load_har_task(folder: Path, subjects: tuple[int, ...], form: str = "features") -> Task:
+    return _shaped(split_by_subject(*har_windows(folder, None, form), subjects), form)
 
 
-def load_har_subject(folder: Path, subject: int) -> Task:
+def load_har_subject(folder: Path, subject: int, form: str = "features") -> Task:
     """One subject's fine-tune and test split only (no pretraining split): what a device reads."""
-    return split_by_subject(*har_windows(folder, only=(subject,)), (subject,))
+    return _shaped(split_by_subject(*har_windows(folder, (subject,), form), (subject,)), form)
+
+
+def _shaped(task: Task, form: str) -> Task:
+    return dataclasses.replace(task, shape=(CHANNELS, WINDOW)) if form == "windows" else task
 
 
 def har_windows(
-    folder: Path, only: tuple[int, ...] | None = None
+    folder: Path, only: tuple[int, ...] | None = None, form: str = "features"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Features, activity (0-5), subject and recording of the windows (of the `only` subjects).
+    """Samples, activity (0-5), subject and recording of the windows (of the `only` subjects).
 
     The UCI layout does not say which recording a window is from: each subject counts as one."""
     if (folder / RAW_FILE).is_file():
-        return raw_windows(folder / RAW_FILE, only)
+        return raw_windows(folder / RAW_FILE, only, form)
+    if form == "windows":
+        raise DataError(f"{folder}: raw HAR windows need the raw signals, {RAW_FILE}")
     if (folder / "train" / "X_train.txt").is_file():
         features, labels, subject = read_uci_layout(folder)
         keep = np.isin(subject, only) if only is not None else slice(None)
@@ -61,9 +75,9 @@ def har_windows(
 
 
 def raw_windows(
-    path: Path, only: tuple[int, ...] | None = None
+    path: Path, only: tuple[int, ...] | None = None, form: str = "features"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Features, activity (0-5), subject and recording of every clean window of the raw signals.
+    """Samples, activity (0-5), subject and recording of every clean window of the raw signals.
 
     With `only`, just those subjects' rows of the signals are read from the archive, so a device
     holds its own recordings (about 1 MB) rather than everyone's (27 MB); windows are featurised
@@ -99,19 +113,35 @@ def raw_windows(
     first = window_labels[:, 0]
     clean = (window_labels == first[:, None]).all(axis=1) & (first >= 1) & (first <= 6)
     starts = starts[clean]
-    windows = np.lib.stride_tricks.sliding_window_view(signals, WINDOW, axis=0)
-    features = np.concatenate(
-        [
-            window_features(windows[starts[i : i + CHUNK]].transpose(0, 2, 1))
-            for i in range(0, len(starts), CHUNK)
-        ]
-    )
+    if form == "windows":
+        channels = inertial_channels(signals, np.r_[0, bounds, n])
+        windows = np.lib.stride_tricks.sliding_window_view(channels, WINDOW, axis=0)
+        features = windows[starts].reshape(len(starts), -1).astype(np.float32)
+    else:
+        windows = np.lib.stride_tricks.sliding_window_view(signals, WINDOW, axis=0)
+        features = np.concatenate(
+            [
+                window_features(windows[starts[i : i + CHUNK]].transpose(0, 2, 1))
+                for i in range(0, len(starts), CHUNK)
+            ]
+        )
     return (
         features,
         first[clean].astype(np.int64) - 1,
         subject[starts].astype(np.int64),
         recording[starts].astype(np.int64),
     )
+
+
+def inertial_channels(signals: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """(N, 6) acc + gyro -> (N, 9) body acc, total acc, gyro; recordings end at `edges`."""
+    total = signals[:, :3].astype(np.float64)
+    gravity = np.empty_like(total)
+    for begin, end in itertools.pairwise(edges):
+        spectrum = np.fft.rfft(total[begin:end], axis=0)
+        spectrum[np.fft.rfftfreq(end - begin, 1.0 / RATE_HZ) > GRAVITY_HZ] = 0
+        gravity[begin:end] = np.fft.irfft(spectrum, n=end - begin, axis=0)
+    return np.hstack([total - gravity, total, signals[:, 3:]]).astype(np.float32)
 
 
 def _npy_rows(
