@@ -316,7 +316,7 @@ def test_a_full_disk_names_the_file_and_keeps_the_completed_rounds(tmp_path):
             f"cannot mount a tmpfs here (CI runs as root): {mounted.stderr.decode().strip()}"
         )
     try:
-        base = base_model.init_model(8, 3, np.random.default_rng(0), hidden=8)
+        base = base_model.init_model(mlp(8, 3, hidden=8), np.random.default_rng(0))
         folder = RunFolder.create(disk / "run", {"devices": []}, base)
         arrays = {d: np.ones(16_000, np.float32) for d in DEVICES}  # 64 kB each
         folder.save_round(1, {"round": 1}, arrays, arrays)
