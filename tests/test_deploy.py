@@ -219,6 +219,19 @@ def test_a_wrong_key_and_a_full_disk_are_named_and_leave_nothing_running(tmp_pat
             code, _, output = deploy(path, key, "--limit", "pi-1")
             assert code == 1 and "pi-1: Fleet file, CA certificate" in output, output
             assert services_running(hosts[0]) == 0  # not left running on the old one
+
+            # Someone else answers at pi-1's address: its host key is not the one first seen.
+            known_hosts = state / "known_hosts"
+            assert known_hosts.read_text().strip()  # learnt at the first contact
+            other = ssh_keypair(Path(tempfile.mkdtemp(dir=tmp_path)))
+            impostor_key = other.with_suffix(".pub").read_text().split()[:2]
+            known_hosts.write_text(f"{hosts[0].address} {' '.join(impostor_key)}\n")
+            for socket in (state / "ssh").iterdir():  # a later deploy: no shared connection left
+                socket.unlink()
+            code, _, output = deploy(path, key, "--check", "--limit", "pi-1")
+            assert code == 2, output
+            assert "pi-1: its SSH host key is not the one recorded" in output, output
+            assert f"ssh-keygen -R {hosts[0].address}" in output, output
     finally:
         stop_coordinator_services(state)
         subprocess.run(["umount", "--lazy", small], check=False)

@@ -250,6 +250,8 @@ def deploy(
         quiet=True,
         envvars={
             "ANSIBLE_HOST_KEY_CHECKING": "True",
+            # SSH connections are shared for a minute; their sockets live with the fleet's state.
+            "ANSIBLE_SSH_CONTROL_PATH_DIR": str(state_dir(fleet) / "ssh"),
             "ANSIBLE_SSH_ARGS": ssh_args,
             "ANSIBLE_PIPELINING": "True",
             "ANSIBLE_FORKS": "10",
