@@ -157,6 +157,15 @@ def _write(results: dict, kind: str, out_dir: Path, json_out: Path | None) -> No
     typer.echo(f"wrote {out_dir / stem}.md and .png" + (f", {json_out}" if json_out else ""))
 
 
+def _task_and_spec(
+    dataset: str, model: str, data_dir: Path | None, source_room: str, subjects: str, seed: int
+) -> tuple[Task, Spec]:
+    """The task in the form the model reads, and the model's spec for it."""
+    options = opt.task_options(data_dir, source_room, subjects, seed, input_form(model))
+    task = load_task(dataset, options)
+    return task, build(model, task.input_shape, len(task.classes))
+
+
 def timing_command(
     dataset: opt.Dataset = opt.DEFAULT_DATASET,
     model: opt.ModelName = opt.DEFAULT_MODEL,
@@ -174,10 +183,7 @@ def timing_command(
 ) -> None:
     """Time per training batch (forward / backward / update) and per prediction, all methods."""
     chosen = parse_methods(methods)
-    task = load_task(
-        dataset, opt.task_options(data_dir, source_room, subjects, seed, input_form(model))
-    )
-    spec = build(model, task.input_shape, len(task.classes))
+    task, spec = _task_and_spec(dataset, model, data_dir, source_room, subjects, seed)
     config = FineTuneConfig(epochs=epochs, batch_size=batch_size, rank=rank, seed=seed)
     results = {**measure_timing(task, spec, chosen, config, repeats), "model_name": model}
     _write(results, "timing", out_dir, json_out)
@@ -202,10 +208,7 @@ def accuracy_command(
 ) -> None:
     """Test accuracy before and after fine-tuning, every method, mean and std over trials."""
     chosen = parse_methods(methods)
-    task = load_task(
-        dataset, opt.task_options(data_dir, source_room, subjects, seed, input_form(model))
-    )
-    spec = build(model, task.input_shape, len(task.classes))
+    task, spec = _task_and_spec(dataset, model, data_dir, source_room, subjects, seed)
     config = FineTuneConfig(epochs, batch_size, rank, None, lr, seed)
     results = measure_accuracy(task, spec, chosen, config, trials, pretrain_epochs)
     results["model_name"] = model
