@@ -116,14 +116,16 @@ def _fine_tune(content: RecordDict, node_config: dict, plan: RoundPlan, index: i
         )
     cache, built = (None, False)
     if method.cached:
-        cache, built = store.cache(model, plan.base_sha256, tune.x)
+        cache, built = store.cache(model, plan.base_sha256, tune.x, plan.cache)
     if ADAPTERS in content:
         start = unpack(record_vector(content[ADAPTERS]), method, spec, rank)
     elif ADAPTERS_BY_DEVICE in content and name in content[ADAPTERS_BY_DEVICE]:
         start = unpack(content[ADAPTERS_BY_DEVICE][name].numpy(), method, spec, rank)
     else:
         start = store.load_adapters(plan.base_sha256, method.name, rank) if plan.round > 1 else None
-    config = FineTuneConfig(plan.epochs, plan.batch_size, rank, None, plan.lr, plan.seed + index)
+    config = FineTuneConfig(
+        plan.epochs, plan.batch_size, rank, None, plan.lr, plan.seed + index, cache=plan.cache
+    )
     probe = power_probe(
         plan.probes[index],
         Path(str(node_config.get("sys-root", "/sys"))),

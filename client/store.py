@@ -16,7 +16,7 @@ import numpy as np
 
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.atomic import write_atomic, write_text_atomic
-from skip2fleet.shared.cache import build_cache
+from skip2fleet.shared.cache import Cache, build_cache
 from skip2fleet.shared.datasets import Split, TaskOptions
 from skip2fleet.shared.datasets.federated import device_split
 
@@ -55,14 +55,17 @@ class DeviceStore:
         write_atomic(path, lambda handle: np.savez(handle, **arrays))
         return tune, test
 
-    def cache(self, model: base_model.Model, digest: str, x: np.ndarray) -> tuple[np.ndarray, bool]:
-        """The Skip2 cache of `x` under base `digest`; True when it was built just now."""
+    def cache(
+        self, model: base_model.Model, digest: str, x: np.ndarray, codec: str = "f32"
+    ) -> tuple[Cache, bool]:
+        """The Skip2 cache of `x` under base `digest` by `codec`; True when built just now."""
         fingerprint = hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
-        path = self._path("cache", f"{digest[:24]}-{fingerprint[:24]}", ".npy")
+        path = self._path("cache", f"{digest[:24]}-{fingerprint[:24]}-{codec}", ".npz")
+        n_classes = base_model.spec_of(model).n_classes
         if path.is_file():
-            return np.load(path), False
-        cache = build_cache(model, x)
-        write_atomic(path, lambda handle: np.save(handle, cache))
+            return Cache.load(path, n_classes), False
+        cache = build_cache(model, x, codec)
+        write_atomic(path, cache.save)
         return cache, True
 
     def adapters_path(self, digest: str, method: str, rank: int) -> Path:

@@ -6,7 +6,7 @@ import typer
 from typer.core import TyperGroup
 
 from skip2fleet.client.telemetry.agent import agent_command
-from skip2fleet.server.bench import federated, methods, monitoring, round
+from skip2fleet.server.bench import federated, methods, monitoring, peft, round
 from skip2fleet.server.data import import_hapt_command
 from skip2fleet.server.federation.run import run_command
 from skip2fleet.server.federation.simulate import simulate_command
@@ -40,6 +40,7 @@ app = typer.Typer(
 bench_app = typer.Typer(no_args_is_help=True, help="Measure the methods, rounds and monitoring.")
 bench_app.command("timing")(methods.timing_command)
 bench_app.command("accuracy")(methods.accuracy_command)
+bench_app.command("peft")(peft.peft_command)
 bench_app.command("round")(round.round_command)
 bench_app.command("federated")(federated.federated_command)
 bench_app.command("monitor")(monitoring.monitor_command)

@@ -6,10 +6,12 @@ import dataclasses
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 
 from skip2fleet.server.progress import stderr
 from skip2fleet.shared import datasets
+from skip2fleet.shared.cache import CODECS
 from skip2fleet.shared.config import (
     MAX_LR,
     TRAINING_LIMITS,
@@ -86,6 +88,21 @@ ModelOverride = Annotated[
     str | None, typer.Option("--model", help=f"Override the fleet's model: {', '.join(MODELS)}.")
 ]
 
+CacheCodec = Annotated[
+    str,
+    typer.Option(
+        "--cache",
+        click_type=click.Choice(CODECS),
+        help=f"Skip2-LoRA's cache codec: {', '.join(CODECS)} (int: a scale and offset per group).",
+    ),
+]
+CacheOverride = Annotated[
+    str | None,
+    typer.Option(
+        "--cache", click_type=click.Choice(CODECS), help="Override the fleet's cache codec."
+    ),
+]
+
 DEFAULT_DATASET = "generated"
 DEFAULT_MODEL = "mlp"
 DEFAULT_SOURCE_ROOM = datasets.DEFAULT_SOURCE_ROOM
@@ -103,12 +120,14 @@ def task_options(
     return TaskOptions(data_dir, source_room, parse_subjects(subjects), seed, form)
 
 
-def with_model(config: FleetConfig, model: str | None) -> FleetConfig:
-    """The fleet with `training.model` overridden (by --model), validated again."""
-    if model is None:
+def with_training(config: FleetConfig, **overrides: str | None) -> FleetConfig:
+    """The fleet with `training` fields overridden by the command line (None keeps fleet.yaml's),
+    validated again."""
+    chosen = {name: value for name, value in overrides.items() if value is not None}
+    if not chosen:
         return config
     data = as_yaml_dict(config)
-    data["training"]["model"] = model
+    data["training"].update(chosen)
     return parse_config(data, config.source)
 
 
@@ -130,6 +149,7 @@ def resolve_fleet(
     data_dir: Path | None,
     aggregation: str | None,
     model: str | None = None,
+    cache: str | None = None,
 ) -> FleetConfig:
     """fleet.yaml with the command line's overrides, validated again.
 
@@ -159,4 +179,5 @@ def resolve_fleet(
             for i, partition in enumerate(partitions)
         ]
         data["federation"]["min_devices"] = min(data["federation"]["min_devices"], count)
-    return with_model(parse_config(data, str(path or "built-in example fleet")), model)
+    fleet = parse_config(data, str(path or "built-in example fleet"))
+    return with_training(fleet, model=model, cache=cache)

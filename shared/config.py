@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from skip2fleet.shared.cache import CODECS
 from skip2fleet.shared.datasets import DEFAULT_SOURCE_ROOM, DEFAULT_SUBJECTS, SOURCE_ROOMS, TASKS
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.methods import METHODS
@@ -76,6 +77,7 @@ class Training:
     batch_size: int = 20
     seed: int = 0
     pretrain_epochs: int = 30
+    cache: str = "f32"  # Skip2-LoRA's cache codec: f32 | int8 | int4 (shared.cache)
 
 
 @dataclass(frozen=True)
@@ -225,6 +227,8 @@ def _check(config: FleetConfig) -> None:
         fail("task.data_dir", f"data folder {config.task.data_dir} does not exist")
     if config.training.model not in MODELS:
         fail("training.model", f"unknown model; choose from {', '.join(MODELS)}")
+    if config.training.cache not in CODECS:
+        fail("training.cache", f"unknown cache codec; choose from {', '.join(CODECS)}")
     if config.training.method not in METHODS:
         fail("training.method", f"unknown method; choose from {', '.join(METHODS)}")
     for name, (low, high) in TRAINING_LIMITS.items():

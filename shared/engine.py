@@ -6,9 +6,9 @@ At batch 20 a step costs more in NumPy calls (1-3 us each) than in arithmetic on
   the SGD update is two calls whatever the method; the network's ops read and write these views.
 - A batch lives in one buffer with columns `[y | x_0 | x_1 | ... | z]`, the skip taps side by side,
   so Skip-LoRA's adapters are one product each way (`shared.peft.skip`).
-- Skip2-LoRA fills the whole buffer with one `np.take` from the cache (`shared.cache`) and never
-  runs the base; the other methods take `[y | x_0]` and run the network (`shared.network`), whose
-  backward pass stops at the lowest layer with anything to train.
+- Skip2-LoRA fills the whole buffer from the cache (`shared.cache`: one `np.take`, or a
+  dequantizing gather) and never runs the base; the other methods take `x_0` and run the network
+  (`shared.network`), whose backward pass stops at the lowest layer with anything to train.
 
 The method's declaration decides everything: which base arrays join `theta`, which adapter sits
 beside which layer, the skip adapters, the cache and the optimizer. The loss is the mean softmax
@@ -21,7 +21,7 @@ import itertools
 
 import numpy as np
 
-from skip2fleet.shared.cache import build_cache
+from skip2fleet.shared.cache import Cache, build_cache
 from skip2fleet.shared.methods import Method
 from skip2fleet.shared.model import SPEC_KEY, Model, cross_entropy, spec_of, standardise
 from skip2fleet.shared.network import Network
@@ -62,11 +62,11 @@ class FineTuner:
         self.grad = np.zeros_like(self.theta)
         self.params = unflatten(self.theta, shapes)
         self.grads = unflatten(self.grad, shapes)
-        arrays = dict(self.model)
         for name, view in self.params.items():
-            if name in arrays:  # a base array that trains: its values start in theta
-                view[...] = arrays[name]
-                arrays[name] = view
+            if name in self.model:  # a base array that trains: it lives in theta from now on
+                view[...] = self.model[name]
+                self.model[name] = view
+        arrays = dict(self.model)
         self.layer_adapters = {
             p.k: ADAPTERS[method.adapter](
                 p.k, self.params, self.grads, self.scaling, arrays[f"W{p.k}"], init
@@ -83,9 +83,10 @@ class FineTuner:
         self.taps = [self.buf[:, a:b] for a, b in itertools.pairwise(bounds)]
         self.xcat = self.buf[:, C : bounds[-1]]
         self.z = self.buf[:, bounds[-1] :]
+        self.cached_part = self.buf[:, C:]  # what a Skip2 cache row fills: [x_0 | ... | z_base]
         self.dz = np.zeros((n, C), dtype)
         self.rows = np.zeros((n, 1), dtype)
-        self.source: np.ndarray | None = None
+        self.cache: Cache | None = None
 
         self.pairs = adapter_pairs(method, self.spec, rank)
         skips = [p for p in self.pairs if p.skip]
@@ -95,22 +96,30 @@ class FineTuner:
 
     # -- data ---------------------------------------------------------------------------------
 
-    def attach(self, x: np.ndarray, y: np.ndarray, cache: np.ndarray | None = None) -> None:
-        """Set the fine-tuning set: raw samples and integer labels (Skip2: and its cache)."""
-        onehot = np.eye(self.spec.n_classes, dtype=self.theta.dtype)[y]
+    def attach(
+        self, x: np.ndarray, y: np.ndarray, cache: Cache | None = None, codec: str = "f32"
+    ) -> None:
+        """Set the fine-tuning set: raw samples and integer labels (Skip2: and its cache, built
+        here with `codec` unless given)."""
+        self.labels = np.eye(self.spec.n_classes, dtype=self.theta.dtype)[y]
         if self.method.cached:
-            cache = build_cache(self.model, x) if cache is None else cache
-            self.source = np.hstack([onehot, cache.astype(self.theta.dtype, copy=False)])
+            self.cache = build_cache(self.model, x, codec) if cache is None else cache
         else:
-            self.source = np.hstack([onehot, standardise(self.model, x)])
-        self._gathered = self.buf[:, : self.source.shape[1]]
+            self.inputs = standardise(self.model, x)
+
+    @property
+    def samples(self) -> int:
+        return len(self.labels)
 
     # -- one step ------------------------------------------------------------------------------
 
     def forward(self, idx: np.ndarray) -> None:
         """Logits of the batch `idx` of the attached set, into `self.z`."""
-        self.source.take(idx, axis=0, out=self._gathered, mode="clip")
-        if not self.method.cached:
+        self.labels.take(idx, axis=0, out=self.y, mode="clip")
+        if self.method.cached:
+            self.cache.gather(idx, self.cached_part)
+        else:
+            self.inputs.take(idx, axis=0, out=self.taps[0], mode="clip")
             z = self.network.forward(self.taps[0], keep_taps=self.skip is not None)
             if self.skip is not None:
                 for view, tap in zip(self.taps[1:], self.network.taps[1:], strict=True):
@@ -156,7 +165,7 @@ class FineTuner:
 
     def merged(self) -> Predictor:
         """The fine-tuned network for inference: adapters merged into plain matrices."""
-        arrays = {name: self.params.get(name, array).copy() for name, array in self.model.items()}
+        arrays = {name: array.copy() for name, array in self.model.items()}
         for k, adapter in self.layer_adapters.items():
             arrays[f"W{k}"] = adapter.merge(arrays[f"W{k}"])
         return Predictor(self.spec, arrays, self.skip.merged() if self.skip else None)

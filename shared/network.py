@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from skip2fleet.shared import flops
-from skip2fleet.shared.flops import matmul
+from skip2fleet.shared.flops import INPUT_GRAD, WEIGHT_GRAD, matmul
 from skip2fleet.shared.spec import Placed, Spec
 
 BN_EPS = 1e-5
@@ -89,16 +89,16 @@ class Dense:
         d = dy.reshape(-1, dy.shape[-1])
         dweight = None
         if self.gW is not None:
-            dweight = matmul(self.cols.T, d, out=self.gW)
+            dweight = matmul(self.cols.T, d, out=self.gW, kind=WEIGHT_GRAD)
         elif self.adapter is not None and self.adapter.needs_weight_grad:
-            dweight = matmul(self.cols.T, d)
+            dweight = matmul(self.cols.T, d, kind=WEIGHT_GRAD)
         if self.gb is not None:
             np.add.reduce(d, axis=0, out=self.gb)
         adapter = self.adapter
         extra = None if adapter is None else adapter.backward(self.cols, d, dweight, need_dx)
         if not need_dx:
             return None
-        dcols = matmul(d, self.weight.T)
+        dcols = matmul(d, self.weight.T, kind=INPUT_GRAD)
         if extra is not None:
             dcols += extra
         return col2im(dcols, self.shape, self.kernel) if self.kernel else dcols
@@ -127,7 +127,7 @@ class Depthwise:
         if self.gW is not None:
             for j in range(self.kernel):
                 self.gW[j] = np.einsum("ntc,ntc->c", dy, self.padded[:, j : j + length])
-            flops.add(2 * dy.size * self.kernel)
+            flops.add(2 * dy.size * self.kernel, WEIGHT_GRAD)
         if self.gb is not None:
             self.gb[...] = dy.sum(axis=(0, 1))
         if not need_dx:
@@ -135,7 +135,7 @@ class Depthwise:
         padded = np.zeros_like(self.padded)
         for j in range(self.kernel):
             padded[:, j : j + length] += dy * self.W[j]
-        flops.add(2 * dy.size * self.kernel)
+        flops.add(2 * dy.size * self.kernel, INPUT_GRAD)
         pad = self.kernel // 2
         return padded[:, pad : pad + length]
 

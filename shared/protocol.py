@@ -22,6 +22,7 @@ BASE_MISSING = 1002  # the device lacks the plan's base (wiped, or refused by ha
 class RoundPlan:
     round: int
     method: str
+    cache: str  # Skip2-LoRA's cache codec
     epochs: int
     lr: float
     batch_size: int

@@ -17,6 +17,7 @@ from time import perf_counter
 
 import numpy as np
 
+from skip2fleet.shared.cache import Cache
 from skip2fleet.shared.engine import FineTuner
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.methods import Method
@@ -34,6 +35,7 @@ class FineTuneConfig:
     seed: int = 0
     galore_interval: int = INTERVAL  # GaLore: steps between projector refreshes (SVDs)
     galore_scale: float = SCALE  # GaLore: the projected step's scale
+    cache: str = "f32"  # Skip2-LoRA: the cache's codec, f32 | int8 | int4 (shared.cache)
 
 
 @dataclass
@@ -64,11 +66,8 @@ class FineTuneResult:
 
     @property
     def cache_bytes(self) -> int:
-        """Bytes of the Skip2 cache (x0, x1, x2, base logits per sample); 0 without one."""
-        if not self.tuner.method.cached:
-            return 0
-        source = self.tuner.source
-        return source[:, self.tuner.spec.n_classes :].nbytes
+        """Bytes of the Skip2 cache (every tap and the base logits per sample); 0 without one."""
+        return 0 if self.tuner.cache is None else self.tuner.cache.nbytes
 
 
 def finetune(
@@ -77,7 +76,7 @@ def finetune(
     x: np.ndarray,
     y: np.ndarray,
     config: FineTuneConfig = FineTuneConfig(),
-    cache: np.ndarray | None = None,
+    cache: Cache | None = None,
     on_epoch: Callable[[int], None] | None = None,
     start: np.ndarray | None = None,
 ) -> FineTuneResult:
@@ -97,7 +96,7 @@ def finetune(
     if start is not None:
         tuner.load(start)
     started = perf_counter()
-    tuner.attach(x, y, cache)
+    tuner.attach(x, y, cache, config.cache)
     result = FineTuneResult(tuner, prepare_seconds=perf_counter() - started)
     train_epochs(result, config.epochs, config.lr, config.seed, on_epoch)
     result.train_seconds = perf_counter() - started - result.prepare_seconds
@@ -117,7 +116,7 @@ def train_epochs(
     """
     tuner, times = result.tuner, result.times
     batch = tuner.batch_size
-    n = len(tuner.source)
+    n = tuner.samples
     order = np.random.default_rng([seed, 2])
     forward, backward, update = tuner.forward, tuner.backward, tuner.update
     clock = perf_counter

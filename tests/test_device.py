@@ -28,6 +28,7 @@ def plan(base, round_=1, **changes) -> RoundPlan:
     values = dict(
         round=round_,
         method="skip2-lora",
+        cache="f32",
         epochs=20,
         lr=0.01,
         batch_size=20,
@@ -75,6 +76,20 @@ def test_first_round_stores_base_and_cache_then_reuses_them(tmp_path, base):
     )
     assert not np.array_equal(before, after)  # it continued training its own adapters
     assert (tmp_path / "last-finetune.json").is_file()
+
+
+def test_a_quantized_cache_is_kept_per_codec_and_reused(tmp_path, base):
+    node = {"device": "a", "state-dir": str(tmp_path)}
+    sizes = {}
+    for codec in ("f32", "int4"):
+        figures = Figures.from_record(run_round(content(base, cache=codec), node)[FIGURES])
+        assert figures.cache_built == 1
+        sizes[codec] = figures.cache_bytes
+    assert sizes["int4"] <= 0.15 * sizes["f32"]
+    names = sorted(path.name for path in (tmp_path / "cache").iterdir())
+    assert [name.rsplit("-", 1)[1] for name in names] == ["f32.npz", "int4.npz"]
+    again = Figures.from_record(run_round(content(base, 2, False, cache="int4"), node)[FIGURES])
+    assert again.cache_built == 0 and again.cache_bytes == sizes["int4"]
 
 
 def test_a_base_whose_hash_does_not_match_is_refused(tmp_path, base):

@@ -8,7 +8,9 @@ held-out target split; mean and standard deviation are over trials.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from statistics import median
 from time import perf_counter
@@ -18,13 +20,14 @@ import numpy as np
 import typer
 
 from skip2fleet.server import options as opt
+from skip2fleet.server.bench.costs import step_flops
 from skip2fleet.server.bench.report import accuracy_report, timing_report
 from skip2fleet.server.progress import progress
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.atomic import write_text_atomic
 from skip2fleet.shared.datasets import Task, load_task
-from skip2fleet.shared.flops import count_flops
 from skip2fleet.shared.methods import Method, parse_methods
+from skip2fleet.shared.model import Model
 from skip2fleet.shared.predictor import Predictor
 from skip2fleet.shared.pretrain import PretrainConfig, pretrain
 from skip2fleet.shared.spec import Spec, build, describe, input_form
@@ -44,16 +47,6 @@ def predict_sample_ms(predict: Predictor, x: np.ndarray) -> float:
     return 1e3 * (perf_counter() - started) / len(rows)
 
 
-def step_flops(tuner, batch: int) -> int:
-    """Matrix-product FLOPs of one training step (forward, backward, update)."""
-    idx = np.arange(batch)
-    with count_flops() as counter:
-        tuner.forward(idx)
-        tuner.backward()
-        tuner.update(0.0)
-    return counter[0]
-
-
 def measure_timing(
     task: Task, spec: Spec, methods: list[Method], config: FineTuneConfig, repeats: int
 ) -> dict:
@@ -71,7 +64,7 @@ def measure_timing(
                         **result.times.per_batch_ms(),
                         "predict": predict_sample_ms(result.tuner.merged(), task.test.x),
                         "prepare_s": result.prepare_seconds,
-                        "flops": step_flops(result.tuner, result.tuner.batch_size),
+                        "flops": step_flops(result.tuner)["total"],
                         "cache_bytes": result.cache_bytes,
                     }
                 )
@@ -98,6 +91,26 @@ def measure_timing(
     }
 
 
+def pretrained_trials(
+    task: Task, spec: Spec, trials: int, pretrain_epochs: int, seed: int
+) -> Iterator[tuple[int, Model, float]]:
+    """(trial, a base pretrained with seed + trial, its test accuracy) for each trial."""
+    for trial in range(trials):
+        base = pretrain(
+            task.pretrain.x,
+            task.pretrain.y,
+            len(task.classes),
+            PretrainConfig(epochs=pretrain_epochs, seed=seed + trial),
+            spec=spec,
+        )
+        yield trial, base, base_model.accuracy(base_model.logits(base, task.test.x), task.test.y)
+
+
+def summary(values: list[float]) -> dict:
+    """Mean and standard deviation over trials, and the trials' values."""
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "trials": values}
+
+
 def measure_accuracy(
     task: Task,
     spec: Spec,
@@ -109,28 +122,18 @@ def measure_accuracy(
     before: list[float] = []
     after: dict[str, list[float]] = {m.name: [] for m in methods}
     with progress(trials * (len(methods) + 1), "accuracy") as advance:
-        for trial in range(trials):
-            seed = config.seed + trial
-            base = pretrain(
-                task.pretrain.x,
-                task.pretrain.y,
-                len(task.classes),
-                PretrainConfig(epochs=pretrain_epochs, seed=seed),
-                spec=spec,
-            )
-            before.append(base_model.accuracy(base_model.logits(base, task.test.x), task.test.y))
+        for trial, base, accuracy in pretrained_trials(
+            task, spec, trials, pretrain_epochs, config.seed
+        ):
+            before.append(accuracy)
             advance(f"trial {trial + 1}: pretrained")
+            trial_config = dataclasses.replace(config, seed=config.seed + trial)
             for method in methods:
-                trial_config = FineTuneConfig(**{**config.__dict__, "seed": seed})
                 result = finetune(base, method, task.finetune.x, task.finetune.y, trial_config)
                 after[method.name].append(
                     base_model.accuracy(result.tuner.merged()(task.test.x), task.test.y)
                 )
                 advance(f"trial {trial + 1}: {method.name}")
-
-    def summary(values: list[float]) -> dict:
-        return {"mean": float(np.mean(values)), "std": float(np.std(values)), "trials": values}
-
     return {
         "dataset": task.name,
         "model": describe(spec),
@@ -157,7 +160,7 @@ def _write(results: dict, kind: str, out_dir: Path, json_out: Path | None) -> No
     typer.echo(f"wrote {out_dir / stem}.md and .png" + (f", {json_out}" if json_out else ""))
 
 
-def _task_and_spec(
+def task_and_spec(
     dataset: str, model: str, data_dir: Path | None, source_room: str, subjects: str, seed: int
 ) -> tuple[Task, Spec]:
     """The task in the form the model reads, and the model's spec for it."""
@@ -183,7 +186,7 @@ def timing_command(
 ) -> None:
     """Time per training batch (forward / backward / update) and per prediction, all methods."""
     chosen = parse_methods(methods)
-    task, spec = _task_and_spec(dataset, model, data_dir, source_room, subjects, seed)
+    task, spec = task_and_spec(dataset, model, data_dir, source_room, subjects, seed)
     config = FineTuneConfig(epochs=epochs, batch_size=batch_size, rank=rank, seed=seed)
     results = {**measure_timing(task, spec, chosen, config, repeats), "model_name": model}
     _write(results, "timing", out_dir, json_out)
@@ -208,7 +211,7 @@ def accuracy_command(
 ) -> None:
     """Test accuracy before and after fine-tuning, every method, mean and std over trials."""
     chosen = parse_methods(methods)
-    task, spec = _task_and_spec(dataset, model, data_dir, source_room, subjects, seed)
+    task, spec = task_and_spec(dataset, model, data_dir, source_room, subjects, seed)
     config = FineTuneConfig(epochs, batch_size, rank, None, lr, seed)
     results = measure_accuracy(task, spec, chosen, config, trials, pretrain_epochs)
     results["model_name"] = model

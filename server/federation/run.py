@@ -112,13 +112,14 @@ def run_command(
     ] = None,
     rounds: Annotated[int | None, typer.Option(min=1, help="Total rounds (with --resume).")] = None,
     model: opt.ModelOverride = None,
+    cache: opt.CacheOverride = None,
 ) -> None:
     """Run the fleet's federated rounds on its SuperLink and SuperNodes (TLS, node auth)."""
     if resume is not None:
         folder = RunFolder(resume).resume(rounds)
         fleet = folder.config()
     else:
-        fleet = opt.with_model(load_config(config), model)
+        fleet = opt.with_training(load_config(config), model=model, cache=cache)
         model = base_model.load(base) if base is not None else fleet_base(fleet)
         folder = RunFolder.create(
             out or Path("runs") / time.strftime("run-%Y%m%d-%H%M%S"), as_yaml_dict(fleet), model

@@ -77,6 +77,7 @@ def plan_for(config: FleetConfig, number: int, digest: str, state_root: str) -> 
     return RoundPlan(
         round=number,
         method=t.method,
+        cache=t.cache,
         epochs=t.epochs,
         lr=t.lr,
         batch_size=t.batch_size,

@@ -42,6 +42,7 @@ def simulate_command(
     rounds: Annotated[int | None, typer.Option(min=1, help="Federated rounds.")] = None,
     dataset: opt.DatasetOverride = None,
     model: opt.ModelOverride = None,
+    cache: opt.CacheOverride = None,
     data_dir: opt.DataDir = None,
     aggregation: Annotated[str | None, typer.Option(help="none, fedavg or svd.")] = None,
     out: Annotated[
@@ -57,7 +58,9 @@ def simulate_command(
     if resume is not None:
         folder = RunFolder(resume).resume(rounds)
     else:
-        fleet = opt.resolve_fleet(config, devices, rounds, dataset, data_dir, aggregation, model)
+        fleet = opt.resolve_fleet(
+            config, devices, rounds, dataset, data_dir, aggregation, model, cache
+        )
         out = out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
         folder = RunFolder.create(out, as_yaml_dict(fleet), fleet_base(fleet))
     fleet, base = folder.config(), folder.base()

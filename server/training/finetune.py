@@ -36,6 +36,7 @@ def finetune_command(
     batch_size: opt.BatchSize = opt.DEFAULT_BATCH,
     rank: opt.Rank = opt.DEFAULT_RANK,
     lr: opt.LearningRate = opt.DEFAULT_LR,
+    cache: opt.CacheCodec = "f32",
     seed: opt.Seed = 0,
     source_room: opt.SourceRoom = opt.DEFAULT_SOURCE_ROOM,
     subjects: opt.Subjects = opt.DEFAULT_SUBJECTS_OPTION,
@@ -55,7 +56,7 @@ def finetune_command(
             f"{base}: the base takes {base_model.spec_of(model).width} values per sample, "
             f"{dataset} has {task.n_features}"
         )
-    config = FineTuneConfig(epochs, batch_size, rank, None, lr, seed)
+    config = FineTuneConfig(epochs, batch_size, rank, None, lr, seed, cache=cache)
     with progress(epochs, f"fine-tuning {method}") as advance:
         result = finetune(
             model,
@@ -80,6 +81,7 @@ def finetune_command(
         "prepare_seconds": result.prepare_seconds,
         "train_seconds": result.train_seconds,
         "wall_seconds": result.prepare_seconds + result.train_seconds,
+        "cache": cache,
         "cache_bytes": result.cache_bytes,
         "adapter_parameters": int(result.tuner.theta.size),
     }

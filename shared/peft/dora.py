@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from skip2fleet.shared.flops import matmul
+from skip2fleet.shared.flops import WEIGHT_GRAD, matmul
 from skip2fleet.shared.peft.lora import LoRA
 from skip2fleet.shared.spec import Placed
 
@@ -58,8 +58,8 @@ class DoRA:
         self.gm *= self.inv_norm
         dV = dweight * self.per_norm
         dV *= lora.scaling
-        matmul(dV, lora.B.T, out=lora.gA)
-        matmul(lora.A.T, dV, out=lora.gB)
+        matmul(dV, lora.B.T, out=lora.gA, kind=WEIGHT_GRAD)
+        matmul(lora.A.T, dV, out=lora.gB, kind=WEIGHT_GRAD)
 
     def merge(self, base: np.ndarray) -> np.ndarray:
         return self.weight(base)

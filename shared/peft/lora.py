@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from skip2fleet.shared.flops import matmul
+from skip2fleet.shared.flops import INPUT_GRAD, WEIGHT_GRAD, matmul
 from skip2fleet.shared.spec import Placed
 
 
@@ -54,10 +54,10 @@ class LoRA:
         self, cols: np.ndarray, dout: np.ndarray, dweight: None, need_dx: bool
     ) -> np.ndarray | None:
         dv = dout * self.scaling
-        matmul(self.u.T, dv, out=self.gB)
-        du = matmul(dv, self.B.T)
-        matmul(cols.T, du, out=self.gA)
-        return matmul(du, self.A.T) if need_dx else None
+        matmul(self.u.T, dv, out=self.gB, kind=WEIGHT_GRAD)
+        du = matmul(dv, self.B.T, kind=WEIGHT_GRAD)
+        matmul(cols.T, du, out=self.gA, kind=WEIGHT_GRAD)
+        return matmul(du, self.A.T, kind=INPUT_GRAD) if need_dx else None
 
     def merge(self, base: np.ndarray) -> np.ndarray:
         return base + self.scaling * (self.A @ self.B)

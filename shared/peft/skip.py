@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from skip2fleet.shared.flops import matmul
+from skip2fleet.shared.flops import WEIGHT_GRAD, matmul
 from skip2fleet.shared.peft.lora import kaiming_uniform
 
 ONE_PRODUCT_MAX = 8192  # values of the block-diagonal A up to which one product beats one per tap
@@ -100,15 +100,15 @@ class Skip:
         z += self.V
 
     def backward(self, dz: np.ndarray) -> None:
-        matmul(self.H.T, dz, out=self.gB)
-        matmul(dz, self.B.T, out=self.dH)
+        matmul(self.H.T, dz, out=self.gB, kind=WEIGHT_GRAD)
+        matmul(dz, self.B.T, out=self.dH, kind=WEIGHT_GRAD)
         if self.one_product:
-            matmul(self.xcat.T, self.dH, out=self.gA)
+            matmul(self.xcat.T, self.dH, out=self.gA, kind=WEIGHT_GRAD)
             self.gA *= self.mask
             return
         self.dH *= self.scaling
         for x, _, ga, cols in self.blocks:
-            matmul(x.T, self.dH[:, cols], out=ga)
+            matmul(x.T, self.dH[:, cols], out=ga, kind=WEIGHT_GRAD)
 
     def merged(self) -> list[tuple[int, np.ndarray]]:
         """(tap, matrix from the tap straight into the logits) per adapter."""

@@ -1,0 +1,101 @@
+"""What a step costs: FLOPs by category from the products the engine calls, peak memory measured
+with tracemalloc beside the arrays each category holds, and the `fleet bench peft` report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from skip2fleet.server.bench.costs import MEMORY_CATEGORIES, measure_memory, step_flops
+from skip2fleet.shared.engine import FineTuner
+from skip2fleet.shared.flops import CATEGORIES, svd_flops
+from skip2fleet.shared.methods import METHODS, get_method
+from skip2fleet.shared.peft.galore import INTERVAL
+from tests.conftest import tiny_model
+from tests.test_cli import fleet
+
+
+def tuner_for(kind: str, name: str, batch: int = 4) -> FineTuner:
+    model, x, y = tiny_model(kind)
+    tuner = FineTuner(model, get_method(name), rank=2, batch_size=batch)
+    tuner.attach(x, y)
+    return tuner
+
+
+def test_skip2_step_flops_by_category_by_hand(tiny):
+    flops = step_flops(tuner_for("mlp", "skip2-lora"))
+    # forward: [x0|x1|x2] (4x17) @ A (17x6), H @ B (6x3); no base, so no input gradient;
+    # weight gradients: H.T @ dz (6x4x3), dz @ B.T (4x3x6), [x0|x1|x2].T @ dH (17x4x6);
+    # update: a multiply and an add per trainable (A 17x6 and B 6x3)
+    assert flops["forward"] == 2 * 4 * (17 * 6 + 6 * 3)
+    assert flops["input_grad"] == 0
+    assert flops["weight_grad"] == 2 * 4 * (6 * 3 + 3 * 6 + 17 * 6)
+    assert flops["update"] == 2 * (17 * 6 + 6 * 3)
+    assert flops["svd"] == 0
+    assert flops["total"] == sum(flops[c] for c in CATEGORIES)
+
+
+def test_categories_follow_what_each_method_back_propagates():
+    for kind in ("mlp", "cnn", "dscnn"):
+        flops = {name: step_flops(tuner_for(kind, name)) for name in METHODS}
+        assert flops["lora-all"]["input_grad"] > 0 < flops["ft-all"]["input_grad"]
+        assert flops["ft-last"]["input_grad"] == 0  # the head's input needs no gradient
+        if kind != "dscnn":  # (DoRA adapts no depthwise layer)
+            # DoRA needs the full weight gradient, then its adapters' on top
+            assert flops["dora"]["weight_grad"] > flops["ft-all"]["weight_grad"]
+        assert flops["galore"]["svd"] > 0 == flops["ft-all"]["svd"]
+        assert flops["galore"]["forward"] == flops["ft-all"]["forward"]
+
+
+def test_galore_svd_is_amortised_over_its_interval():
+    tuner = tuner_for("mlp", "galore")
+    shapes = [g.shape for g in tuner.optimizer.grads]
+    assert step_flops(tuner)["svd"] == sum(svd_flops(*s) for s in shapes) // INTERVAL
+
+
+def test_measured_peak_holds_the_breakdown_and_little_else():
+    model, x, y = tiny_model("cnn")
+    x = np.repeat(x, 10, axis=0)  # 400 samples: the data dominates, as on a device
+    y = np.repeat(y, 10)
+    for name in METHODS:
+        for codec in ("f32", "int4"):
+            memory = measure_memory(model, get_method(name), x, y, 20, 2, codec)
+            assert set(memory["memory"]) == set(MEMORY_CATEGORIES)
+            assert memory["sum"] <= memory["peak_bytes"] <= 2 * memory["sum"], (name, codec)
+    f32 = measure_memory(model, get_method("skip2-lora"), x, y, 20, 2, "f32")
+    int4 = measure_memory(model, get_method("skip2-lora"), x, y, 20, 2, "int4")
+    assert int4["memory"]["data"] < f32["memory"]["data"] / 4
+    assert int4["peak_bytes"] < f32["peak_bytes"]
+    one = measure_memory(model, get_method("ft-all"), x, y, 1, 2, "f32")
+    twenty = measure_memory(model, get_method("ft-all"), x, y, 20, 2, "f32")
+    assert one["memory"]["activations"] < twenty["memory"]["activations"]
+    assert f32["memory"]["optimizer"] == 0  # plain SGD keeps no state
+
+
+def test_bench_peft_writes_rows_tables_and_charts(tmp_path):
+    out = tmp_path / "peft"
+    result = fleet(
+        "bench", "peft", "--tasks", "generated", "--models", "mlp,cnn", "--trials", "1",
+        "--epochs", "2", "--pretrain-epochs", "2", "--out-dir", str(out),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "peft.json").read_text())
+    rows = report["rows"]
+    assert len(rows) == 2 * (len(METHODS) + 2)  # Skip2-LoRA three times, with each codec
+    keys = {"task", "model", "method", "cache", "accuracy", "flops", "peak_bytes", "memory"}
+    assert keys | {"train_batch_ms", "params"} <= set(rows[0])
+    caches = {r["cache"]: r["cache_bytes"] for r in rows if r["method"] == "skip2-lora"}
+    assert caches["int4"] < caches["int8"] < caches["f32"]
+    for row in rows:
+        assert 0 <= row["accuracy"]["mean"] <= 100 and row["train_batch_ms"] > 0
+        assert row["peak_bytes"] >= row["memory_sum"] > 0
+        assert row["batch1"]["peak_bytes"] > 0
+    assert (out / "peft.md").read_text().count("## generated ·") == 2
+    for chart in ("accuracy-memory", "flops"):
+        assert (out / f"peft-generated-{chart}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_peft_names_an_unknown_model(tmp_path):
+    result = fleet("bench", "peft", "--models", "mlp,resnet", "--out-dir", str(tmp_path))
+    assert result.exit_code == 2 and "unknown model resnet" in result.output
