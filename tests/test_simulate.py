@@ -30,15 +30,20 @@ def simulate(*args: str) -> dict:
     return result
 
 
-def test_generated_fleet_improves_and_only_adapters_travel_after_round_1(tmp_path):
+def test_generated_fleet_on_an_int4_cache_improves_and_only_adapters_travel_after_round_1(tmp_path):
     report = tmp_path / "sim.json"
     simulate(
-        "--devices", "3", "--rounds", "2", "--out", str(tmp_path / "run"), "--json", str(report)
-    )
+        "--devices", "3", "--rounds", "2", "--cache", "int4",
+        "--out", str(tmp_path / "run"), "--json", str(report),
+    )  # fmt: skip
     summary = json.loads(report.read_text())
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     for device in summary["rounds"][-1]["devices"].values():
-        assert device["acc_after"] > device["acc_before"] + 10
+        assert device["acc_after"] > device["acc_before"] + 10  # on a 4-bit cache
+    samples, cache = (
+        summary["rounds"][0]["devices"]["sim-1"][k] for k in ("samples", "cache_bytes")
+    )
+    assert 0 < cache <= 0.15 * samples * (64 + 96 + 96 + 3) * 4  # int4, not f32
     full = summary["full_model_bytes"]
     first, second = (r["downlink_bytes"] for r in summary["rounds"])
     assert min(first.values()) > full  # round 1 carries the base
