@@ -293,3 +293,23 @@ def test_config_takes_own_data_and_refuses_what_does_not_fit():
     for raw, where in bad:
         with pytest.raises(ConfigError, match=where.replace("[", r"\[").replace("]", r"\]")):
             parse_config(raw)
+
+
+def test_the_agent_exports_the_active_model_and_whether_the_round_was_kept(folders, tmp_path):
+    from skip2fleet.client.telemetry.agent import DeviceCollector
+    from skip2fleet.client.telemetry.probes import ThermalZones
+    from skip2fleet.shared import metric_names as names
+
+    root, base = folders
+    node = {"device": "a", "state-dir": str(tmp_path)}
+    run_round(content(base, data_paths=[str(root / "device"), ""]), node)
+    collector = DeviceCollector(None, ThermalZones(tmp_path / "none"), tmp_path / "none", tmp_path)
+    samples = {
+        (s.name, tuple(s.labels.values())): s.value
+        for family in collector.collect()
+        for s in family.samples
+    }
+    active = DeviceStore(tmp_path).active()
+    key = (names.ACTIVE_MODEL.name, (base_model.sha256(base)[:12], "1", "1"))
+    assert samples[key] == pytest.approx(active.accuracy / 100)
+    assert samples[(names.LAST_FINETUNE.format(figure="accepted"), ())] == 1
