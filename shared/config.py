@@ -70,6 +70,11 @@ class TaskConfig:
     label_column: str = DEFAULT_LABEL_COLUMN  # of CSV files
     holdout: float = DEFAULT_HOLDOUT  # per class, never trained on: "accuracy before/after"
 
+    @property
+    def label(self) -> str:
+        """What the fleet trains on, for reports."""
+        return f"own samples ({self.source})" if self.source else self.dataset
+
 
 @dataclass(frozen=True)
 class Training:
