@@ -22,7 +22,7 @@ from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import CollectorRegistry
 
-from skip2fleet.client.store import LAST_FIGURES
+from skip2fleet.client.store import LAST_FIGURES, DeviceStore
 from skip2fleet.client.telemetry.power import PowerSampler
 from skip2fleet.client.telemetry.probes import ProbeError, ThermalZones, power_probe
 from skip2fleet.shared import metric_names as names
@@ -74,6 +74,25 @@ class DeviceCollector:
         yield errors
         yield from self._system()
         yield from self._last_finetune()
+        yield from self._active_model()
+
+    def _active_model(self):
+        try:
+            active = DeviceStore(self.state_dir).active()
+        except (OSError, ValueError, KeyError, TypeError):
+            self.errors[("state", "garbage")] += 1
+            return
+        if active is None:
+            return
+        version = active.version
+        family = _family(GaugeMetricFamily, names.ACTIVE_MODEL)
+        labels = [
+            active.base_sha256[:12],
+            str(version.round if version else 0),
+            str(version.number if version else 0),
+        ]
+        family.add_metric(labels, active.accuracy / 100)
+        yield family
 
     def _system(self):
         try:
@@ -110,6 +129,7 @@ class DeviceCollector:
             "energy_joules": ("energy_joules", "Energy of the last fine-tune."),
             "uplink_bytes": ("uplink_bytes", "Bytes of the last reply."),
             "samples": ("samples", "Samples of the last fine-tune."),
+            "accepted": ("accepted", "1 when the last fine-tune's adapters became active."),
         }
         for key, (name, help_text) in simple.items():
             if key in figures:
