@@ -19,8 +19,7 @@ from skip2fleet.shared.atomic import write_atomic, write_text_atomic
 from skip2fleet.shared.cache import build_cache
 from skip2fleet.shared.datasets import Split, TaskOptions
 from skip2fleet.shared.datasets.federated import device_split
-
-LAST_FIGURES = "last-finetune.json"
+from skip2fleet.shared.devicefile import LAST_FIGURES
 
 
 class DeviceStore:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import typer
 from typer.core import TyperGroup
 
-from skip2fleet.client.telemetry.agent import agent_command
 from skip2fleet.server.bench import federated, methods, monitoring, round
 from skip2fleet.server.data import import_hapt_command
 from skip2fleet.server.federation.run import run_command
 from skip2fleet.server.federation.simulate import simulate_command
 from skip2fleet.server.federation.superlink import certs_command
 from skip2fleet.server.operations.deploy import deploy_command
+from skip2fleet.server.operations.devices import agent_command
 from skip2fleet.server.operations.monitoring import config_command
 from skip2fleet.server.operations.status import status_command
 from skip2fleet.server.progress import stderr
