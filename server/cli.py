@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from typer.core import TyperGroup
 
-from skip2fleet.server.bench import federated, methods, monitoring, round
+from skip2fleet.server.bench import device, federated, methods, monitoring, round
 from skip2fleet.server.data import import_hapt_command
 from skip2fleet.server.federation.run import run_command
 from skip2fleet.server.federation.simulate import simulate_command
@@ -43,6 +43,7 @@ bench_app.command("accuracy")(methods.accuracy_command)
 bench_app.command("round")(round.round_command)
 bench_app.command("federated")(federated.federated_command)
 bench_app.command("monitor")(monitoring.monitor_command)
+bench_app.command("device")(device.device_command)
 monitor_app = typer.Typer(no_args_is_help=True, help="Prometheus and Grafana for the fleet.")
 monitor_app.command("config")(config_command)
 data_app = typer.Typer(no_args_is_help=True, help="Prepare data sets from their public downloads.")
