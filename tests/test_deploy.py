@@ -326,7 +326,12 @@ def test_an_emulated_pi_is_deployed_from_its_wheelhouse_and_fine_tunes_beside_x8
             on_pi("test", "!", "-e", str(controller_data))  # the task's folder is not there
             own = json.loads(on_pi("cat", "/opt/skip2fleet/etc/device.json"))
             assert own["name"] == "pi-arm" and str(state) not in json.dumps(own)
-            processes = on_pi("ps", "-eo", "user:16,args").splitlines()
+            # its /proc is the machine's: its own services are those run from its venv
+            processes = [
+                line
+                for line in on_pi("ps", "-eo", "user:16,args").splitlines()
+                if "/opt/skip2fleet/venv/" in line
+            ]
             owners = {
                 name: {line.split()[0] for line in processes if name in line} for name in SERVICES
             }
