@@ -7,6 +7,11 @@ aggregates, else from its own) and replies with the packed adapters and its figu
 without the plan's base (a wiped disk, a base refused for its hash) replies BASE_MISSING, and the
 coordinator sends the base with its next plan; a device that cannot find itself or its data gets
 an error reply that says why.
+
+A device with its own samples (`devices[].data.path`) reads that folder each round (again when a
+file is added) and holds out a quarter of each class. Its new adapters become the active model
+(what `fleet predict` uses) only when they are not worse on that hold-out than the base and the
+active adapters (`training.accept: if-better`); otherwise it keeps the active ones and says so.
 """
 
 from __future__ import annotations
@@ -15,15 +20,17 @@ import resource
 from pathlib import Path
 from time import perf_counter
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from skip2fleet.client.model import adapted_predictor
 from skip2fleet.client.store import DeviceStore
 from skip2fleet.client.telemetry.power import PowerSampler
 from skip2fleet.client.telemetry.probes import NoProbe, power_probe
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.adapters import pack, unpack
-from skip2fleet.shared.datasets import TaskOptions
+from skip2fleet.shared.datasets import Split, TaskOptions
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.methods import get_method
 from skip2fleet.shared.protocol import (
@@ -108,11 +115,16 @@ def _fine_tune(content: RecordDict, node_config: dict, plan: RoundPlan, index: i
         seed=plan.seed,
         form=form_of(spec),
     )
-    tune, test = store.data(plan.dataset, plan.partitions[index], options)
+    own = plan.data_path(index)
+    if own:
+        classes = base_model.classes_of(model)
+        tune, test = store.own_data(Path(own), classes, plan.label_column, plan.holdout)
+    else:
+        tune, test = store.data(plan.dataset, plan.partitions[index], options)
     if tune.x.shape[1] != spec.width:
         raise FleetError(
             f"{name}: the base takes {spec.width} values per sample, "
-            f"this device's {plan.dataset} data has {tune.x.shape[1]}"
+            f"this device's {own or plan.dataset} data has {tune.x.shape[1]}"
         )
     cache, built = (None, False)
     if method.cached:
@@ -133,9 +145,12 @@ def _fine_tune(content: RecordDict, node_config: dict, plan: RoundPlan, index: i
     )
     with PowerSampler(probe or NoProbe()) as meter:
         result = finetune(model, method, tune.x, tune.y, config, cache, start=start)
-    store.save_adapters(plan.base_sha256, method.name, rank, result.tuner.theta)
-
     predict = result.tuner.merged()
+    acc_before = base_model.accuracy(base_model.logits(model, test.x), test.y)
+    acc_after = base_model.accuracy(predict(test.x), test.y)
+    accepted, acc_active = make_active(
+        store, model, plan, rank, result.tuner.theta, (acc_before, acc_after), test
+    )
     split = result.times.per_batch_ms()
     reply = RecordDict(
         {
@@ -146,8 +161,8 @@ def _fine_tune(content: RecordDict, node_config: dict, plan: RoundPlan, index: i
     figures = Figures(
         samples=len(tune),
         loss=base_model.cross_entropy(predict(tune.x), tune.y),
-        acc_before=base_model.accuracy(base_model.logits(model, test.x), test.y),
-        acc_after=base_model.accuracy(predict(test.x), test.y),
+        acc_before=acc_before,
+        acc_after=acc_after,
         forward_ms=split["forward"],
         backward_ms=split["backward"],
         update_ms=split["update"],
@@ -162,10 +177,51 @@ def _fine_tune(content: RecordDict, node_config: dict, plan: RoundPlan, index: i
         mean_watts=meter.mean_watts if probe else 0.0,
         peak_watts=meter.peak_watts if probe else 0.0,
         power_estimated=int(bool(probe and probe.estimated)),
+        accepted=int(accepted),
+        acc_active=acc_active,
     )
     finish_reply(reply, figures)
     store.save_figures({"device": name, "round": plan.round, **reply[FIGURES]})
     return reply
+
+
+def make_active(
+    store: DeviceStore,
+    model: base_model.Model,
+    plan: RoundPlan,
+    rank: int,
+    theta: np.ndarray,
+    accuracies: tuple[float, float],
+    test: Split,
+) -> tuple[bool, float]:
+    """Make the new adapters active unless they are worse on the hold-out than the base or than
+    the active adapters (`accept: if-better`); returns (accepted, the active one's accuracy).
+
+    Rejected adapters are not continued from either: the next round starts from the active
+    ones (or afresh)."""
+    before, after = accuracies
+    digest, method = plan.base_sha256, plan.method
+    active = store.active()
+    current = active.version if active else None
+    if current and (current.base_sha256, current.method, current.rank) != (digest, method, rank):
+        current = None  # adapters for another base or shape: they cannot answer any more
+    kept_theta = store.version_theta(current) if current else None
+    kept = before
+    if current is not None:
+        kept = base_model.accuracy(
+            adapted_predictor(model, method, rank, kept_theta)(test.x), test.y
+        )
+    if plan.accept == "always" or after >= max(before, kept):
+        store.save_adapters(digest, method, rank, theta)
+        version = store.save_version(theta, plan.round, digest, method, rank, after)
+        store.activate(digest, version, after)
+        return True, after
+    if kept_theta is not None:
+        store.save_adapters(digest, method, rank, kept_theta)
+    else:
+        store.adapters_path(digest, method, rank).unlink(missing_ok=True)
+    store.activate(digest, current, kept)
+    return False, kept
 
 
 def finish_reply(reply: RecordDict, figures: Figures) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import typer
 from typer.core import TyperGroup
 
+from skip2fleet.client.predict import predict_command, rollback_command
 from skip2fleet.server.bench import device, federated, methods, monitoring, round
-from skip2fleet.server.data import import_hapt_command
+from skip2fleet.server.data import check_command, import_hapt_command
 from skip2fleet.server.federation.run import run_command
 from skip2fleet.server.federation.simulate import simulate_command
 from skip2fleet.server.federation.superlink import certs_command
@@ -46,8 +47,9 @@ bench_app.command("monitor")(monitoring.monitor_command)
 bench_app.command("device")(device.device_command)
 monitor_app = typer.Typer(no_args_is_help=True, help="Prometheus and Grafana for the fleet.")
 monitor_app.command("config")(config_command)
-data_app = typer.Typer(no_args_is_help=True, help="Prepare data sets from their public downloads.")
+data_app = typer.Typer(no_args_is_help=True, help="Prepare data sets, check your own samples.")
 data_app.command("import-hapt")(import_hapt_command)
+data_app.command("check")(check_command)
 
 app.add_typer(bench_app, name="bench")
 app.add_typer(monitor_app, name="monitor")
@@ -60,6 +62,8 @@ app.command("certs")(certs_command)
 app.command("deploy")(deploy_command)
 app.command("status")(status_command)
 app.command("agent")(agent_command)
+app.command("predict")(predict_command)
+app.command("rollback")(rollback_command)
 
 
 if __name__ == "__main__":  # `python -m skip2fleet.server.cli`, as the coordinator role calls it

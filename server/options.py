@@ -68,6 +68,7 @@ LearningRate = Annotated[
     float, typer.Option("--lr", callback=_check_lr, help=f"SGD learning rate, in (0, {MAX_LR}].")
 ]
 PretrainEpochs = Annotated[int, _bounded("pretrain_epochs", "Epochs of pretraining the base.")]
+LabelColumn = Annotated[str, typer.Option(help="The label column of CSV files.")]
 JsonOut = Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")]
 
 ConfigPath = Annotated[Path, typer.Option("--config", help="The fleet file.")]

@@ -19,11 +19,13 @@ from typing import Any
 import yaml
 
 from skip2fleet.shared.datasets import DEFAULT_SOURCE_ROOM, DEFAULT_SUBJECTS, SOURCE_ROOMS, TASKS
+from skip2fleet.shared.datasets.samples import DEFAULT_HOLDOUT, DEFAULT_LABEL_COLUMN
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.methods import METHODS
 from skip2fleet.shared.spec import MODELS
 
 AGGREGATIONS = ("none", "fedavg", "svd")
+ACCEPT = ("if-better", "always")  # training.accept: when new adapters become active
 PROBES = ("auto", "hwmon", "pi5-pmic", "rapl", "cpu-model", "none")
 # Bounds of the integer training settings, inclusive; fleet.yaml and the command line share them.
 TRAINING_LIMITS = {
@@ -64,6 +66,14 @@ class TaskConfig:
     data_dir: str | None = None
     source_room: str = DEFAULT_SOURCE_ROOM
     subjects: tuple[int, ...] = DEFAULT_SUBJECTS
+    source: str | None = None  # the coordinator's own samples to pretrain on (.npz/.csv folder)
+    label_column: str = DEFAULT_LABEL_COLUMN  # of CSV files
+    holdout: float = DEFAULT_HOLDOUT  # per class, never trained on: "accuracy before/after"
+
+    @property
+    def label(self) -> str:
+        """What the fleet trains on, for reports."""
+        return f"own samples ({self.source})" if self.source else self.dataset
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,7 @@ class Training:
     batch_size: int = 20
     seed: int = 0
     pretrain_epochs: int = 30
+    accept: str = "if-better"  # new adapters become active only when not worse; or "always"
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,7 @@ class Federation:
 class DeviceData:
     partition: str = "0"  # generated: a noisy room's seed; har: a subject; fan: damage1|damage2
     data_dir: str | None = None  # on the device; default: the task's data_dir
+    path: str | None = None  # the device's own samples (.npz/.csv folder), instead of a partition
 
 
 @dataclass(frozen=True)
@@ -164,7 +176,12 @@ def _build(cls: type, raw: Any, source: str, where: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: {where or 'top level'}: expected a mapping")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    # FleetConfig.source is where the file came from, not a key of it
+    fields = {
+        f.name: f
+        for f in dataclasses.fields(cls)
+        if not (cls is FleetConfig and f.name == "source")
+    }
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise ConfigError(
@@ -223,6 +240,10 @@ def _check(config: FleetConfig) -> None:
         fail("task.source_room", f"must be one of {', '.join(SOURCE_ROOMS)}")
     if config.task.data_dir is not None and not Path(config.task.data_dir).expanduser().is_dir():
         fail("task.data_dir", f"data folder {config.task.data_dir} does not exist")
+    if not 0 < config.task.holdout < 1:
+        fail("task.holdout", "must be above 0 and below 1")
+    if config.training.accept not in ACCEPT:
+        fail("training.accept", f"must be one of {', '.join(ACCEPT)}")
     if config.training.model not in MODELS:
         fail("training.model", f"unknown model; choose from {', '.join(MODELS)}")
     if config.training.method not in METHODS:
@@ -276,6 +297,13 @@ def _check(config: FleetConfig) -> None:
                 f"devices[{i}].data.data_dir",
                 f"{device.data.data_dir!r} is not an absolute path of plain characters",
             )
+        if device.data.path is not None and not _is_safe_path(device.data.path):
+            fail(
+                f"devices[{i}].data.path",
+                f"{device.data.path!r} is not an absolute path of plain characters",
+            )
+        if config.task.source is not None and device.data.path is None:
+            fail(f"devices[{i}].data.path", "required with task.source (the device's own samples)")
         if device.name in seen:
             fail(f"devices[{i}].name", f"duplicate device name {device.name!r}")
         seen.add(device.name)

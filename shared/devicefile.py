@@ -17,7 +17,9 @@ from pathlib import Path
 from skip2fleet.shared.errors import FleetError
 
 DEVICE_FILE = "device.json"  # in the device's etc/ folder
-LAST_FIGURES = "last-finetune.json"  # in its state folder: the last fine-tune, for the agent
+# In its state folder, written by the ClientApp, read by the agent (and `fleet predict`):
+LAST_FIGURES = "last-finetune.json"  # the last fine-tune's figures
+ACTIVE = "active.json"  # which base and adapters version predicts
 # The JSON values each field's annotation accepts (annotations are strings here).
 KINDS = {"str": str, "int": int, "float": (int, float), "str | None": (str, type(None))}
 
@@ -28,7 +30,8 @@ class DeviceSettings:
 
     name: str
     state_dir: str  # the ClientApp's state folder (base, cache, adapters, last figures)
-    data_dir: str | None  # its data folder, on the device; None: generated data
+    data_dir: str | None  # its built-in data sets' folder, on the device; None: generated data
+    samples: str | None  # its own samples' folder (devices[].data.path), on the device
     probe: str  # which power probe the agent samples (see client/telemetry/probes.py)
     idle_watts: float
     full_watts: float

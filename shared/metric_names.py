@@ -35,6 +35,12 @@ LAST_FINETUNE_ACCURACY = Metric(
     "Accuracy on the device's held-out data.",
     ("phase",),
 )
+ACTIVE_MODEL = Metric(
+    "skip2fleet_device_active_model_accuracy_ratio",
+    "Hold-out accuracy of the model fleet predict uses, labelled by its base and adapters "
+    "(round 0: the base alone).",
+    ("base_sha256", "round", "version"),
+)
 LAST_FINETUNE_BATCH = Metric(
     LAST_FINETUNE.format(figure="train_batch_seconds"), "Time per training batch.", ("phase",)
 )

@@ -10,7 +10,9 @@ windows), so a device feeds raw samples. A file without a spec is the paper's ML
 from __future__ import annotations
 
 import hashlib
+import json
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.spec import WEIGHTED, Spec, mlp
 
 SPEC_KEY = "spec"
+CLASSES_KEY = "classes"  # the class names, UTF-8 JSON bytes like the spec
 
 Model = dict[str, np.ndarray]
 
@@ -33,6 +36,22 @@ def spec_of(model: Model) -> Spec:
     if SPEC_KEY in model:
         return Spec.from_json(bytes(model[SPEC_KEY]).decode())
     return mlp(model["W0"].shape[0], model["W2"].shape[1], model["W0"].shape[1])
+
+
+def with_classes(model: Model, classes: Sequence[str]) -> Model:
+    """The model carrying its class names, so a device can read labels given as names and say
+    what it predicts."""
+    if len(classes) != spec_of(model).n_classes:
+        raise FleetError(f"{len(classes)} class names for a model of {spec_of(model).n_classes}")
+    names = np.frombuffer(json.dumps(list(classes)).encode(), np.uint8).copy()
+    return {**model, CLASSES_KEY: names}
+
+
+def classes_of(model: Model) -> tuple[str, ...]:
+    """The model's class names; its indices as names for a model saved without them."""
+    if CLASSES_KEY in model:
+        return tuple(json.loads(bytes(model[CLASSES_KEY]).decode()))
+    return tuple(str(i) for i in range(spec_of(model).n_classes))
 
 
 def init_model(spec: Spec, rng: np.random.Generator) -> Model:
@@ -66,6 +85,14 @@ def logits(model: Model, x: np.ndarray) -> np.ndarray:
 def accuracy(logits: np.ndarray, y: np.ndarray) -> float:
     """Percent of rows whose largest logit is the label."""
     return float(100.0 * np.mean(np.argmax(logits, axis=1) == y))
+
+
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    """Softmax of rows of logits."""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    return z / z.sum(axis=1, keepdims=True)
 
 
 def cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:

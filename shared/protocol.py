@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, MetricRecord
 
+from skip2fleet.shared.datasets.samples import DEFAULT_HOLDOUT, DEFAULT_LABEL_COLUMN
+
 PLAN, BASE, ADAPTERS, FIGURES = "plan", "base", "adapters", "figures"
 ADAPTERS_BY_DEVICE = "adapters-by-device"  # a resumed run's first round: node ids not yet known
 DEVICE_ERROR = 1001  # Flower error code of a device's refusal (missing data, unknown device, ...)
@@ -37,6 +39,14 @@ class RoundPlan:
     probes: list[str]  # per device: which power probe samples its fine-tune
     idle_watts: list[float]
     full_watts: list[float]
+    # per device: its own samples' folder ("" for none: the task's partition)
+    data_paths: list[str] = dataclasses.field(default_factory=list)
+    label_column: str = DEFAULT_LABEL_COLUMN
+    holdout: float = DEFAULT_HOLDOUT
+    accept: str = "if-better"  # or "always": see training.accept
+
+    def data_path(self, index: int) -> str:
+        return self.data_paths[index] if index < len(self.data_paths) else ""
 
     def record(self) -> ConfigRecord:
         return ConfigRecord(dataclasses.asdict(self))
@@ -68,6 +78,8 @@ class Figures:
     mean_watts: float
     peak_watts: float
     power_estimated: int  # 1 when the probe is the CPU-load model
+    accepted: int = 1  # 1 when this round's adapters became active, 0 when the device kept its own
+    acc_active: float = 0.0  # the active model on the hold-out after the round, percent
 
     def record(self) -> MetricRecord:
         return MetricRecord(dataclasses.asdict(self))

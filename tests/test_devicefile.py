@@ -74,7 +74,11 @@ def test_the_agent_starts_where_the_coordinators_folders_do_not_exist(tmp_path):
                 assert agent.poll() is None, agent.stderr.read()
                 return None
 
-        body = wait_for(scrape, 30, "the agent's first scrape")
+        def sampled() -> str | None:  # the power sampler's first reading is in
+            body = scrape()
+            return body if body and "skip2fleet_device_power_watts{" in body else None
+
+        body = wait_for(sampled, 30, "the agent's first power sample")
         assert 'skip2fleet_device_power_watts{source="hwmon",estimated="false"} 2.0' in body
         assert "skip2fleet_device_temperature_celsius{} 50.0" in body
         for _ in range(5):
@@ -111,7 +115,7 @@ def test_the_agent_imports_only_the_standard_library():
 )
 def test_a_bad_device_file_is_one_line_and_exit_2(tmp_path, change, message):
     settings = json.loads(
-        DeviceSettings("pi-1", "/s", None, "none", 1.0, 3.0, "127.0.0.1", 1, 9094).text()
+        DeviceSettings("pi-1", "/s", None, None, "none", 1.0, 3.0, "127.0.0.1", 1, 9094).text()
     )
     change(settings)
     own = tmp_path / DEVICE_FILE

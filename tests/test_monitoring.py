@@ -57,7 +57,11 @@ def test_dashboard_has_every_panel_with_the_device_variable(tmp_path):
     board = json.loads((tmp_path / "grafana" / "dashboards" / "skip2fleet.json").read_text())
     assert board["templating"]["list"][0]["name"] == "device"
     queries = panel_queries(board)
-    assert len(queries) == 11 and all(queries.values())
+    assert len(queries) == 12 and all(queries.values())
+    assert (
+        "skip2fleet_device_active_model_accuracy_ratio"
+        in queries["Active model (hold-out accuracy)"]
+    )
     assert sum("$device" in q for q in queries.values()) >= 8
     for panel in board["panels"]:
         assert panel["datasource"]["uid"] == "skip2fleet-prometheus"

@@ -28,7 +28,7 @@ from typing import NamedTuple
 from skip2fleet.client.telemetry.power import PowerSampler
 from skip2fleet.client.telemetry.probes import ProbeError, ThermalZones, power_probe
 from skip2fleet.shared import metric_names as names
-from skip2fleet.shared.devicefile import LAST_FIGURES, DeviceSettings
+from skip2fleet.shared.devicefile import ACTIVE, LAST_FIGURES, DeviceSettings
 from skip2fleet.shared.errors import FleetError
 
 
@@ -111,6 +111,27 @@ class DeviceCollector:
         yield errors
         yield from self._system()
         yield from self._last_finetune()
+        yield from self._active_model()
+
+    def _active_model(self) -> Iterator[Family]:
+        """The model `fleet predict` uses, from the state folder's active.json (read as JSON
+        here: the store that writes it imports NumPy)."""
+        path = self.state_dir / ACTIVE
+        if not path.is_file():
+            return
+        try:
+            active = json.loads(path.read_text())
+            version = active["version"] or {}
+            labels = [
+                str(active["base_sha256"])[:12],
+                str(version.get("round", 0)),
+                str(version.get("number", 0)),
+            ]
+            accuracy = float(active["accuracy"]) / 100
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            self.errors[("state", "garbage")] += 1
+            return
+        yield _family("gauge", names.ACTIVE_MODEL).add(labels, accuracy)
 
     def _system(self) -> Iterator[Family]:
         try:
@@ -146,6 +167,7 @@ class DeviceCollector:
             "energy_joules": ("energy_joules", "Energy of the last fine-tune."),
             "uplink_bytes": ("uplink_bytes", "Bytes of the last reply."),
             "samples": ("samples", "Samples of the last fine-tune."),
+            "accepted": ("accepted", "1 when the last fine-tune's adapters became active."),
         }
         for key, (name, help_text) in simple.items():
             if key in figures:

@@ -4,9 +4,11 @@ cgroup, so that anyone can re-measure whether a device fits a 512 MB board.
 A loopback deployment (SuperLink with TLS and node authentication behind the front door) serves
 the rounds; the device's stack runs as `fleet deploy` runs it (SuperNode with `--isolation process`,
 SuperExec, the agent from its own device file), every process of it inside one cgroup v1 memory
-group (cgroup v2's memory controller is not available here). Every 50 ms the sampler reads each
-process of the group: its peak resident set (VmHWM) by role, and the sum of the resident sets at
-that moment (the stack's peak is the largest such sum). The group's own peak
+group (cgroup v2's memory controller is not available here); the agent is scraped every second,
+as Prometheus would. Every 50 ms the sampler reads each process of the group: its peak resident
+set (VmHWM) by role, and the sums of the resident sets (RSS, and PSS, which splits a shared page
+among the processes that map it) at that moment: the stack's peak is the largest sum. The
+group's own peak
 (`memory.max_usage_in_bytes`) counts the page cache too. With `--limit-mb` the group is capped,
 swap included, and the rounds must still complete. Under qemu user mode a process's RSS holds
 the emulator too: run this natively.
@@ -15,11 +17,13 @@ the emulator too: run this natively.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
 import threading
 import time
+import urllib.request
 from collections import defaultdict
 from pathlib import Path
 from typing import Annotated
@@ -107,9 +111,10 @@ class MemoryGroup:
 class Sampler(threading.Thread):
     """Reads every process of the group every `every` seconds until stopped."""
 
-    def __init__(self, group: MemoryGroup, every: float = 0.05) -> None:
+    def __init__(self, group: MemoryGroup, agent_url: str, every: float = 0.05) -> None:
         super().__init__(daemon=True)
-        self.group, self.every = group, every
+        self.group, self.every, self.agent_url = group, every, agent_url
+        self.scrapes = 0
         self.peak_kb: dict[str, int] = defaultdict(int)  # role -> largest VmHWM of one process
         self.stack_peak_kb = 0  # the largest sum of VmRSS over the group at one moment
         self.stack_peak_roles: dict[str, int] = {}
@@ -121,8 +126,16 @@ class Sampler(threading.Thread):
         self.done = threading.Event()
 
     def run(self) -> None:
+        next_scrape = 0.0
         while not self.done.is_set():
             self.sample()
+            if time.monotonic() >= next_scrape:  # the agent serves a scrape a second
+                next_scrape = time.monotonic() + 1.0
+                with (
+                    contextlib.suppress(OSError),
+                    urllib.request.urlopen(self.agent_url, timeout=2) as reply,
+                ):
+                    self.scrapes += bool(reply.read())
             self.done.wait(self.every)
 
     def sample(self) -> None:
@@ -180,10 +193,11 @@ def start_device_stack(
 def measure_device(fleet: FleetConfig, workdir: Path, limit_mb: int | None) -> dict:
     """The device stack's memory over the fleet's rounds (its first device only)."""
     fleet = on_loopback(fleet, workdir / "state")
-    device = fleet.devices[0]
+    device = dataclasses.replace(fleet.devices[0], host="127.0.0.1", agent_port=free_port())
+    fleet = dataclasses.replace(fleet, devices=(device,))
     base = fleet_base(fleet)
     group = MemoryGroup(f"skip2fleet-bench-{os.getpid()}", limit_mb)
-    sampler = Sampler(group)
+    sampler = Sampler(group, f"http://127.0.0.1:{device.agent_port}/metrics")
     try:
         with loopback_deployment(fleet, workdir, offline=[device.name]) as processes:
             start_device_stack(processes, fleet, workdir, group)
@@ -215,6 +229,7 @@ def measure_device(fleet: FleetConfig, workdir: Path, limit_mb: int | None) -> d
             "cgroup_limit_hits": group.read("memory.failcnt"),
             "oom_kills": group.oom_kills(),
             "clientapps_seen": len(sampler.clientapps),
+            "agent_scrapes": sampler.scrapes,
         }
     finally:
         sampler.done.set()

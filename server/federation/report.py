@@ -22,13 +22,14 @@ def federated_report(summary: dict) -> tuple[str, Chart]:
         f"{summary['adapter_bytes']} bytes (1/{ratio:.1f} of the model). "
         f"Wall {summary['wall_s']:.1f} s.",
         "",
-        "| device | accuracy before % | after % | train batch ms | uplink bytes |",
-        "|---|---:|---:|---:|---:|",
+        "| device | accuracy before % | after % | active | train batch ms | uplink bytes |",
+        "|---|---:|---:|---|---:|---:|",
     ]
     for name, d in last.items():
         lines.append(
             f"| {name} | {d['acc_before']:.2f} | {d['acc_after']:.2f} "
-            f"| {d['train_batch_ms']:.4f} | {d['uplink_bytes']:.0f} |"
+            f"| {'new' if kept_new(d) else 'kept'} | {d['train_batch_ms']:.4f} "
+            f"| {d['uplink_bytes']:.0f} |"
         )
     lines += [
         "",
@@ -89,6 +90,11 @@ def federated_report(summary: dict) -> tuple[str, Chart]:
     return "\n".join(lines) + "\n", chart
 
 
+def kept_new(figures: dict) -> bool:
+    """Whether the device made this round's adapters active (older run folders: yes)."""
+    return bool(figures.get("accepted", 1))
+
+
 def print_round_header() -> None:
     """The columns of `print_round` (the README's "The round table" explains them)."""
     typer.echo(
@@ -107,6 +113,7 @@ def print_round(result: dict) -> None:
             [
                 *(f"{n} refused" for n in result["refused"]),
                 *(f"{n} missing" for n in result["missing"]),
+                *(f"{n} kept its active model" for n, d in devices.items() if not kept_new(d)),
             ]
         )
         or "-"

@@ -92,6 +92,10 @@ def plan_for(config: FleetConfig, number: int, digest: str, state_root: str) -> 
         probes=[d.probe for d in config.devices],
         idle_watts=[d.idle_watts for d in config.devices],
         full_watts=[d.full_watts for d in config.devices],
+        data_paths=[d.data.path or "" for d in config.devices],
+        label_column=task.label_column,
+        holdout=task.holdout,
+        accept=t.accept,
     )
 
 

@@ -64,7 +64,7 @@ def simulate_command(
     task = fleet.task
     stderr.print(
         f"simulating {len(fleet.devices)} devices x {fleet.federation.rounds} rounds "
-        f"({task.dataset}, {fleet.training.method}, aggregation {fleet.federation.aggregation}) "
+        f"({task.label}, {fleet.training.method}, aggregation {fleet.federation.aggregation}) "
         f"in {folder.path}"
     )
     print_round_header()
@@ -82,7 +82,7 @@ def simulate_command(
     spec = base_model.spec_of(base)
     rank = fleet.training.rank
     summary = {
-        "dataset": task.dataset,
+        "dataset": task.label,
         "method": fleet.training.method,
         "aggregation": fleet.federation.aggregation,
         "devices": len(fleet.devices),

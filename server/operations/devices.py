@@ -40,6 +40,7 @@ def device_settings(
         name=device.name,
         state_dir=str(state),
         data_dir=data_folder(fleet, device),
+        samples=device.data.path,
         probe=device.probe,
         idle_watts=device.idle_watts,
         full_watts=device.full_watts,

@@ -59,6 +59,13 @@ PANELS = (
         "bargauge",
     ),
     PanelSpec(
+        "Active model (hold-out accuracy)",
+        f"{names.ACTIVE_MODEL.name}{{{DEVICE}}}",
+        "{{device}}: base {{base_sha256}}, round {{round}}",
+        "percentunit",
+        "bargauge",
+    ),
+    PanelSpec(
         "Train time per batch",
         f"{names.DEVICE_TRAIN_BATCH.name}{{{DEVICE}}}",
         "{{device}} {{phase}}",

@@ -45,7 +45,7 @@ def status_command(config: opt.ConfigPath = Path("fleet.yaml")) -> None:
         nodes = {}
     typer.echo(
         f"{'device':<12} {'registered':<11} {'SuperLink':<10} {'agent':<6} "
-        f"{'round':>5} {'accuracy':>9}"
+        f"{'round':>5} {'accuracy':>9}  active model (hold-out accuracy)"
     )
     for device in fleet.devices:
         node = registry.get(device.name)
@@ -57,5 +57,17 @@ def status_command(config: opt.ConfigPath = Path("fleet.yaml")) -> None:
             f"{nodes.get(node, '-') if node is not None else '-':<10} "
             f"{'up' if figures is not None else 'down':<6} "
             f"{int(last) if last is not None else '-':>5} "
-            f"{f'{after * 100:.2f} %' if after is not None else '-':>9}"
+            f"{f'{after * 100:.2f} %' if after is not None else '-':>9}  "
+            f"{active_model(figures or {})}"
         )
+
+
+def active_model(figures: dict[str, float]) -> str:
+    """`base 1a2b3c4d5e6f + round 3 (91.20 %)` from the agent's active-model metric."""
+    prefix = names.ACTIVE_MODEL.name + "|"
+    for key, value in figures.items():
+        if key.startswith(prefix):
+            base, round_, _ = key[len(prefix) :].split("|")
+            adapters = f"round {round_}" if round_ != "0" else "no adapters"
+            return f"base {base} + {adapters} ({value * 100:.2f} %)"
+    return "-"

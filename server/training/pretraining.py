@@ -14,7 +14,7 @@ from skip2fleet.server import options as opt
 from skip2fleet.server.progress import progress
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.config import FleetConfig
-from skip2fleet.shared.datasets import Task, TaskOptions, load_task
+from skip2fleet.shared.datasets import Task, TaskOptions, load_task, samples
 from skip2fleet.shared.datasets.federated import source_task
 from skip2fleet.shared.model import Model
 from skip2fleet.shared.pretrain import PretrainConfig, pretrain
@@ -26,7 +26,7 @@ def pretrain_shown(task: Task, model: str, epochs: int, seed: int) -> Model:
     spec = build(model, task.input_shape, len(task.classes))
     source = task.pretrain
     with progress(epochs, f"pretraining {model} on {task.name}") as advance:
-        return pretrain(
+        trained = pretrain(
             source.x,
             source.y,
             len(task.classes),
@@ -34,16 +34,19 @@ def pretrain_shown(task: Task, model: str, epochs: int, seed: int) -> Model:
             on_epoch=lambda epoch, loss: advance(f"pretrained epoch {epoch + 1}, loss {loss:.3f}"),
             spec=spec,
         )
+    return base_model.with_classes(trained, task.classes)
 
 
 def fleet_base(fleet: FleetConfig) -> Model:
     """The base model for the fleet's task and model, from the coordinator's source data."""
     task, training = fleet.task, fleet.training
     data_dir = Path(task.data_dir) if task.data_dir else None
-    options = TaskOptions(
-        data_dir, task.source_room, task.subjects, training.seed, input_form(training.model)
-    )
-    source = source_task(task.dataset, options)
+    form = input_form(training.model)
+    if task.source is not None:
+        source = samples.source_task(Path(task.source), task.label_column, task.holdout, form)
+    else:
+        options = TaskOptions(data_dir, task.source_room, task.subjects, training.seed, form)
+        source = source_task(task.dataset, options)
     return pretrain_shown(source, training.model, training.pretrain_epochs, training.seed)
 
 
@@ -61,18 +64,28 @@ def pretrain_command(
     seed: opt.Seed = 0,
     source_room: opt.SourceRoom = opt.DEFAULT_SOURCE_ROOM,
     subjects: opt.Subjects = opt.DEFAULT_SUBJECTS_OPTION,
+    source: Annotated[
+        Path | None,
+        typer.Option(
+            help="Your own samples (.npz/.csv files, a folder of them) instead of --dataset; "
+            "a quarter of each class is held out."
+        ),
+    ] = None,
+    label_column: opt.LabelColumn = samples.DEFAULT_LABEL_COLUMN,
 ) -> None:
     """Pretrain the base model on the task's source domain and save it with its sha256."""
-    task = load_task(
-        dataset, opt.task_options(data_dir, source_room, subjects, seed, input_form(model_name))
-    )
+    form = input_form(model_name)
+    if source is not None:
+        task = samples.source_task(source, label_column, samples.DEFAULT_HOLDOUT, form)
+        dataset = "own"
+    else:
+        task = load_task(dataset, opt.task_options(data_dir, source_room, subjects, seed, form))
     model = pretrain_shown(task, model_name, epochs, seed)
     out = out or Path("runs") / time.strftime(f"pretrain-{dataset}-%Y%m%d-%H%M%S") / "base.npz"
     out.parent.mkdir(parents=True, exist_ok=True)
     digest = base_model.save(model, out)
-    source = base_model.accuracy(base_model.logits(model, task.pretrain.x), task.pretrain.y)
+    on_source = base_model.accuracy(base_model.logits(model, task.pretrain.x), task.pretrain.y)
     target = base_model.accuracy(base_model.logits(model, task.test.x), task.test.y)
     typer.echo(f"wrote {out} (sha256 {digest})")
-    typer.echo(
-        f"accuracy on the source domain {source:.2f} %, on the target test split {target:.2f} %"
-    )
+    held = "held-out part of --source" if source is not None else "target test split"
+    typer.echo(f"accuracy on the source domain {on_source:.2f} %, on the {held} {target:.2f} %")
