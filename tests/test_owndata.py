@@ -313,3 +313,19 @@ def test_the_agent_exports_the_active_model_and_whether_the_round_was_kept(folde
     key = (names.ACTIVE_MODEL.name, (base_model.sha256(base)[:12], "1", "1"))
     assert samples[key] == pytest.approx(active.accuracy / 100)
     assert samples[(names.LAST_FINETUNE.format(figure="accepted"), ())] == 1
+
+
+def test_rollback_from_the_coordinator_names_an_unknown_device():
+    """(The SSH path itself runs in tests/test_deploy.py, on namespace devices.)"""
+    config = Path(__file__).resolve().parents[1] / "fleet.yaml"
+    result = fleet("rollback", "--device", "nope", "--config", str(config))
+    assert result.exit_code == 2 and "no device 'nope'" in result.stderr
+
+
+def test_pretrain_on_a_source_folder_names_the_classes(folders, tmp_path):
+    root, _ = folders
+    out = tmp_path / "base.npz"
+    result = fleet("pretrain", "--source", str(root / "source"), "--out", str(out), "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    assert "on the held-out part of --source" in result.stdout
+    assert base_model.classes_of(base_model.load(out)) == tuple(SORTED)
