@@ -329,3 +329,15 @@ def test_pretrain_on_a_source_folder_names_the_classes(folders, tmp_path):
     assert result.exit_code == 0, result.output
     assert "on the held-out part of --source" in result.stdout
     assert base_model.classes_of(base_model.load(out)) == tuple(SORTED)
+
+
+def test_a_growing_folder_leaves_one_copy_of_its_data(folders, tmp_path):
+    _, base = folders
+    device = tmp_path / "device"
+    device.mkdir()
+    node = {"device": "a", "state-dir": str(tmp_path / "state")}
+    for number in (1, 2, 3):
+        part = slice(100 * (number - 1), 100 * number)
+        np.savez(device / f"{number}.npz", x=TASK.finetune.x[part], y=NAMES[TASK.finetune.y[part]])
+        run_round(content(base, number, number == 1, data_paths=[str(device), ""]), node)
+    assert len(list((tmp_path / "state" / "data").glob("own-*.npz"))) == 1
