@@ -341,3 +341,27 @@ def test_a_growing_folder_leaves_one_copy_of_its_data(folders, tmp_path):
         np.savez(device / f"{number}.npz", x=TASK.finetune.x[part], y=NAMES[TASK.finetune.y[part]])
         run_round(content(base, number, number == 1, data_paths=[str(device), ""]), node)
     assert len(list((tmp_path / "state" / "data").glob("own-*.npz"))) == 1
+
+
+def test_status_shows_the_active_model_from_the_agent(folders, tmp_path):
+    """What `fleet status` prints per device, from the metric the agent serves."""
+    from prometheus_client import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    from skip2fleet.client.telemetry.agent import DeviceCollector
+    from skip2fleet.client.telemetry.probes import ThermalZones
+    from skip2fleet.server.operations.status import active_model, metrics_by_key
+
+    root, base = folders
+    run_round(
+        content(base, data_paths=[str(root / "device"), ""]),
+        {"state-dir": str(tmp_path), "device": "a"},
+    )
+    registry = CollectorRegistry()
+    registry.register(DeviceCollector(None, ThermalZones(tmp_path / "x"), tmp_path / "x", tmp_path))
+    figures = metrics_by_key(generate_latest(registry).decode())
+    accuracy = DeviceStore(tmp_path).active().accuracy
+    assert (
+        active_model(figures) == f"base {base_model.sha256(base)[:12]} + round 1 ({accuracy:.2f} %)"
+    )
+    assert active_model({}) == "-"
