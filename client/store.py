@@ -90,18 +90,24 @@ class DeviceStore:
             split = load_samples(folder, classes, label_column).split
             return split_holdout(split, holdout, folder)
 
-        return self._kept_split(spec, read)
+        return self._kept_split(spec, read, prefix="own-")
 
     def _kept_split(
-        self, spec: str, make: Callable[[], tuple[Split, Split]]
+        self, spec: str, make: Callable[[], tuple[Split, Split]], prefix: str = ""
     ) -> tuple[Split, Split]:
-        path = self._path("data", hashlib.sha256(spec.encode()).hexdigest()[:24], ".npz")
+        """Read once and kept; with a `prefix`, only the newest of its kind is kept (a folder
+        that grows would otherwise leave a copy per round)."""
+        key = prefix + hashlib.sha256(spec.encode()).hexdigest()[:24]
+        path = self._path("data", key, ".npz")
         if path.is_file():
             with np.load(path) as npz:
                 return Split(npz["tune_x"], npz["tune_y"]), Split(npz["test_x"], npz["test_y"])
         tune, test = make()
         arrays = {"tune_x": tune.x, "tune_y": tune.y, "test_x": test.x, "test_y": test.y}
         write_atomic(path, lambda handle: np.savez(handle, **arrays))
+        for old in path.parent.glob(f"{prefix}*.npz") if prefix else ():
+            if old != path:
+                old.unlink(missing_ok=True)
         return tune, test
 
     def cache(self, model: base_model.Model, digest: str, x: np.ndarray) -> tuple[np.ndarray, bool]:

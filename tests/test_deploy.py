@@ -17,12 +17,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from skip2fleet.server.cli import app
 from skip2fleet.server.operations.loopback import free_port, prometheus_query, wait_for
+from skip2fleet.shared import model as base_model
+from skip2fleet.shared.datasets import Split, TaskOptions, load_task
+from skip2fleet.shared.datasets.federated import device_split
 from skip2fleet.shared.services import AGENT_MODULE
 from tests.fakehosts import (
     COORDINATOR_IP,
@@ -131,17 +135,35 @@ def summary(output: str) -> dict[str, list[int]]:
     return {row[0]: [int(v) for v in row[1:]] for row in rows}
 
 
+def own_samples(folder: Path, split: Split, classes: tuple[str, ...]) -> Path:
+    """`split` as a user's .npz of named samples, in a folder every device user can read."""
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o755)
+    np.savez(folder / "samples.npz", x=split.x, y=np.array(classes)[split.y])
+    (folder / "samples.npz").chmod(0o644)
+    return folder
+
+
 def test_deploy_twice_then_two_rounds_across_the_devices(tmp_path):
+    """Devices read their own folders of samples, and predict with their model after the run."""
     key = ssh_keypair(tmp_path)
     state = tmp_path / "state"
+    task = load_task("generated")
     try:
         with fake_hosts(4, key) as hosts:
             os.kill(int((hosts[3].folder / "sshd.pid").read_text()), signal.SIGTERM)  # pi-4 is down
+            devices = [fake_device(i, h, h.folder) for i, h in enumerate(hosts)]
+            for i, (device, host) in enumerate(zip(devices, hosts, strict=True)):
+                tune, _ = device_split("generated", str(i), TaskOptions())
+                folder = own_samples(host.folder / "data", tune, task.classes)
+                device["data"] = {"path": str(folder)}
+            source = own_samples(tmp_path / "source", task.pretrain, task.classes)
             config = write_fleet(
                 tmp_path,
                 COORDINATOR_IP,
-                [fake_device(i, h, h.folder) for i, h in enumerate(hosts)],
-                training={"epochs": 30, "pretrain_epochs": 5},
+                devices,
+                task={"source": str(source)},
+                training={"epochs": 30, "pretrain_epochs": 5, "accept": "always"},
                 federation={"rounds": 2, "min_devices": 3, "round_timeout_s": 90},
             )
             path = tmp_path / "fleet.yaml"
@@ -173,6 +195,43 @@ def test_deploy_twice_then_two_rounds_across_the_devices(tmp_path):
             assert sorted(last["devices"]) == ["pi-1", "pi-2", "pi-3"]
             assert last["missing"] == ["pi-4"]
             assert all(d["acc_after"] > d["acc_before"] for d in last["devices"].values())
+            digest = base_model.sha256(base_model.load(run / "base.npz"))
+
+            def predict(device: dict, host: FakeHost) -> list[dict]:
+                new = own_samples(host.folder / "new", task.test, task.classes) / "samples.npz"
+                install = device["install_dir"]
+                predicted = subprocess.run(
+                    ssh_command(
+                        host,
+                        key,
+                        *("sudo", "-n", "-u", "skip2fleet-app", f"{install}/venv/bin/fleet"),
+                        *("predict", str(new), "--state-dir", f"{install}/state", "--json"),
+                    ),
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                )
+                assert predicted.returncode == 0, predicted.stderr
+                answers = [json.loads(line) for line in predicted.stdout.splitlines()]
+                assert len(answers) == len(task.test), predicted.stderr
+                right = sum(
+                    task.classes[y] == a["class"] for y, a in zip(task.test.y, answers, strict=True)
+                )
+                print(f"{device['name']} predicts {len(answers)} new samples: {right} right")
+                return answers
+
+            for device, host in zip(devices[:3], hosts, strict=False):
+                answers = predict(device, host)
+                assert {(a["base_sha256"], a["round"]) for a in answers} == {(digest, 2)}
+            rolled = CliRunner().invoke(
+                app,
+                [
+                    *("rollback", "--config", str(path), "--device", "pi-1"),
+                    *("--ssh-key", str(key), "--round", "1"),
+                ],
+            )
+            assert rolled.exit_code == 0 and "round 1" in rolled.output, rolled.output
+            assert {a["round"] for a in predict(devices[0], hosts[0])} == {1}
 
             port = config["coordinator"]["prometheus_port"]
             up = 'up{job="skip2fleet-agents"} == 1'
