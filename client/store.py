@@ -119,6 +119,9 @@ class DeviceStore:
             return np.load(path), False
         cache = build_cache(model, x)
         write_atomic(path, lambda handle: np.save(handle, cache))
+        for old in path.parent.glob(f"{digest[:24]}-*.npy"):  # for data this device no longer has
+            if old != path:
+                old.unlink(missing_ok=True)
         return cache, True
 
     def adapters_path(self, digest: str, method: str, rank: int) -> Path:

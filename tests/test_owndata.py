@@ -336,7 +336,7 @@ def test_pretrain_on_a_source_folder_names_the_classes(folders, tmp_path):
     assert base_model.classes_of(base_model.load(out)) == tuple(SORTED)
 
 
-def test_a_growing_folder_leaves_one_copy_of_its_data(folders, tmp_path):
+def test_a_growing_folder_leaves_one_copy_of_its_data_and_cache(folders, tmp_path):
     _, base = folders
     device = tmp_path / "device"
     device.mkdir()
@@ -346,6 +346,7 @@ def test_a_growing_folder_leaves_one_copy_of_its_data(folders, tmp_path):
         np.savez(device / f"{number}.npz", x=TASK.finetune.x[part], y=NAMES[TASK.finetune.y[part]])
         run_round(content(base, number, number == 1, data_paths=[str(device), ""]), node)
     assert len(list((tmp_path / "state" / "data").glob("own-*.npz"))) == 1
+    assert len(list((tmp_path / "state" / "cache").iterdir())) == 1
 
 
 def test_status_shows_the_active_model_from_the_agent(folders, tmp_path):
