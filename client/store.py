@@ -21,12 +21,7 @@ from skip2fleet.shared.atomic import write_atomic, write_text_atomic
 from skip2fleet.shared.cache import build_cache
 from skip2fleet.shared.datasets import Split, TaskOptions
 from skip2fleet.shared.datasets.federated import device_split
-from skip2fleet.shared.datasets.samples import (
-    fingerprint,
-    load_samples,
-    sample_files,
-    split_holdout,
-)
+from skip2fleet.shared.datasets.samples import device_samples, fingerprint, sample_files
 from skip2fleet.shared.devicefile import ACTIVE, LAST_FIGURES
 from skip2fleet.shared.errors import FleetError
 
@@ -80,17 +75,22 @@ class DeviceStore:
         return self._kept_split(spec, lambda: device_split(dataset, partition, options))
 
     def own_data(
-        self, folder: Path, classes: tuple[str, ...], label_column: str, holdout: float
+        self,
+        folder: Path,
+        classes: tuple[str, ...],
+        label_column: str,
+        holdout: float,
+        limit: int,
     ) -> tuple[Split, Split]:
-        """The device's own samples as (training, hold-out), read again when a file is added or
-        changed (their names, sizes and times are part of the key)."""
-        spec = f"{fingerprint(sample_files(folder))}|{classes}|{label_column}|{holdout}"
-
-        def read() -> tuple[Split, Split]:
-            split = load_samples(folder, classes, label_column).split
-            return split_holdout(split, holdout, folder)
-
-        return self._kept_split(spec, read, prefix="own-")
+        """The device's own samples as (training, hold-out), at most the newest `limit` training
+        ones; read again when a file is added or changed (their names, sizes and times are part
+        of the key)."""
+        spec = f"{fingerprint(sample_files(folder))}|{classes}|{label_column}|{holdout}|{limit}"
+        return self._kept_split(
+            spec,
+            lambda: device_samples(folder, classes, label_column, holdout, limit),
+            prefix="own-",
+        )
 
     def _kept_split(
         self, spec: str, make: Callable[[], tuple[Split, Split]], prefix: str = ""
@@ -118,6 +118,9 @@ class DeviceStore:
             return np.load(path), False
         cache = build_cache(model, x)
         write_atomic(path, lambda handle: np.save(handle, cache))
+        for old in path.parent.glob(f"{digest[:24]}-*.npy"):  # for data this device no longer has
+            if old != path:
+                old.unlink(missing_ok=True)
         return cache, True
 
     def adapters_path(self, digest: str, method: str, rank: int) -> Path:
