@@ -118,7 +118,9 @@ def _fine_tune(content: RecordDict, node_config: dict, plan: RoundPlan, index: i
     own = plan.data_path(index)
     if own:
         classes = base_model.classes_of(model)
-        tune, test = store.own_data(Path(own), classes, plan.label_column, plan.holdout)
+        tune, test = store.own_data(
+            Path(own), classes, plan.label_column, plan.holdout, plan.max_samples
+        )
     else:
         tune, test = store.data(plan.dataset, plan.partitions[index], options)
     if tune.x.shape[1] != spec.width:

@@ -128,20 +128,10 @@ def _answers(model: DeviceModel, probabilities: np.ndarray, json_lines: bool) ->
     )
 
 
-def rollback_command(
-    state_dir: StateDir = DEFAULT_STATE_DIR,
-    round_: Annotated[
-        int | None,
-        typer.Option(
-            "--round",
-            min=1,
-            help="The round whose adapters to use (default: the version before the active one).",
-        ),
-    ] = None,
-) -> None:
-    """Make an earlier version of this device's adapters the active one."""
+def rollback_here(state_dir: Path, round_: int | None) -> str:
+    """Make an earlier version of this device's adapters the active one; what to say."""
     version = DeviceStore(state_dir).rollback(round_)
-    typer.echo(
+    return (
         f"active: adapters of round {version.round} (version {version.number}), hold-out "
         f"accuracy {version.accuracy:.2f} % when made"
     )

@@ -21,16 +21,10 @@ from skip2fleet.shared.atomic import write_atomic, write_text_atomic
 from skip2fleet.shared.cache import Cache, build_cache
 from skip2fleet.shared.datasets import Split, TaskOptions
 from skip2fleet.shared.datasets.federated import device_split
-from skip2fleet.shared.datasets.samples import (
-    fingerprint,
-    load_samples,
-    sample_files,
-    split_holdout,
-)
+from skip2fleet.shared.datasets.samples import device_samples, fingerprint, sample_files
+from skip2fleet.shared.devicefile import ACTIVE, LAST_FIGURES
 from skip2fleet.shared.errors import FleetError
 
-LAST_FIGURES = "last-finetune.json"
-ACTIVE = "active.json"  # which base and adapters version `fleet predict` uses
 KEEP_VERSIONS = 5  # adapter versions kept for `fleet rollback` (the active one always)
 
 
@@ -81,28 +75,39 @@ class DeviceStore:
         return self._kept_split(spec, lambda: device_split(dataset, partition, options))
 
     def own_data(
-        self, folder: Path, classes: tuple[str, ...], label_column: str, holdout: float
+        self,
+        folder: Path,
+        classes: tuple[str, ...],
+        label_column: str,
+        holdout: float,
+        limit: int,
     ) -> tuple[Split, Split]:
-        """The device's own samples as (training, hold-out), read again when a file is added or
-        changed (their names, sizes and times are part of the key)."""
-        spec = f"{fingerprint(sample_files(folder))}|{classes}|{label_column}|{holdout}"
-
-        def read() -> tuple[Split, Split]:
-            split = load_samples(folder, classes, label_column).split
-            return split_holdout(split, holdout, folder)
-
-        return self._kept_split(spec, read)
+        """The device's own samples as (training, hold-out), at most the newest `limit` training
+        ones; read again when a file is added or changed (their names, sizes and times are part
+        of the key)."""
+        spec = f"{fingerprint(sample_files(folder))}|{classes}|{label_column}|{holdout}|{limit}"
+        return self._kept_split(
+            spec,
+            lambda: device_samples(folder, classes, label_column, holdout, limit),
+            prefix="own-",
+        )
 
     def _kept_split(
-        self, spec: str, make: Callable[[], tuple[Split, Split]]
+        self, spec: str, make: Callable[[], tuple[Split, Split]], prefix: str = ""
     ) -> tuple[Split, Split]:
-        path = self._path("data", hashlib.sha256(spec.encode()).hexdigest()[:24], ".npz")
+        """Read once and kept; with a `prefix`, only the newest of its kind is kept (a folder
+        that grows would otherwise leave a copy per round)."""
+        key = prefix + hashlib.sha256(spec.encode()).hexdigest()[:24]
+        path = self._path("data", key, ".npz")
         if path.is_file():
             with np.load(path) as npz:
                 return Split(npz["tune_x"], npz["tune_y"]), Split(npz["test_x"], npz["test_y"])
         tune, test = make()
         arrays = {"tune_x": tune.x, "tune_y": tune.y, "test_x": test.x, "test_y": test.y}
         write_atomic(path, lambda handle: np.savez(handle, **arrays))
+        for old in path.parent.glob(f"{prefix}*.npz") if prefix else ():
+            if old != path:
+                old.unlink(missing_ok=True)
         return tune, test
 
     def cache(
@@ -116,6 +121,9 @@ class DeviceStore:
             return Cache.load(path, n_classes), False
         cache = build_cache(model, x, codec)
         write_atomic(path, cache.save)
+        for old in path.parent.glob(f"{digest[:24]}-*-{codec}.npz"):  # data no longer here
+            if old != path:
+                old.unlink(missing_ok=True)
         return cache, True
 
     def adapters_path(self, digest: str, method: str, rank: int) -> Path:

@@ -51,7 +51,8 @@ def check_command(
     width = base_model.spec_of(model).width if model is not None else None
     report = samples.check_samples(path, label_column, classes, width)
     shape = " x ".join(map(str, report.shape))
-    typer.echo(f"{path}: {report.samples:,} samples in {len(report.files)} files, each {shape}")
+    files = f"{len(report.files)} file" + "s" * (len(report.files) != 1)
+    typer.echo(f"{path}: {report.samples:,} samples in {files}, each {shape}")
     for name, count in report.files.items():
         typer.echo(f"  {name}: {count:,}")
     typer.echo(f"{'class':<20} {'samples':>10} {'train':>10} {'hold-out':>10}")

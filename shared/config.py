@@ -20,7 +20,11 @@ import yaml
 
 from skip2fleet.shared.cache import CODECS
 from skip2fleet.shared.datasets import DEFAULT_SOURCE_ROOM, DEFAULT_SUBJECTS, SOURCE_ROOMS, TASKS
-from skip2fleet.shared.datasets.samples import DEFAULT_HOLDOUT, DEFAULT_LABEL_COLUMN
+from skip2fleet.shared.datasets.samples import (
+    DEFAULT_HOLDOUT,
+    DEFAULT_LABEL_COLUMN,
+    DEFAULT_MAX_SAMPLES,
+)
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.methods import METHODS
 from skip2fleet.shared.spec import MODELS
@@ -34,6 +38,7 @@ TRAINING_LIMITS = {
     "epochs": (1, 100_000),
     "batch_size": (1, 65_536),
     "pretrain_epochs": (1, 100_000),
+    "max_samples": (1, 100_000_000),
 }
 # Values that end up in shells, paths and templates: only these shapes get through.
 DEVICE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -89,6 +94,7 @@ class Training:
     pretrain_epochs: int = 30
     cache: str = "f32"  # Skip2-LoRA's cache codec: f32 | int8 | int4 (shared.cache)
     accept: str = "if-better"  # new adapters become active only when not worse; or "always"
+    max_samples: int = DEFAULT_MAX_SAMPLES  # a device trains on at most its newest this many
 
 
 @dataclass(frozen=True)

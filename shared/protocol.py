@@ -12,7 +12,11 @@ from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, MetricRecord
 
-from skip2fleet.shared.datasets.samples import DEFAULT_HOLDOUT, DEFAULT_LABEL_COLUMN
+from skip2fleet.shared.datasets.samples import (
+    DEFAULT_HOLDOUT,
+    DEFAULT_LABEL_COLUMN,
+    DEFAULT_MAX_SAMPLES,
+)
 
 PLAN, BASE, ADAPTERS, FIGURES = "plan", "base", "adapters", "figures"
 ADAPTERS_BY_DEVICE = "adapters-by-device"  # a resumed run's first round: node ids not yet known
@@ -45,6 +49,7 @@ class RoundPlan:
     holdout: float = DEFAULT_HOLDOUT
     accept: str = "if-better"  # or "always": see training.accept
     cache: str = "f32"  # Skip2-LoRA's cache codec: see training.cache
+    max_samples: int = DEFAULT_MAX_SAMPLES  # newest training samples a device keeps of its own
 
     def data_path(self, index: int) -> str:
         return self.data_paths[index] if index < len(self.data_paths) else ""

@@ -69,25 +69,10 @@ NOOP_CLIENTAPP = "skip2fleet.client.noop:app"  # no work: Flower's own cost, for
 FAULTY_CLIENTAPP = "skip2fleet.client.faulty:app"  # poisons chosen rounds, for the fault suite
 
 
-def agent_command(
-    python: Path, config: Path, device: str, state_dir: Path, address: str, port: int
-) -> list[str]:
-    """The device's Prometheus exporter, serving on `address:port`."""
-    return [
-        str(python),
-        "-m",
-        AGENT_MODULE,
-        "--config",
-        str(config),
-        "--device",
-        device,
-        "--state-dir",
-        str(state_dir),
-        "--address",
-        address,
-        "--port",
-        str(port),
-    ]
+def agent_command(python: Path, device_file: Path) -> list[str]:
+    """The device's Prometheus exporter; where it serves and what it samples are in its device
+    file (`shared/devicefile.py`)."""
+    return [str(python), "-m", AGENT_MODULE, "--config", str(device_file)]
 
 
 def load_component(reference: str):

@@ -52,18 +52,18 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
-def _netns_pids(namespace: str) -> list[int]:
+def netns_pids(namespace: str) -> list[int]:
     done = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True)
     return [int(p) for p in done.stdout.split()]
 
 
 def _teardown(names: list[str]) -> None:
     for name in names:
-        for pid in _netns_pids(name):
+        for pid in netns_pids(name):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while _netns_pids(name) and time.monotonic() < deadline:
+        while netns_pids(name) and time.monotonic() < deadline:
             time.sleep(0.05)
         subprocess.run(["ip", "link", "del", f"veth-{name}"], capture_output=True)
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
@@ -297,7 +297,7 @@ def systemd_host(folder: Path, login_key: Path) -> Iterator[FakeHost]:
             except subprocess.TimeoutExpired:
                 os.killpg(container.pid, signal.SIGKILL)
                 container.wait()
-        for pid in _netns_pids(name):
+        for pid in netns_pids(name):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         for command in cleanup:

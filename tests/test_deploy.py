@@ -17,14 +17,25 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from skip2fleet.server.cli import app
 from skip2fleet.server.operations.loopback import free_port, prometheus_query, wait_for
+from skip2fleet.shared import model as base_model
+from skip2fleet.shared.datasets import Split, TaskOptions, load_task
+from skip2fleet.shared.datasets.federated import device_split
 from skip2fleet.shared.services import AGENT_MODULE
-from tests.fakehosts import COORDINATOR_IP, OPERATOR, FakeHost, fake_hosts, ssh_keypair
+from tests.fakehosts import (
+    COORDINATOR_IP,
+    OPERATOR,
+    FakeHost,
+    fake_hosts,
+    ssh_command,
+    ssh_keypair,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(
@@ -124,17 +135,35 @@ def summary(output: str) -> dict[str, list[int]]:
     return {row[0]: [int(v) for v in row[1:]] for row in rows}
 
 
+def own_samples(folder: Path, split: Split, classes: tuple[str, ...]) -> Path:
+    """`split` as a user's .npz of named samples, in a folder every device user can read."""
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o755)
+    np.savez(folder / "samples.npz", x=split.x, y=np.array(classes)[split.y])
+    (folder / "samples.npz").chmod(0o644)
+    return folder
+
+
 def test_deploy_twice_then_two_rounds_across_the_devices(tmp_path):
+    """Devices read their own folders of samples, and predict with their model after the run."""
     key = ssh_keypair(tmp_path)
     state = tmp_path / "state"
+    task = load_task("generated")
     try:
         with fake_hosts(4, key) as hosts:
             os.kill(int((hosts[3].folder / "sshd.pid").read_text()), signal.SIGTERM)  # pi-4 is down
+            devices = [fake_device(i, h, h.folder) for i, h in enumerate(hosts)]
+            for i, (device, host) in enumerate(zip(devices, hosts, strict=True)):
+                tune, _ = device_split("generated", str(i), TaskOptions())
+                folder = own_samples(host.folder / "data", tune, task.classes)
+                device["data"] = {"path": str(folder)}
+            source = own_samples(tmp_path / "source", task.pretrain, task.classes)
             config = write_fleet(
                 tmp_path,
                 COORDINATOR_IP,
-                [fake_device(i, h, h.folder) for i, h in enumerate(hosts)],
-                training={"epochs": 30, "pretrain_epochs": 5},
+                devices,
+                task={"source": str(source)},
+                training={"epochs": 30, "pretrain_epochs": 5, "accept": "always"},
                 federation={"rounds": 2, "min_devices": 3, "round_timeout_s": 90},
             )
             path = tmp_path / "fleet.yaml"
@@ -166,6 +195,43 @@ def test_deploy_twice_then_two_rounds_across_the_devices(tmp_path):
             assert sorted(last["devices"]) == ["pi-1", "pi-2", "pi-3"]
             assert last["missing"] == ["pi-4"]
             assert all(d["acc_after"] > d["acc_before"] for d in last["devices"].values())
+            digest = base_model.sha256(base_model.load(run / "base.npz"))
+
+            def predict(device: dict, host: FakeHost) -> list[dict]:
+                new = own_samples(host.folder / "new", task.test, task.classes) / "samples.npz"
+                install = device["install_dir"]
+                predicted = subprocess.run(
+                    ssh_command(
+                        host,
+                        key,
+                        *("sudo", "-n", "-u", "skip2fleet-app", f"{install}/venv/bin/fleet"),
+                        *("predict", str(new), "--state-dir", f"{install}/state", "--json"),
+                    ),
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                )
+                assert predicted.returncode == 0, predicted.stderr
+                answers = [json.loads(line) for line in predicted.stdout.splitlines()]
+                assert len(answers) == len(task.test), predicted.stderr
+                right = sum(
+                    task.classes[y] == a["class"] for y, a in zip(task.test.y, answers, strict=True)
+                )
+                print(f"{device['name']} predicts {len(answers)} new samples: {right} right")
+                return answers
+
+            for device, host in zip(devices[:3], hosts, strict=False):
+                answers = predict(device, host)
+                assert {(a["base_sha256"], a["round"]) for a in answers} == {(digest, 2)}
+            rolled = CliRunner().invoke(
+                app,
+                [
+                    *("rollback", "--config", str(path), "--device", "pi-1"),
+                    *("--ssh-key", str(key), "--round", "1"),
+                ],
+            )
+            assert rolled.exit_code == 0 and "round 1" in rolled.output, rolled.output
+            assert {a["round"] for a in predict(devices[0], hosts[0])} == {1}
 
             port = config["coordinator"]["prometheus_port"]
             up = 'up{job="skip2fleet-agents"} == 1'
@@ -243,7 +309,7 @@ def test_a_wrong_key_and_a_full_disk_are_named_and_leave_nothing_running(tmp_pat
     reason="needs systemd-nspawn and debootstrap (.ci/run installs them)",
 )
 def test_a_systemd_device_gets_units_and_fine_tunes(tmp_path):
-    from tests.fakehosts import SYSTEMD_SUBNET, SYSTEMD_USER, ssh_command, systemd_host
+    from tests.fakehosts import SYSTEMD_SUBNET, SYSTEMD_USER, systemd_host
 
     key = ssh_keypair(tmp_path)
     state = tmp_path / "state"
@@ -271,5 +337,82 @@ def test_a_systemd_device_gets_units_and_fine_tunes(tmp_path):
                 app, ["run", "--config", str(path), "--out", str(tmp_path / "run")]
             )
             assert result.exit_code == 0, result.output
+    finally:
+        stop_coordinator_services(state)
+
+
+@pytest.mark.skipif(
+    not shutil.which("qemu-aarch64-static") or not shutil.which("debootstrap"),
+    reason="needs qemu-user-static and debootstrap (.ci/run installs them)",
+)
+def test_an_emulated_pi_is_deployed_from_its_wheelhouse_and_fine_tunes_beside_x86_devices(
+    tmp_path,
+):
+    """An arm64 Debian bookworm root under qemu user mode (cortex-a53) on the fake devices'
+    bridge: deployed as a Pi is, from the aarch64 wheelhouse with no package index (its namespace
+    reaches nothing but the bridge), its agent starting where the coordinator's folders do not
+    exist, and fine-tuning in the same round as two x86 devices."""
+    from tests.emulated_pi import PI_USER, emulated_pi
+
+    key = ssh_keypair(tmp_path)
+    state = tmp_path / "state"
+    controller_data = tmp_path / "controller-only"  # the task's folder: not on the Pi
+    controller_data.mkdir()
+    try:
+        with fake_hosts(2, key) as hosts, emulated_pi(hosts[0].folder.parent, key) as pi:
+            devices = [fake_device(i, h, h.folder) for i, h in enumerate(hosts)]
+            devices.append({"name": "pi-arm", "host": pi.address, "ssh_user": PI_USER})
+            config = write_fleet(
+                tmp_path,
+                COORDINATOR_IP,
+                devices,
+                task={"dataset": "generated", "data_dir": str(controller_data)},
+                training={"epochs": 30, "pretrain_epochs": 5},
+                federation={"rounds": 1, "min_devices": 3, "round_timeout_s": 600},
+            )
+            path = tmp_path / "fleet.yaml"
+            code, deploy_s, output = deploy(path, key)
+            assert code == 0, output
+            assert list((state / "wheelhouse").glob("wheelhouse-*-aarch64-py3.11-glibc2.36.tar"))
+
+            def on_pi(*command: str) -> str:
+                done = subprocess.run(
+                    ssh_command(pi, key, *command), capture_output=True, text=True, timeout=120
+                )
+                assert done.returncode == 0, done.stderr
+                return done.stdout
+
+            on_pi("test", "!", "-e", str(controller_data))  # the task's folder is not there
+            own = json.loads(on_pi("cat", "/opt/skip2fleet/etc/device.json"))
+            assert own["name"] == "pi-arm" and str(state) not in json.dumps(own)
+            # its /proc is the machine's: its own services are those run from its venv
+            processes = [
+                line
+                for line in on_pi("ps", "-eo", "user:16,args").splitlines()
+                if "/opt/skip2fleet/venv/" in line
+            ]
+            owners = {
+                name: {line.split()[0] for line in processes if name in line} for name in SERVICES
+            }
+            assert owners == {
+                "flower-supernode": {"skip2fleet"},
+                "flower-superexec --runtime-api-address": {"skip2fleet-app"},
+                f"{AGENT_MODULE} --config": {"skip2fleet"},
+            }, processes
+
+            run = tmp_path / "run"
+            started = time.monotonic()
+            result = CliRunner().invoke(app, ["run", "--config", str(path), "--out", str(run)])
+            assert result.exit_code == 0, result.output
+            round_s = time.monotonic() - started
+            first = json.loads((run / "rounds" / "001" / "round.json").read_text())
+            assert sorted(first["devices"]) == ["pi-1", "pi-2", "pi-arm"], first
+            arm = first["devices"]["pi-arm"]
+            assert arm["acc_after"] > arm["acc_before"], arm
+
+            port = config["coordinator"]["prometheus_port"]
+            up = f'up{{job="skip2fleet-agents",instance="{pi.address}:9101"}} == 1'
+            assert wait_for(lambda: prometheus_query(port, up), 60, "the Pi's agent scraped")
+            print(f"emulated Pi: deploy {deploy_s:.1f} s, one round {round_s:.1f} s")
     finally:
         stop_coordinator_services(state)

@@ -20,7 +20,12 @@ from skip2fleet.shared import model as base_model
 from skip2fleet.shared.adapters import packed_size
 from skip2fleet.shared.config import ConfigError, parse_config
 from skip2fleet.shared.datasets import load_task
-from skip2fleet.shared.datasets.samples import holdout_mask, read_blocks, source_task
+from skip2fleet.shared.datasets.samples import (
+    device_samples,
+    holdout_mask,
+    read_blocks,
+    source_task,
+)
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.methods import get_method
 from skip2fleet.shared.protocol import ADAPTERS, FIGURES, Figures
@@ -313,3 +318,63 @@ def test_the_agent_exports_the_active_model_and_whether_the_round_was_kept(folde
     key = (names.ACTIVE_MODEL.name, (base_model.sha256(base)[:12], "1", "1"))
     assert samples[key] == pytest.approx(active.accuracy / 100)
     assert samples[(names.LAST_FINETUNE.format(figure="accepted"), ())] == 1
+
+
+def test_rollback_from_the_coordinator_names_an_unknown_device():
+    """(The SSH path itself runs in tests/test_deploy.py, on namespace devices.)"""
+    config = Path(__file__).resolve().parents[1] / "fleet.yaml"
+    result = fleet("rollback", "--device", "nope", "--config", str(config))
+    assert result.exit_code == 2 and "no device 'nope'" in result.stderr
+
+
+def test_pretrain_on_a_source_folder_names_the_classes(folders, tmp_path):
+    root, _ = folders
+    out = tmp_path / "base.npz"
+    result = fleet("pretrain", "--source", str(root / "source"), "--out", str(out), "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    assert "on the held-out part of --source" in result.stdout
+    assert base_model.classes_of(base_model.load(out)) == tuple(SORTED)
+
+
+def test_a_growing_folder_leaves_one_copy_of_its_data_and_cache(folders, tmp_path):
+    _, base = folders
+    device = tmp_path / "device"
+    device.mkdir()
+    node = {"device": "a", "state-dir": str(tmp_path / "state")}
+    for number in (1, 2, 3):
+        part = slice(100 * (number - 1), 100 * number)
+        np.savez(device / f"{number}.npz", x=TASK.finetune.x[part], y=NAMES[TASK.finetune.y[part]])
+        run_round(content(base, number, number == 1, data_paths=[str(device), ""]), node)
+    assert len(list((tmp_path / "state" / "data").glob("own-*.npz"))) == 1
+    assert len(list((tmp_path / "state" / "cache").iterdir())) == 1
+
+
+def test_status_shows_the_active_model_from_the_agent(folders, tmp_path):
+    """What `fleet status` prints per device, from the metric the agent serves."""
+    from skip2fleet.client.telemetry.agent import DeviceCollector
+    from skip2fleet.client.telemetry.probes import ThermalZones
+    from skip2fleet.server.operations.status import active_model, metrics_by_key
+
+    root, base = folders
+    run_round(
+        content(base, data_paths=[str(root / "device"), ""]),
+        {"state-dir": str(tmp_path), "device": "a"},
+    )
+    collector = DeviceCollector(None, ThermalZones(tmp_path / "x"), tmp_path / "x", tmp_path)
+    figures = metrics_by_key(collector.exposition().decode())
+    accuracy = DeviceStore(tmp_path).active().accuracy
+    assert (
+        active_model(figures) == f"base {base_model.sha256(base)[:12]} + round 1 ({accuracy:.2f} %)"
+    )
+    assert active_model({}) == "-"
+
+
+def test_a_device_keeps_only_its_newest_samples(folders):
+    """Streamed: the newest `limit` training samples, the hold-out decided over all of them."""
+    root, _ = folders
+    everything = device_samples(root / "device", SORTED, "label", 0.25, 10**9)
+    train, held = device_samples(root / "device", SORTED, "label", 0.25, 50)
+    assert np.array_equal(train.x, everything[0].x[-50:])
+    assert np.array_equal(train.y, everything[0].y[-50:])
+    assert np.array_equal(held.x, everything[1].x[-17:])  # 50 x 0.25 / 0.75, rounded up
+    assert len(everything[0]) + len(everything[1]) == len(TASK.finetune)

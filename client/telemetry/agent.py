@@ -1,37 +1,78 @@
-"""`fleet agent`: the device's long-lived Prometheus exporter.
+"""The device's long-lived Prometheus exporter (`python -m skip2fleet.client.telemetry.agent`).
 
 Flower starts a ClientApp process per message, so no metrics endpoint can live there: the agent
 runs beside the SuperNode, samples the power probe at 10 Hz (an energy counter that keeps counting
 between rounds), and on each scrape reads temperature, CPU and memory and the figures the ClientApp
 left of the last fine-tune. A probe that cannot be read leaves its gauge out of the scrape and
 counts an error by kind; the agent keeps serving.
+
+It is resident on a board with 512 MB, so it imports only the standard library (no NumPy, no
+Flower, no YAML, not even prometheus_client or http.server, which cost 10-13 MB between them): it
+reads the device's own file (`shared/devicefile.py`) and writes Prometheus' text format itself.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import signal
+import socketserver
 import sys
 import threading
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import NamedTuple
 
-import typer
-from prometheus_client import start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import CollectorRegistry
-
-from skip2fleet.client.store import LAST_FIGURES, DeviceStore
 from skip2fleet.client.telemetry.power import PowerSampler
 from skip2fleet.client.telemetry.probes import ProbeError, ThermalZones, power_probe
 from skip2fleet.shared import metric_names as names
-from skip2fleet.shared.config import load_config
+from skip2fleet.shared.devicefile import ACTIVE, LAST_FIGURES, DeviceSettings
 from skip2fleet.shared.errors import FleetError
 
 
-def _family(kind: type, metric: names.Metric):
-    return kind(metric.name, metric.help, labels=list(metric.labels))
+class Sample(NamedTuple):
+    name: str
+    labels: dict[str, str]
+    value: float
+
+
+@dataclass
+class Family:
+    """One metric of a scrape, as Prometheus' text format (0.0.4) writes it."""
+
+    name: str
+    help: str
+    kind: str  # gauge | counter
+    labels: tuple[str, ...] = ()
+    samples: list[Sample] = field(default_factory=list)
+
+    def add(self, values: list[str], value: float) -> Family:
+        suffix = "_total" if self.kind == "counter" else ""
+        self.samples.append(
+            Sample(self.name + suffix, dict(zip(self.labels, values, strict=True)), value)
+        )
+        return self
+
+    def text(self) -> str:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
+        for sample in self.samples:
+            labels = ",".join(f'{k}="{_escape(v)}"' for k, v in sample.labels.items())
+            lines.append(f"{sample.name}{{{labels}}} {float(sample.value)!r}")
+        return "\n".join(lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n")
+
+
+def _family(kind: str, metric: names.Metric) -> Family:
+    return Family(metric.name, metric.help, kind, metric.labels)
+
+
+def _gauge(name: str, help_text: str, value: float) -> Family:
+    return Family(name, help_text, "gauge").add([], value)
 
 
 class DeviceCollector:
@@ -49,52 +90,50 @@ class DeviceCollector:
         self.errors: Counter[tuple[str, str]] = Counter()
         self._cpu_previous: tuple[float, float] | None = None
 
-    def collect(self):
-        errors = _family(CounterMetricFamily, names.PROBE_ERRORS)
+    def collect(self) -> Iterator[Family]:
+        errors = _family("counter", names.PROBE_ERRORS)
         if self.sampler is not None:
             probe = self.sampler.probe
             labels = [probe.source, str(probe.estimated).lower()]
             if self.sampler.last_watts is not None:
-                power = _family(GaugeMetricFamily, names.DEVICE_POWER)
-                power.add_metric(labels, self.sampler.last_watts)
-                yield power
-            energy = _family(CounterMetricFamily, names.DEVICE_ENERGY)
-            energy.add_metric(labels, self.sampler.joules)
-            yield energy
+                yield _family("gauge", names.DEVICE_POWER).add(labels, self.sampler.last_watts)
+            yield _family("counter", names.DEVICE_ENERGY).add(labels, self.sampler.joules)
             for kind, count in self.sampler.errors.items():
-                errors.add_metric([probe.source, kind], count)
+                errors.add([probe.source, kind], count)
         try:
             celsius = self.thermal.celsius()
             metric = names.DEVICE_TEMPERATURE
-            yield GaugeMetricFamily(metric.name, metric.help, value=celsius)
+            yield _gauge(metric.name, metric.help, celsius)
         except ProbeError as exc:
             self.errors[("thermal", exc.kind)] += 1
         for (probe_name, kind), count in self.errors.items():
-            errors.add_metric([probe_name, kind], count)
+            errors.add([probe_name, kind], count)
         yield errors
         yield from self._system()
         yield from self._last_finetune()
         yield from self._active_model()
 
-    def _active_model(self):
+    def _active_model(self) -> Iterator[Family]:
+        """The model `fleet predict` uses, from the state folder's active.json (read as JSON
+        here: the store that writes it imports NumPy)."""
+        path = self.state_dir / ACTIVE
+        if not path.is_file():
+            return
         try:
-            active = DeviceStore(self.state_dir).active()
-        except (OSError, ValueError, KeyError, TypeError):
+            active = json.loads(path.read_text())
+            version = active["version"] or {}
+            labels = [
+                str(active["base_sha256"])[:12],
+                str(version.get("round", 0)),
+                str(version.get("number", 0)),
+            ]
+            accuracy = float(active["accuracy"]) / 100
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             self.errors[("state", "garbage")] += 1
             return
-        if active is None:
-            return
-        version = active.version
-        family = _family(GaugeMetricFamily, names.ACTIVE_MODEL)
-        labels = [
-            active.base_sha256[:12],
-            str(version.round if version else 0),
-            str(version.number if version else 0),
-        ]
-        family.add_metric(labels, active.accuracy / 100)
-        yield family
+        yield _family("gauge", names.ACTIVE_MODEL).add(labels, accuracy)
 
-    def _system(self):
+    def _system(self) -> Iterator[Family]:
         try:
             ticks = [
                 float(v) for v in (self.proc_root / "stat").read_text().split("\n")[0].split()[1:]
@@ -103,21 +142,20 @@ class DeviceCollector:
             previous, self._cpu_previous = self._cpu_previous, (total, idle)
             if previous is not None and total > previous[0]:
                 busy = 1 - (idle - previous[1]) / (total - previous[0])
-                metric = names.DEVICE_CPU_BUSY
-                yield GaugeMetricFamily(metric.name, metric.help, value=busy)
+                yield _gauge(names.DEVICE_CPU_BUSY.name, names.DEVICE_CPU_BUSY.help, busy)
             meminfo = {
                 line.split(":")[0]: float(line.split()[1]) * 1024
                 for line in (self.proc_root / "meminfo").read_text().splitlines()
                 if line.split(":")[0] in ("MemTotal", "MemAvailable")
             }
             for key, name in (("MemTotal", "total"), ("MemAvailable", "available")):
-                yield GaugeMetricFamily(
-                    names.DEVICE_MEMORY.format(kind=name), f"Memory, {name}.", value=meminfo[key]
+                yield _gauge(
+                    names.DEVICE_MEMORY.format(kind=name), f"Memory, {name}.", meminfo[key]
                 )
         except (OSError, ValueError, IndexError, KeyError):
             self.errors[("proc", "garbage")] += 1
 
-    def _last_finetune(self):
+    def _last_finetune(self) -> Iterator[Family]:
         path = self.state_dir / LAST_FIGURES
         try:
             figures = json.loads(path.read_text())
@@ -133,73 +171,106 @@ class DeviceCollector:
         }
         for key, (name, help_text) in simple.items():
             if key in figures:
-                yield GaugeMetricFamily(
-                    names.LAST_FINETUNE.format(figure=name), help_text, value=figures[key]
-                )
-        accuracy = _family(GaugeMetricFamily, names.LAST_FINETUNE_ACCURACY)
+                yield _gauge(names.LAST_FINETUNE.format(figure=name), help_text, figures[key])
+        accuracy = _family("gauge", names.LAST_FINETUNE_ACCURACY)
         for phase in ("before", "after"):
-            accuracy.add_metric([phase], figures.get(f"acc_{phase}", 0.0) / 100)
+            accuracy.add([phase], figures.get(f"acc_{phase}", 0.0) / 100)
         yield accuracy
-        batch = _family(GaugeMetricFamily, names.LAST_FINETUNE_BATCH)
+        batch = _family("gauge", names.LAST_FINETUNE_BATCH)
         for phase in ("forward", "backward", "update"):
-            batch.add_metric([phase], figures.get(f"{phase}_ms", 0.0) / 1e3)
+            batch.add([phase], figures.get(f"{phase}_ms", 0.0) / 1e3)
         yield batch
 
+    def exposition(self) -> bytes:
+        return "".join(family.text() for family in self.collect()).encode()
 
-def agent_command(
-    device: Annotated[str, typer.Option(help="This device's name in the fleet file.")],
-    config: Annotated[Path, typer.Option(help="The fleet file.")] = Path("fleet.yaml"),
-    state_dir: Annotated[
-        Path, typer.Option(help="The ClientApp's state folder (its SuperNode's state-dir).")
-    ] = Path("~/.skip2fleet/device"),
-    address: Annotated[str, typer.Option(help="Address to serve on.")] = "0.0.0.0",
-    port: Annotated[
-        int | None, typer.Option(help="Port (default: the device's agent_port).")
-    ] = None,
-    hz: Annotated[float, typer.Option(min=0.1, help="Power samples per second.")] = 10.0,
-    sys_root: Annotated[
-        Path, typer.Option(help="Where sysfs is (tests use a fixture tree).")
-    ] = Path("/sys"),
-    proc_root: Annotated[Path, typer.Option(help="Where procfs is.")] = Path("/proc"),
-) -> None:
-    """Export this device's power, energy, temperature, CPU, memory and last fine-tune."""
-    fleet = load_config(config)
-    entry = next((d for d in fleet.devices if d.name == device), None)
-    if entry is None:
-        raise FleetError(
-            f"{config}: no device {device!r} ({', '.join(d.name for d in fleet.devices)})"
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    collector: DeviceCollector
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    """HTTP/1.0 GET /metrics (anything else: 404); enough for Prometheus and curl."""
+
+    timeout = 10
+
+    def handle(self) -> None:
+        try:
+            request = self.rfile.readline(8192).split()
+            while self.rfile.readline(8192).strip():  # the headers, unread
+                pass
+        except OSError:
+            return
+        if request[:1] == [b"GET"] and request[1:2] and request[1].split(b"?")[0] == b"/metrics":
+            status, body = b"200 OK", self.server.collector.exposition()  # type: ignore[attr-defined]
+        else:
+            status, body = b"404 Not Found", b"only /metrics here\n"
+        head = (
+            b"HTTP/1.0 " + status + b"\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8"
+            b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
         )
-    probe = power_probe(entry.probe, sys_root, proc_root, entry.idle_watts, entry.full_watts)
-    sampler = PowerSampler(probe, hz).start() if probe is not None else None
-    collector = DeviceCollector(
-        sampler, ThermalZones(sys_root / "class" / "thermal"), proc_root, state_dir.expanduser()
-    )
-    stop = serve(collector, address, port or entry.agent_port)
-    typer.echo(
-        f"agent for {device}: probe {probe.source if probe else 'none'}, "
-        f"http://{address}:{port or entry.agent_port}/metrics"
-    )
-    stop.wait()
-    if sampler is not None:
-        sampler.stop()
+        self.wfile.write(head + body)
 
 
 def serve(collector: DeviceCollector, address: str, port: int) -> threading.Event:
-    """Serve the collector over HTTP; returns the event that stops it (SIGTERM sets it too)."""
-    registry = CollectorRegistry()
-    registry.register(collector)
-    start_http_server(port, addr=address, registry=registry)
+    """Serve the collector over HTTP in a thread; returns the event that stops it (SIGTERM and
+    SIGINT set it too)."""
+    try:
+        server = _Server((address, port), _Handler)
+    except OSError as exc:
+        raise FleetError(f"agent: cannot listen on {address}:{port} ({exc.strerror})") from None
+    server.collector = collector
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     return stop
 
 
-def main() -> None:
-    """`python -m skip2fleet.client.telemetry.agent`: what a device runs, without the
-    coordinator's command line; errors as one line and exit code 2, as `fleet` does."""
+def run_agent(
+    settings: DeviceSettings, hz: float = 10.0, sys_root: Path = Path("/sys"),
+    proc_root: Path = Path("/proc"),
+) -> None:  # fmt: skip
+    """Export this device's power, energy, temperature, CPU, memory and last fine-tune until
+    SIGTERM."""
+    probe = power_probe(
+        settings.probe, sys_root, proc_root, settings.idle_watts, settings.full_watts
+    )
+    sampler = PowerSampler(probe, hz).start() if probe is not None else None
+    collector = DeviceCollector(
+        sampler,
+        ThermalZones(sys_root / "class" / "thermal"),
+        proc_root,
+        Path(settings.state_dir).expanduser(),
+    )
+    stop = serve(collector, settings.agent_address, settings.agent_port)
+    print(
+        f"agent for {settings.name}: probe {probe.source if probe else 'none'}, "
+        f"http://{settings.agent_address}:{settings.agent_port}/metrics",
+        flush=True,
+    )
+    stop.wait()
+    if sampler is not None:
+        sampler.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """What a device runs, reading its own device file; errors as one line and exit code 2."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {__spec__.name if __spec__ else 'agent'}",
+        description="The device's Prometheus exporter.",
+    )
+    parser.add_argument("--config", type=Path, required=True, help="The device file.")
+    parser.add_argument("--hz", type=float, default=10.0, help="Power samples per second.")
+    parser.add_argument("--sys-root", type=Path, default=Path("/sys"), help="Where sysfs is.")
+    parser.add_argument("--proc-root", type=Path, default=Path("/proc"), help="Where procfs is.")
+    args = parser.parse_args(argv)
     try:
-        typer.run(agent_command)
+        if not args.hz >= 0.1:
+            raise FleetError(f"--hz: {args.hz} is below 0.1")
+        run_agent(DeviceSettings.read(args.config), args.hz, args.sys_root, args.proc_root)
     except FleetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

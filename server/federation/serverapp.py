@@ -97,6 +97,7 @@ def plan_for(config: FleetConfig, number: int, digest: str, state_root: str) -> 
         label_column=task.label_column,
         holdout=task.holdout,
         accept=t.accept,
+        max_samples=t.max_samples,
     )
 
 

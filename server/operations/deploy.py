@@ -27,17 +27,18 @@ from skip2fleet.server.federation.superlink import (
     superlink_command,
 )
 from skip2fleet.server.operations import wheelhouse
+from skip2fleet.server.operations.devices import SUPERNODE_PORT, data_folder, device_settings
 from skip2fleet.server.operations.frontdoor import CONFIG_NAME, nginx_command, write_nginx_config
 from skip2fleet.server.operations.monitoring import write_monitoring
 from skip2fleet.server.progress import stderr
 from skip2fleet.shared.atomic import write_atomic, write_text_atomic
 from skip2fleet.shared.config import Device, FleetConfig, load_config, state_dir
+from skip2fleet.shared.devicefile import DEVICE_FILE
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.services import agent_command, superexec_command, supernode_command
 
 # Package data (a folder without __init__.py, so that it never shadows Ansible's own `ansible`).
 ANSIBLE_DIR = wheelhouse.package_root("ansible")
-SUPERNODE_PORT = 9094
 SERVICE_USER = "skip2fleet"  # a device's services run as this system user, never as root
 APP_USER = "skip2fleet-app"  # its ClientApps as this one, which cannot read the node key
 SUPEREXEC_SECRET = "superexec.secret"  # made on the device: the SuperNode and SuperExec share it
@@ -47,14 +48,19 @@ HOST_KEY_CHANGED = "REMOTE HOST IDENTIFICATION HAS CHANGED"
 
 
 def device_etc(fleet: FleetConfig, device: Device, creds: Credentials) -> Path:
-    """A device's etc/ (fleet file, CA certificate, node key) as one archive named by its
-    content hash; the device unpacks it only when that hash is new to it."""
+    """A device's etc/ (its own device file, CA certificate, node key) as one archive named by
+    its content hash; the device unpacks it only when that hash is new to it."""
+    home = Path(device.install_dir)
+    folder = state_dir(fleet) / "devices" / device.name
+    own = write_text_atomic(
+        folder / DEVICE_FILE, device_settings(fleet, device, home / "state").text()
+    )
     files = {
-        "etc/fleet.yaml": fleet_source(fleet),
+        f"etc/{DEVICE_FILE}": own,
         "etc/ca.crt": creds.ca_cert,
         "etc/node.key": creds.node_key(device.name),
     }
-    return content_archive(state_dir(fleet) / "devices" / device.name, "etc", files, 0o600)
+    return content_archive(folder, "etc", files, 0o600)
 
 
 def content_archive(folder: Path, kind: str, files: dict[str, Path], mode: int) -> Path:
@@ -107,10 +113,6 @@ def coordinator_archive(fleet: FleetConfig, creds: Credentials) -> Path:
     )
 
 
-def fleet_source(fleet: FleetConfig) -> Path:
-    return Path(fleet.source).resolve()
-
-
 def device_vars(fleet: FleetConfig, device: Device, creds: Credentials) -> dict:
     home = Path(device.install_dir)
     superlink = f"{fleet.coordinator.address}:{fleet.coordinator.port}"
@@ -122,7 +124,7 @@ def device_vars(fleet: FleetConfig, device: Device, creds: Credentials) -> dict:
         SUPERNODE_PORT,
         home / "etc" / "ca.crt" if tls else None,
         home / "etc" / "node.key" if tls else None,
-        Path(device.data.data_dir) if device.data.data_dir else None,
+        Path(data_folder(fleet, device)) if data_folder(fleet, device) else None,
         home / "etc" / SUPEREXEC_SECRET,
     )
     superexec = superexec_command(home / "etc" / SUPEREXEC_SECRET, SUPERNODE_PORT)
@@ -137,14 +139,7 @@ def device_vars(fleet: FleetConfig, device: Device, creds: Credentials) -> dict:
         "device_etc": str(device_etc(fleet, device, creds)),
         "supernode_argv": [str(home / "venv" / "bin" / supernode[0]), *supernode[1:]],
         "superexec_argv": [str(home / "venv" / "bin" / superexec[0]), *superexec[1:]],
-        "agent_argv": agent_command(
-            home / "venv" / "bin" / "python",
-            home / "etc" / "fleet.yaml",
-            device.name,
-            home / "state",
-            device.host,
-            device.agent_port,
-        ),
+        "agent_argv": agent_command(home / "venv" / "bin" / "python", home / "etc" / DEVICE_FILE),
     }
 
 

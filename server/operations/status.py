@@ -17,8 +17,6 @@ from skip2fleet.shared.errors import FleetError
 
 def agent_figures(device: Device) -> dict[str, float] | None:
     """The device agent's metrics, or None when it does not answer."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     try:
         with urllib.request.urlopen(
             f"http://{device.host}:{device.agent_port}/metrics", timeout=3
@@ -26,6 +24,13 @@ def agent_figures(device: Device) -> dict[str, float] | None:
             text = response.read().decode()
     except OSError:
         return None
+    return metrics_by_key(text)
+
+
+def metrics_by_key(text: str) -> dict[str, float]:
+    """Prometheus' text format as {`name|label value|...`: value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     return {
         sample.name + "".join(f"|{v}" for v in sample.labels.values()): sample.value
         for family in text_string_to_metric_families(text)

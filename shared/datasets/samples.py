@@ -20,7 +20,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import sys
 import zipfile
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,9 @@ SUFFIXES = (".npz", ".csv")
 ROWS_PER_BLOCK = 4096
 DEFAULT_LABEL_COLUMN = "label"
 DEFAULT_HOLDOUT = 0.25
+# A device trains on at most this many of its newest samples: 20,000 fan spectra are 20 MB, their
+# Skip2 cache 36 MB, what a 512 MB board holds beside Flower.
+DEFAULT_MAX_SAMPLES = 20_000
 
 
 @dataclass(frozen=True)
@@ -270,45 +275,61 @@ def _as_index(label: object) -> int | None:
     return int(text) if text.lstrip("-").isdigit() else None
 
 
-def holdout_mask(y: np.ndarray, fraction: float) -> np.ndarray:
+def holdout_mask(y: np.ndarray, fraction: float, seen: dict[int, int] | None = None) -> np.ndarray:
     """True for held-out samples: per class, in file order, the sample that makes its class's
-    count cross the next multiple of 1/fraction (stable when files are added)."""
+    count cross the next multiple of 1/fraction (stable when files are added). `seen` carries
+    each class's count over from earlier blocks, and is updated."""
+    seen = {} if seen is None else seen
     mask = np.zeros(len(y), bool)
-    for c in np.unique(y):
+    for c in np.unique(y).tolist():
         where = np.flatnonzero(y == c)
-        j = np.arange(len(where))
+        j = np.arange(len(where)) + seen.get(c, 0)
         mask[where] = np.floor((j + 1) * fraction) > np.floor(j * fraction)
+        seen[c] = seen.get(c, 0) + len(where)
     return mask
 
 
-@dataclass(frozen=True)
-class Samples:
-    split: Split
-    shape: tuple[int, ...]  # of one sample, as the files have it
+class Newest:
+    """The newest `limit` rows of a stream of blocks, holding about `limit` rows at a time."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.rows = limit, 0
+        self.blocks: deque[Split] = deque()
+
+    def add(self, part: Split) -> None:
+        self.blocks.append(part)
+        self.rows += len(part)
+        while self.blocks and self.rows - len(self.blocks[0]) >= self.limit:
+            self.rows -= len(self.blocks.popleft())
+
+    def split(self) -> Split:
+        x = np.vstack([b.x for b in self.blocks])[-self.limit :]
+        return Split(x, np.concatenate([b.y for b in self.blocks])[-self.limit :])
 
 
-def load_samples(path: Path, classes: Sequence[str], label_column: str) -> Samples:
-    """Every sample of `path` in memory, labels as indices of `classes`."""
+def device_samples(
+    path: Path, classes: Sequence[str], label_column: str, fraction: float, limit: int
+) -> tuple[Split, Split]:
+    """A device's (training, hold-out) from its folder, streamed: the hold-out is decided sample
+    by sample, and only the newest `limit` training samples (and the newest hold-out samples in
+    proportion) are kept, so a folder of any size is read in bounded memory."""
     label = Labeller(tuple(classes))
-    xs, ys, shape = [], [], ()
+    seen: dict[int, int] = {}
+    train = Newest(limit)
+    held = Newest(max(1, int(np.ceil(limit * fraction / (1 - fraction)))))
     for block in read_blocks(path, label_column):
-        xs.append(block.x)
-        ys.append(label(block))
-        shape = block.shape
-    return Samples(Split(np.vstack(xs), np.concatenate(ys)), shape)
-
-
-def split_holdout(samples: Split, fraction: float, where: Path) -> tuple[Split, Split]:
-    """(training, held-out) of `samples`; both must be non-empty."""
-    mask = holdout_mask(samples.y, fraction)
-    if not mask.any() or mask.all():
-        need = int(np.ceil(1 / fraction)) if fraction > 0 else 0
+        y = label(block)
+        mask = holdout_mask(y, fraction, seen)
+        train.add(Split(block.x[~mask], y[~mask]))
+        held.add(Split(block.x[mask], y[mask]))
+    if not held.rows or not train.rows:
+        need = int(np.ceil(1 / fraction))
         raise DataError(
-            f"{where}: {len(samples)} samples leave nothing to "
-            f"{'hold out' if not mask.any() else 'train on'}; a class needs at least {need} "
+            f"{path}: {sum(seen.values())} samples leave nothing to "
+            f"{'hold out' if not held.rows else 'train on'}; a class needs at least {need} "
             "samples"
         )
-    return Split(samples.x[~mask], samples.y[~mask]), Split(samples.x[mask], samples.y[mask])
+    return train.split(), held.split()
 
 
 def source_classes(path: Path, label_column: str) -> tuple[str, ...]:
@@ -327,11 +348,11 @@ def source_task(path: Path, label_column: str, fraction: float, form: str) -> Ta
     accuracy on the held-out part."""
     path = Path(path).expanduser()
     classes = source_classes(path, label_column)
-    samples = load_samples(path, classes, label_column)
-    train, held = split_holdout(samples.split, fraction, path)
-    shape = samples.shape if len(samples.shape) == 2 else ()
+    train, held = device_samples(path, classes, label_column, fraction, sys.maxsize)
+    first = next(read_blocks(path, label_column)).shape
+    shape = first if len(first) == 2 else ()
     if form == "windows" and not shape:
-        shape = (1, samples.split.x.shape[1])
+        shape = (1, train.x.shape[1])
     elif form == "features":
         shape = ()
     return Task(str(path), classes, train, train, held, shape)
