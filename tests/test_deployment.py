@@ -57,7 +57,7 @@ def test_two_rounds_over_tls_with_node_authentication(loopback_fleet, tmp_path):
     assert max(rounds[1]["downlink_bytes"].values()) < full / 20  # then only the plan
     for device in DEVICES:  # each device kept the base and its cache on its own disk
         assert len(list((tmp_path / "devices" / device / "base").glob("*.npz"))) == 1
-        assert len(list((tmp_path / "devices" / device / "cache").glob("*.npy"))) == 1
+        assert len(list((tmp_path / "devices" / device / "cache").glob("*-f32.npz"))) == 1
 
 
 def test_an_unregistered_node_is_refused(loopback_fleet, tmp_path):
