@@ -24,7 +24,7 @@ import typer
 from skip2fleet.server import options as opt
 from skip2fleet.server.bench.costs import measure_memory, step_flops
 from skip2fleet.server.bench.methods import pretrained_trials, summary, task_and_spec
-from skip2fleet.server.bench.peft_report import peft_charts, peft_markdown
+from skip2fleet.server.bench.peft_report import peft_charts, peft_markdown, variant_label
 from skip2fleet.server.progress import progress, stderr
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.adapters import packed_size
@@ -48,7 +48,7 @@ class Variant:
 
     @property
     def label(self) -> str:
-        return self.method.name + ("" if self.cache in (None, "f32") else f" {self.cache}")
+        return variant_label(self.method.name, self.cache)
 
 
 def variants(methods: list[Method]) -> list[Variant]:

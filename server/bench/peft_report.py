@@ -12,9 +12,13 @@ from skip2fleet.shared.flops import CATEGORIES
 KIB = 1024
 
 
+def variant_label(method: str, cache: str | None) -> str:
+    """A method's name, with the cache codec when it is not the exact one."""
+    return method + ("" if cache in (None, "f32") else f" {cache}")
+
+
 def label(row: dict) -> str:
-    cache = row["cache"]
-    return row["method"] + ("" if cache in (None, "f32") else f" {cache}")
+    return variant_label(row["method"], row["cache"])
 
 
 def _pairs(rows: list[dict]):
