@@ -8,15 +8,17 @@ import sys
 
 import pytest
 
-# Records each watched variable at the moment the watched module is first imported.
-WATCH = """
+SETTINGS = {"OPENBLAS_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0"}
+
+# Records each setting's variable at the moment NumPy or Flower is first imported.
+WATCH = f"""
 import importlib, json, os, sys
-VARIABLES = ("OPENBLAS_NUM_THREADS", "FLWR_TELEMETRY_ENABLED")
-seen = {}
+VARIABLES = {tuple(SETTINGS)!r}
+seen = {{}}
 class Watch:
     def find_spec(self, name, path=None, target=None):
         if name in ("numpy", "flwr") and name not in seen:
-            seen[name] = {v: os.environ.get(v) for v in VARIABLES}
+            seen[name] = {{v: os.environ.get(v) for v in VARIABLES}}
 sys.meta_path.insert(0, Watch())
 importlib.import_module(sys.argv[1])
 print(json.dumps(seen))
@@ -28,15 +30,11 @@ print(json.dumps(seen))
     ["skip2fleet.server.cli", "skip2fleet.client.clientapp", "skip2fleet.server.bench.peft"],
 )
 def test_settings_precede_numpy_and_flower(entry: str) -> None:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("OPENBLAS_NUM_THREADS", "FLWR_TELEMETRY_ENABLED")
-    }
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
     out = subprocess.run(
         [sys.executable, "-c", WATCH, entry], env=env, capture_output=True, text=True, check=True
     )
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     assert "numpy" in seen
     for module, variables in seen.items():
-        assert variables == {"OPENBLAS_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0"}, module
+        assert variables == SETTINGS, module
