@@ -60,6 +60,7 @@ from skip2fleet.shared.spec import mlp
 DEVICES = ["pi-1", "pi-2", "pi-3"]
 RESTART_S = 10  # the services' back-off (ansible/roles/service/templates)
 TIMEOUT_S = 90  # round timeout: longer than Flower's heartbeat verdict (about 50 s)
+PULLED = "Received successfully"  # a SuperNode's log line once it holds a message
 runner = CliRunner()
 
 
@@ -165,9 +166,12 @@ def test_late_device_killed_device_superlink_restart_and_resume(deployment):
 
     # pi-3 SIGKILLed mid-round and its base wiped; the test restarts it as its supervisor would
     # (every 10 s); it says it lacks the base, and gets it with the next plan
+    # killed only once it holds the plan of the round in flight: killed before pulling it, its
+    # restarted process would pull that plan and refuse it for lack of the base (a second case)
     done = len(rounds_of(run))
     wait_for(lambda: len(rounds_of(run)) > done, 60, "the next round")
-    time.sleep(1)
+    pulled = processes.log("pi-3").count(PULLED)
+    wait_for(lambda: processes.log("pi-3").count(PULLED) > pulled, 60, "pi-3 pulling its plan")
     killed_round, killed_at = len(rounds_of(run)) + 1, time.monotonic()
     kill_group(processes.started["pi-3"])
     shutil.rmtree(root / "devices" / "pi-3" / "base")
