@@ -29,7 +29,7 @@ from skip2fleet.client.store import DeviceStore
 from skip2fleet.client.telemetry.power import PowerSampler
 from skip2fleet.client.telemetry.probes import NoProbe, power_probe
 from skip2fleet.shared import model as base_model
-from skip2fleet.shared.adapters import pack, unpack
+from skip2fleet.shared.adapters import pack, packed_size, unpack
 from skip2fleet.shared.datasets import Split, TaskOptions
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.methods import get_method
@@ -136,7 +136,12 @@ def _fine_tune(content: RecordDict, node_config: dict, plan: RoundPlan, index: i
     elif ADAPTERS_BY_DEVICE in content and name in content[ADAPTERS_BY_DEVICE]:
         start = unpack(content[ADAPTERS_BY_DEVICE][name].numpy(), method, spec, rank)
     else:
-        start = store.load_adapters(plan.base_sha256, method.name, rank) if plan.round > 1 else None
+        size = packed_size(method, spec, rank)
+        start = (
+            store.load_adapters(plan.base_sha256, method.name, rank, size)
+            if plan.round > 1
+            else None
+        )
     config = FineTuneConfig(
         plan.epochs, plan.batch_size, rank, None, plan.lr, plan.seed + index, cache=plan.cache
     )
@@ -210,6 +215,8 @@ def make_active(
     if current and (current.base_sha256, current.method, current.rank) != (digest, method, rank):
         current = None  # adapters for another base or shape: they cannot answer any more
     kept_theta = store.version_theta(current) if current else None
+    if kept_theta is not None and kept_theta.shape != theta.shape:
+        current = kept_theta = None  # saved by an older skip2fleet with another adapter layout
     kept = before
     if current is not None:
         kept = base_model.accuracy(

@@ -14,6 +14,7 @@ import numpy as np
 
 from skip2fleet.client.store import Active, DeviceStore
 from skip2fleet.shared import model as base_model
+from skip2fleet.shared.adapters import packed_size
 from skip2fleet.shared.engine import FineTuner
 from skip2fleet.shared.errors import DataError, FleetError
 from skip2fleet.shared.methods import get_method
@@ -66,8 +67,14 @@ def load_device_model(state_dir: Path) -> DeviceModel:
     if version is None:
         predictor = Predictor(base_model.spec_of(model), model)
     else:
-        predictor = adapted_predictor(
-            model, version.method, version.rank, store.version_theta(version)
-        )
+        theta = store.version_theta(version)
+        size = packed_size(get_method(version.method), base_model.spec_of(model), version.rank)
+        if theta.shape != (size,):
+            raise FleetError(
+                f"{store.root}: adapters version {version.number} hold {theta.size} values, "
+                f"{version.method} at rank {version.rank} takes {size} (saved by an older "
+                "skip2fleet with another layout); the next round makes a new version"
+            )
+        predictor = adapted_predictor(model, version.method, version.rank, theta)
     width = base_model.spec_of(model).width
     return DeviceModel(active, base_model.classes_of(model), width, predictor)

@@ -129,9 +129,12 @@ class DeviceStore:
     def adapters_path(self, digest: str, method: str, rank: int) -> Path:
         return self._path("adapters", f"{digest[:24]}-{method}-r{rank}", ".npy")
 
-    def load_adapters(self, digest: str, method: str, rank: int) -> np.ndarray | None:
+    def load_adapters(self, digest: str, method: str, rank: int, size: int) -> np.ndarray | None:
+        """The adapters to continue from, if any of `size` values (another size: saved by an
+        older skip2fleet with another layout, so the round starts afresh)."""
         path = self.adapters_path(digest, method, rank)
-        return np.load(path) if path.is_file() else None
+        theta = np.load(path) if path.is_file() else None
+        return theta if theta is not None and theta.shape == (size,) else None
 
     def save_adapters(self, digest: str, method: str, rank: int, theta: np.ndarray) -> None:
         write_atomic(self.adapters_path(digest, method, rank), lambda h: np.save(h, theta))

@@ -120,7 +120,7 @@ def test_worse_adapters_are_not_made_active(folders, tmp_path):
     assert figures.acc_active == pytest.approx(before.accuracy)
     assert store.active() == before
     assert np.array_equal(
-        store.load_adapters(before.base_sha256, "skip2-lora", 4),
+        store.load_adapters(before.base_sha256, "skip2-lora", 4, bad_aggregate(base).size),
         store.version_theta(before.version),
     )  # the next round continues it
     # with accept: always, the same round is made active
@@ -128,6 +128,27 @@ def test_worse_adapters_are_not_made_active(folders, tmp_path):
     always[ADAPTERS] = vector_record(bad_aggregate(base))
     assert Figures.from_record(run_round(always, node)[FIGURES]).accepted == 1
     assert store.active().version.round == 3
+
+
+def test_adapters_saved_in_another_layout_are_named_and_a_round_starts_afresh(folders, tmp_path):
+    """Adapters an older skip2fleet saved with another layout (another size): `fleet predict`
+    names them; the next round neither continues from them nor keeps them active."""
+    root, base = folders
+    node = {"device": "a", "state-dir": str(tmp_path)}
+    paths = [str(root / "device"), ""]
+    run_round(content(base, data_paths=paths), node)
+    store = DeviceStore(tmp_path)
+    digest = store.active().base_sha256
+    stale = np.zeros(7, np.float32)
+    store.save_adapters(digest, "skip2-lora", 4, stale)
+    store.activate(digest, store.save_version(stale, 1, digest, "skip2-lora", 4, 99.0), 99.0)
+    with pytest.raises(FleetError, match="adapters version 2 hold 7 values, skip2-lora at rank 4"):
+        load_device_model(tmp_path)
+    figures = Figures.from_record(
+        run_round(content(base, 2, False, data_paths=paths), node)[FIGURES]
+    )
+    assert figures.accepted == 1
+    assert load_device_model(tmp_path).round == 2
 
 
 def test_versions_are_kept_and_rollback_makes_an_earlier_one_active(folders, tmp_path):
