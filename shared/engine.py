@@ -4,9 +4,8 @@ At batch 20 a step costs more in NumPy calls (1-3 us each) than in arithmetic on
 
 - Every trainable array is a view into one flat vector `theta` (its gradient a view into `grad`):
   the SGD update is two calls whatever the method; the network's ops read and write these views.
-- A batch lives in one buffer with columns `[y | x_0 | x_1 | ... | z]`, the skip taps side by side,
-  so Skip-LoRA's adapters are one product each way (`shared.peft.skip`).
-- Skip2-LoRA fills the whole buffer from the cache (`shared.cache`: one `np.take`, or a
+- A batch lives in one contiguous buffer with columns `[x_0 | x_1 | ... | z]` (the skip taps,
+  then the logits): Skip2-LoRA fills all of it from the cache (`shared.cache`: one `np.take`, or a
   dequantizing gather) and never runs the base; the other methods take `x_0` and run the network
   (`shared.network`), whose backward pass stops at the lowest layer with anything to train.
 
@@ -76,14 +75,12 @@ class FineTuner:
         self.network = Network(self.spec, arrays, self.grads, self.layer_adapters, batch_stats)
         self.optimizer = OPTIMIZERS[method.optimizer](self)
 
-        # Batch buffer [y | x_0 | x_1 | ... | z] and its views.
-        self.buf = np.zeros((n, C + sum(taps) + C), dtype)
-        self.y = self.buf[:, :C]
-        bounds = [int(b) for b in np.cumsum([C, *taps])]
+        # Batch buffer [x_0 | x_1 | ... | z] (a Skip2 cache row) and its views; one-hot labels.
+        self.buf = np.zeros((n, sum(taps) + C), dtype)
+        bounds = [int(b) for b in np.cumsum([0, *taps])]
         self.taps = [self.buf[:, a:b] for a, b in itertools.pairwise(bounds)]
-        self.xcat = self.buf[:, C : bounds[-1]]
         self.z = self.buf[:, bounds[-1] :]
-        self.cached_part = self.buf[:, C:]  # what a Skip2 cache row fills: [x_0 | ... | z_base]
+        self.y = np.zeros((n, C), dtype)
         self.dz = np.zeros((n, C), dtype)
         self.rows = np.zeros((n, 1), dtype)
         self.cache: Cache | None = None
@@ -91,7 +88,7 @@ class FineTuner:
         self.pairs = adapter_pairs(method, self.spec, rank)
         skips = [p for p in self.pairs if p.skip]
         self.skip = (
-            Skip(self.params, self.grads, skips, self.scaling, self.xcat, init) if skips else None
+            Skip(self.params, self.grads, skips, self.scaling, self.taps, init) if skips else None
         )
 
     # -- data ---------------------------------------------------------------------------------
@@ -117,7 +114,7 @@ class FineTuner:
         """Logits of the batch `idx` of the attached set, into `self.z`."""
         self.labels.take(idx, axis=0, out=self.y, mode="clip")
         if self.method.cached:
-            self.cache.gather(idx, self.cached_part)
+            self.cache.gather(idx, self.buf)
         else:
             self.inputs.take(idx, axis=0, out=self.taps[0], mode="clip")
             z = self.network.forward(self.taps[0], keep_taps=self.skip is not None)
@@ -187,7 +184,7 @@ def trainable_shapes(method: Method, spec: Spec, rank: int) -> dict[str, tuple[i
             shapes.update(ADAPTERS[method.adapter].shapes(p, rank))
     if method.skip:
         taps = spec.taps()
-        shapes["A_skip"] = (sum(taps), len(taps) * rank)
+        shapes["A_skip"] = (sum(taps), rank)
         shapes["B_skip"] = (len(taps) * rank, spec.n_classes)
     return shapes
 

@@ -17,19 +17,13 @@ def random_update(name: str, rank: int, samples: int, seed: int, method=SKIP2) -
     rng = np.random.default_rng(seed)
     shapes = trainable_shapes(method, SPEC, rank)
     theta = rng.normal(size=sum(int(np.prod(s)) for s in shapes.values())).astype(np.float32)
-    arrays = unflatten(theta, shapes)
-    if "A_skip" in arrays:  # keep the skip A block-diagonal, as the engine does
-        mask = np.zeros(arrays["A_skip"].shape, bool)
-        for pair in adapter_pairs(method, SPEC, rank):
-            mask[pair.rows, pair.cols] = True
-        arrays["A_skip"][~mask] = 0
     return Update(name, theta, samples, rank)
 
 
 def products(theta: np.ndarray, rank: int, method=SKIP2) -> list[np.ndarray]:
     arrays = unflatten(theta, trainable_shapes(method, SPEC, rank))
     return [
-        arrays[p.a][p.rows, p.cols] @ arrays[p.b][p.cols] for p in adapter_pairs(method, SPEC, rank)
+        arrays[p.a][p.a_rows] @ arrays[p.b][p.b_rows] for p in adapter_pairs(method, SPEC, rank)
     ]
 
 

@@ -81,6 +81,12 @@ def memory_breakdown(tuner: FineTuner) -> dict:
     def held(obj) -> list[np.ndarray]:
         return [v for v in vars(obj).values() if isinstance(v, np.ndarray)]
 
+    # the batch buffers, the skip adapters' products, the cache's batch buffers and what each op
+    # keeps for backward
+    buffers = [
+        *(held(tuner.skip) if tuner.skip else []),
+        *(held(tuner.cache) if tuner.cache else []),
+    ]
     kept = [a for op in tuner.network.ops for a in held(op)]
     kept += [a for adapter in tuner.layer_adapters.values() for a in held(adapter)]
     optimizer = held(tuner.optimizer) + list(getattr(tuner.optimizer, "projectors", []))
@@ -91,9 +97,6 @@ def memory_breakdown(tuner: FineTuner) -> dict:
         "weights": total(a for k, a in tuner.model.items() if k != SPEC_KEY),
         "data": total(data),
         "optimizer": total(optimizer),
-        # the batch buffers, the skip adapters' products and what each op keeps for backward
-        "activations": total(
-            [tuner.buf, tuner.dz, tuner.rows, *(held(tuner.skip) if tuner.skip else []), *kept]
-        ),
+        "activations": total([tuner.buf, tuner.y, tuner.dz, tuner.rows, *buffers, *kept]),
     }
     return {"memory": {name: sizes[name] for name in MEMORY_CATEGORIES}, "sum": sum(sizes.values())}

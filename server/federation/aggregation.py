@@ -65,7 +65,7 @@ def svd(updates: list[Update], method: Method, spec: Spec) -> Aggregate:
         paired |= {pairs[0].a, pairs[0].b}
         products.append(
             sum(
-                w * (v[p.a][p.rows, p.cols] @ v[p.b][p.cols])
+                w * (v[p.a][p.a_rows] @ v[p.b][p.b_rows])
                 for w, v, p in zip(weights, views, pairs, strict=True)
             )
         )
@@ -85,11 +85,10 @@ def svd(updates: list[Update], method: Method, spec: Spec) -> Aggregate:
             u, s, vt = np.linalg.svd(product, full_matrices=False)
             keep = min(rank, len(s))  # a d x C product has rank <= C; further columns stay 0
             root = np.sqrt(s[:keep])
-            a_block = arrays[pair.a][pair.rows, pair.cols]
-            a_block[:, :keep] = u[:, :keep] * root
-            arrays[pair.a][pair.rows, pair.cols] = a_block
-            arrays[pair.b][pair.cols][:keep] = root[:, None] * vt[:keep]
-            approx = arrays[pair.a][pair.rows, pair.cols] @ arrays[pair.b][pair.cols]
+            a, b = arrays[pair.a][pair.a_rows], arrays[pair.b][pair.b_rows]
+            a[:, :keep] = u[:, :keep] * root
+            b[:keep] = root[:, None] * vt[:keep]
+            approx = a @ b
             residual += float(np.sum((product - approx) ** 2))
             total += float(np.sum(product**2))
         for update in updates:

@@ -2,14 +2,10 @@
 
 `z += sum_t (x_t A_t) B_t * alpha/r` over the taps x_t (the network's input, then each inner
 block's output, flattened: on a CNN a block's whole (length x channels) map, so an adapter sees
-where in the window a feature fired, as the MLP's adapters see every unit). The taps sit side by
-side in one row `[x_0 | x_1 | ...]` and the A_t on the diagonal of one block-diagonal A (its other
-blocks stay zero and never travel, `shared.adapters`); the products with the B_t are one product
-with the stacked B. The products `x_t A_t` are computed one of two ways, chosen from the spec's
-shapes: while A is small (the MLP's 412 x 12), as one product with the whole block-diagonal A,
-kept block-diagonal by a gradient mask, because at batch 20 a NumPy call costs more than the
-wasted arithmetic; beyond `ONE_PRODUCT_MAX` values (the CNN's 4224 x 16, where that product took
-15x as long as the four real ones, measured here) as one product per tap. Merged for inference
+where in the window a feature fired, as the MLP's adapters see every unit). The A_t are stacked
+in one array `A_skip` (tap t's rows, r columns each: every A_t and its gradient contiguous) and
+the B_t in `B_skip` (tap t's r rows), so every value of both is a parameter and both travel as
+they are; the products with the B_t are one product with the stacked B. Merged for inference
 into one matrix `A_t B_t * alpha/r` per tap.
 """
 
@@ -22,23 +18,17 @@ import numpy as np
 from skip2fleet.shared.flops import WEIGHT_GRAD, matmul
 from skip2fleet.shared.peft.lora import kaiming_uniform
 
-ONE_PRODUCT_MAX = 8192  # values of the block-diagonal A up to which one product beats one per tap
-
 
 @dataclass(frozen=True)
 class AdapterPair:
-    """One low-rank product A @ B inside the named arrays: A[rows, cols] @ B[cols, :]."""
+    """One low-rank product A @ B inside the named arrays: A[a_rows] @ B[b_rows]."""
 
     a: str
     b: str
-    rows: slice
-    cols: slice
+    a_rows: slice
+    b_rows: slice
     layer: int  # LoRA, DoRA: the weighted layer it sits beside; skip: the tap it reads
     skip: bool
-
-
-def _cols(tap: int, rank: int) -> slice:
-    return slice(tap * rank, (tap + 1) * rank)
 
 
 def skip_pairs(taps: list[int], rank: int) -> list[AdapterPair]:
@@ -63,38 +53,29 @@ class Skip:
         grads: dict[str, np.ndarray],
         pairs: list[AdapterPair],
         scaling: float,
-        xcat: np.ndarray,
+        taps: list[np.ndarray],
         rng: np.random.Generator,
     ) -> None:
-        self.A, self.B, self.gA, self.gB = (
-            params["A_skip"],
-            params["B_skip"],
-            grads["A_skip"],
-            grads["B_skip"],
-        )
+        self.A, self.B, self.gB = params["A_skip"], params["B_skip"], grads["B_skip"]
         self.pairs, self.scaling = pairs, scaling
-        self.mask = np.zeros(self.A.shape, self.A.dtype)
-        for pair in pairs:
-            self.A[pair.rows, pair.cols] = kaiming_uniform(
-                rng, (pair.rows.stop - pair.rows.start, pair.cols.stop - pair.cols.start)
-            )
-            self.mask[pair.rows, pair.cols] = scaling
-        self.xcat = xcat
-        self.H = np.zeros((len(xcat), self.A.shape[1]), self.A.dtype)
+        self.A[...] = np.concatenate([kaiming_uniform(rng, self.A[p.a_rows].shape) for p in pairs])
+        self.H = np.zeros((len(taps[0]), self.B.shape[0]), self.A.dtype)
         self.dH = np.zeros_like(self.H)
-        self.V = np.zeros((len(xcat), self.B.shape[1]), self.A.dtype)
-        self.one_product = self.A.size <= ONE_PRODUCT_MAX
+        self.V = np.zeros((len(taps[0]), self.B.shape[1]), self.A.dtype)
         self.blocks = [
-            (xcat[:, p.rows], self.A[p.rows, p.cols], self.gA[p.rows, p.cols], p.cols)
-            for p in pairs
+            (
+                x,
+                self.A[p.a_rows],
+                grads["A_skip"][p.a_rows],
+                self.H[:, p.b_rows],
+                self.dH[:, p.b_rows],
+            )
+            for x, p in zip(taps, pairs, strict=True)
         ]
 
     def forward(self, z: np.ndarray) -> None:
-        if self.one_product:
-            matmul(self.xcat, self.A, out=self.H)
-        else:
-            for x, a, _, cols in self.blocks:
-                matmul(x, a, out=self.H[:, cols])
+        for x, a, _, h, _ in self.blocks:
+            matmul(x, a, out=h)
         self.H *= self.scaling  # H holds (x A) * alpha/r, so B's gradient needs no rescaling
         matmul(self.H, self.B, out=self.V)
         z += self.V
@@ -102,16 +83,10 @@ class Skip:
     def backward(self, dz: np.ndarray) -> None:
         matmul(self.H.T, dz, out=self.gB, kind=WEIGHT_GRAD)
         matmul(dz, self.B.T, out=self.dH, kind=WEIGHT_GRAD)
-        if self.one_product:
-            matmul(self.xcat.T, self.dH, out=self.gA, kind=WEIGHT_GRAD)
-            self.gA *= self.mask
-            return
         self.dH *= self.scaling
-        for x, _, ga, cols in self.blocks:
-            matmul(x.T, self.dH[:, cols], out=ga, kind=WEIGHT_GRAD)
+        for x, _, ga, _, dh in self.blocks:
+            matmul(x.T, dh, out=ga, kind=WEIGHT_GRAD)
 
     def merged(self) -> list[tuple[int, np.ndarray]]:
         """(tap, matrix from the tap straight into the logits) per adapter."""
-        return [
-            (p.layer, self.scaling * (self.A[p.rows, p.cols] @ self.B[p.cols])) for p in self.pairs
-        ]
+        return [(p.layer, self.scaling * (self.A[p.a_rows] @ self.B[p.b_rows])) for p in self.pairs]
