@@ -23,15 +23,20 @@ def packed_size(method: Method, spec: Spec, rank: int) -> int:
 
 def pack(theta: np.ndarray, method: Method, spec: Spec, rank: int) -> np.ndarray:
     """`theta` as the float32 vector that travels (a copy), its size checked."""
-    return unpack(theta, method, spec, rank)
+    return _wire_vector(theta, method, spec, rank)
 
 
 def unpack(packed: np.ndarray, method: Method, spec: Spec, rank: int) -> np.ndarray:
-    """The engine's `theta` from a packed vector (a float32 copy), its shape checked."""
+    """The engine's `theta` from a packed vector (a float32 copy), its size checked."""
+    return _wire_vector(packed, method, spec, rank)
+
+
+def _wire_vector(vector: np.ndarray, method: Method, spec: Spec, rank: int) -> np.ndarray:
+    """Sender and receiver check the same thing: one flat vector of the layout's size."""
     expected = packed_size(method, spec, rank)
-    if packed.ndim != 1 or packed.size != expected:
-        raise ValueError(f"expected {expected} packed values, got shape {packed.shape}")
-    return packed.astype(np.float32)
+    if vector.ndim != 1 or vector.size != expected:
+        raise ValueError(f"expected {expected} packed values, got shape {vector.shape}")
+    return vector.astype(np.float32)
 
 
 def save_adapters(

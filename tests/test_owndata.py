@@ -120,7 +120,12 @@ def test_worse_adapters_are_not_made_active(folders, tmp_path):
     assert figures.acc_active == pytest.approx(before.accuracy)
     assert store.active() == before
     assert np.array_equal(
-        store.load_adapters(before.base_sha256, "skip2-lora", 4, bad_aggregate(base).size),
+        store.load_adapters(
+            before.base_sha256,
+            "skip2-lora",
+            4,
+            packed_size(get_method("skip2-lora"), base_model.spec_of(base), 4),
+        ),
         store.version_theta(before.version),
     )  # the next round continues it
     # with accept: always, the same round is made active

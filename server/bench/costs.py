@@ -81,8 +81,8 @@ def memory_breakdown(tuner: FineTuner) -> dict:
     def held(obj) -> list[np.ndarray]:
         return [v for v in vars(obj).values() if isinstance(v, np.ndarray)]
 
-    # the batch buffers, the skip adapters' products, the cache's batch buffers and what each op
-    # keeps for backward
+    # the batch buffers, the skip adapters' products, the group index the cache's gather spreads
+    # its scales with, and what each op keeps for backward
     buffers = [
         *(held(tuner.skip) if tuner.skip else []),
         *(held(tuner.cache) if tuner.cache else []),
