@@ -13,6 +13,7 @@ namespaces and the bridge, so that the next set-up does not fail with "File exis
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -27,6 +28,31 @@ BRIDGE = "s2fbr0"
 SUBNET = "10.231.0"
 COORDINATOR_IP = f"{SUBNET}.1"
 OPERATOR = "s2fop"
+HOSTS_LOCK = Path("/run/lock/skip2fleet-test-hosts.lock")
+_held = 0  # how deep this process is inside `exclusive_hosts`
+
+
+@contextlib.contextmanager
+def exclusive_hosts() -> Iterator[None]:
+    """Hold the machine's fake hosts for this process: their namespaces, bridges and users have
+    fixed names, so two test runs at once (two checkouts on one machine) would tear each other's
+    hosts down. Re-entrant, so a systemd host inside `fake_hosts` does not wait for itself."""
+    global _held
+    if _held:
+        _held += 1
+        try:
+            yield
+        finally:
+            _held -= 1
+        return
+    HOSTS_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with HOSTS_LOCK.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        _held = 1
+        try:
+            yield
+        finally:
+            _held = 0
 
 
 def operator_user() -> str:
@@ -80,6 +106,11 @@ def ssh_keypair(folder: Path) -> Path:
 
 @contextlib.contextmanager
 def fake_hosts(count: int, login_key: Path) -> Iterator[list[FakeHost]]:
+    with exclusive_hosts():
+        yield from _fake_hosts(count, login_key)
+
+
+def _fake_hosts(count: int, login_key: Path) -> Iterator[list[FakeHost]]:
     names = [f"s2f{i + 1}" for i in range(count)]
     _teardown(names)  # leftovers of a run that was killed
     operator_user()
@@ -231,6 +262,11 @@ def systemd_root() -> Path:
 @contextlib.contextmanager
 def systemd_host(folder: Path, login_key: Path) -> Iterator[FakeHost]:
     """A device whose PID 1 is systemd: systemd-nspawn --boot in a network namespace."""
+    with exclusive_hosts():
+        yield from _systemd_host(folder, login_key)
+
+
+def _systemd_host(folder: Path, login_key: Path) -> Iterator[FakeHost]:
     name = "s2fsd"
     host = FakeHost(name, f"{SYSTEMD_SUBNET}.11", folder / name)
     host.folder.mkdir(parents=True, exist_ok=True)
