@@ -1,8 +1,8 @@
 """A ClientApp that does no work: zero adapters of the right size, straight back.
 
-Run in place of `client.app` (`fleet bench round`), it measures what Flower itself costs per round
-and what a ClientApp process weighs before any model, so the real app's overhead can be told
-apart from Flower's.
+Run in place of `client/clientapp.py` (`fleet bench round`), it measures what Flower itself costs
+per round and what a ClientApp process weighs before any model, so the real app's overhead can be
+told apart from Flower's.
 """
 
 from __future__ import annotations

@@ -7,3 +7,8 @@ class FleetError(Exception):
 
 class DataError(FleetError):
     """A data file or folder is missing, unreadable or malformed; the message names it."""
+
+
+class Interrupted(FleetError):
+    """The user stopped the work (Ctrl-C); the message says what was kept and how to go on.
+    The CLI exits with code 130, as a shell does for SIGINT."""

@@ -9,11 +9,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-import pytest
+from skip2fleet.shared.process import apply_process_settings
 
-from skip2fleet.shared.model import init_model
-from skip2fleet.shared.spec import cnn, dscnn, mlp
+apply_process_settings()  # the tests are an entry point too: before NumPy or Flower load
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from skip2fleet.shared.model import init_model  # noqa: E402
+from skip2fleet.shared.spec import cnn, dscnn, mlp  # noqa: E402
 
 TINY_SPECS = {
     "mlp": mlp(7, 3, hidden=5),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from skip2fleet.server.cli import app
+from skip2fleet.cli.fleet import app
 from skip2fleet.shared.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from skip2fleet.server.cli import app
+from skip2fleet.cli.fleet import app
 from skip2fleet.shared.config import TRAINING_LIMITS, ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from skip2fleet.server.cli import app
+from skip2fleet.cli.fleet import app
 from skip2fleet.shared.datasets import TaskOptions, load_task, parse_subjects
 from skip2fleet.shared.datasets.fan import read_recording, stopped_from
 from skip2fleet.shared.datasets.har import read_uci_layout, split_by_subject

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from skip2fleet.server.cli import app
+from skip2fleet.cli.fleet import app
 from skip2fleet.server.operations.loopback import free_port, prometheus_query, wait_for
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.datasets import Split, TaskOptions, load_task

@@ -10,11 +10,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from skip2fleet.server.cli import app
-from skip2fleet.server.federation.certs import ensure_credentials
+from skip2fleet.cli.fleet import app
 from skip2fleet.server.federation.run import credentials_for
-from skip2fleet.server.federation.superlink import flower_env, flwr
+from skip2fleet.server.operations.certs import ensure_credentials
 from skip2fleet.server.operations.loopback import free_port, loopback_deployment
+from skip2fleet.server.operations.superlink import flower_env, flwr
 from skip2fleet.shared.config import load_config
 from skip2fleet.shared.services import supernode_command
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from skip2fleet.server.federation.certs import credentials_for
+from skip2fleet.server.operations.certs import credentials_for
 from skip2fleet.server.operations.deploy import device_etc
 from skip2fleet.server.operations.devices import device_settings
 from skip2fleet.server.operations.loopback import free_port, wait_for

@@ -30,13 +30,12 @@ from flwr.app import ConfigRecord, MessageType, Metadata, RecordDict
 from flwr.app.message.message import make_message
 from typer.testing import CliRunner
 
-from skip2fleet.server.cli import app
+from skip2fleet.cli.fleet import app
 from skip2fleet.server.federation.aggregation import STRATEGIES, Update
 from skip2fleet.server.federation.exchange import Exchange
 from skip2fleet.server.federation.run import follow, start_run
 from skip2fleet.server.federation.runs import RunFolder
 from skip2fleet.server.federation.serverapp import judge
-from skip2fleet.server.federation.superlink import CONNECTION, flower_env, flwr
 from skip2fleet.server.operations.loopback import (
     free_port,
     loopback_deployment,
@@ -47,6 +46,7 @@ from skip2fleet.server.operations.loopback import (
     start_supernode,
     wait_for,
 )
+from skip2fleet.server.operations.superlink import CONNECTION, flower_env, flwr
 from skip2fleet.server.training.pretraining import fleet_base
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.adapters import pack, packed_size, unpack
@@ -139,7 +139,7 @@ def kill_group(process: subprocess.Popen) -> None:
 def test_late_device_killed_device_superlink_restart_and_resume(deployment):
     fleet, path, processes, root, (gateway, prometheus) = deployment
     run = root / "run-a"
-    command = [sys.executable, "-m", "skip2fleet.server.cli", "run", "--config", str(path)]
+    command = [sys.executable, "-m", "skip2fleet.cli", "run", "--config", str(path)]
     follower = processes.start("fleet-run", [*command, "--out", str(run)], flower_env(fleet))
 
     # pi-3 is offline when the run starts, and the Pushgateway is down for round 1

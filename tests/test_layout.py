@@ -1,16 +1,24 @@
 """The layout shows the architecture and the package installs whole: every Python folder is a
-listed package, and imports flow one way (shared -> client / server -> the CLI)."""
+listed package, imports flow one way (shared -> client / server -> cli, the `fleet` command), and
+a device's commands load nothing of the coordinator's side."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
+from skip2fleet.cli import DEVICE_COMMANDS, command_of
+from skip2fleet.cli import device as device_cli
+from skip2fleet.cli import fleet as fleet_cli
+from skip2fleet.server import cli as coordinator_cli
+
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("server", "client", "shared", "ansible")
+PARTS = ("cli", "server", "client", "shared", "ansible")
 
 
 def pyproject() -> dict:
@@ -46,23 +54,89 @@ def modules(part: str) -> list[Path]:
 @pytest.mark.parametrize(
     ("part", "forbidden"),
     [
-        ("shared", ("skip2fleet.server", "skip2fleet.client")),
-        ("client", ("skip2fleet.server",)),
-        ("server", ("skip2fleet.client",)),
+        ("shared", ("skip2fleet.server", "skip2fleet.client", "skip2fleet.cli")),
+        ("client", ("skip2fleet.server", "skip2fleet.cli")),
+        ("server", ("skip2fleet.client", "skip2fleet.cli")),
     ],
 )
 def test_imports_flow_one_way_through_shared(part, forbidden):
     wrong = {
         f"{path.relative_to(ROOT)} imports {name}"
         for path in modules(part)
-        if path != ROOT / "server" / "cli.py"  # the CLI sits on top and wires both sides
         for name in imports_of(path)
-        if name.startswith(forbidden) or not name.startswith("skip2fleet.")
+        if name.startswith(tuple(f + "." for f in forbidden)) or not name.startswith("skip2fleet.")
     }
     assert not wrong
 
 
-def test_nothing_but_the_console_script_imports_the_cli():
-    users = [p for part in PARTS for p in modules(part) if "skip2fleet.server.cli" in imports_of(p)]
-    assert users == []
-    assert pyproject()["project"]["scripts"] == {"fleet": "skip2fleet.server.cli:app"}
+def test_only_fleet_s_entry_wires_the_two_sides():
+    assert pyproject()["project"]["scripts"] == {"fleet": "skip2fleet.cli:main"}
+    users = {
+        path.relative_to(ROOT).as_posix()
+        for part in PARTS
+        for path in modules(part)
+        if "skip2fleet.server.cli" in imports_of(path)
+    }
+    assert users == {"cli/fleet.py"}
+
+
+def test_fleet_is_the_coordinator_s_commands_and_the_device_s_each_once():
+    def names(app) -> list[str]:
+        return [c.name for c in app.registered_commands] + [g.name for g in app.registered_groups]
+
+    device, coordinator = names(device_cli.commands), names(coordinator_cli.app)
+    assert sorted(device) == sorted(DEVICE_COMMANDS)  # the dispatch knows every device command
+    assert not set(device) & set(coordinator)
+    merged = [
+        name for group in fleet_cli.app.registered_groups for name in names(group.typer_instance)
+    ]
+    assert sorted(merged) == sorted(device + coordinator)
+
+
+@pytest.mark.parametrize(
+    ("args", "command"),
+    [(["predict", "-"], "predict"), (["--version"], None), (["bench", "peft"], "bench")],
+)
+def test_the_command_is_the_first_word_that_is_not_an_option(args, command):
+    assert command_of(args) == command
+
+
+def imported(command: list[str]) -> set[str]:
+    """The skip2fleet modules `command` (a Python program) imports, by `-X importtime`."""
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", *command], capture_output=True, text=True, timeout=60
+    )
+    assert "Traceback" not in done.stderr, done.stderr
+    return {
+        line.rsplit("|", 1)[1].strip()
+        for line in done.stderr.splitlines()
+        if line.startswith("import time:") and "skip2fleet" in line
+    }
+
+
+FLEET = Path(sys.executable).parent / "fleet"  # the console script, as a device runs it
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        *([name, "--help"] for name in DEVICE_COMMANDS),
+        ["predict", "--state-dir", "/nonexistent"],
+        ["rollback", "--state-dir", "/nonexistent"],
+    ],
+)
+def test_a_device_s_commands_load_nothing_of_the_coordinator_s(args):
+    loaded = imported([str(FLEET), *args])
+    assert "skip2fleet.client.predict" in loaded  # the command itself did load
+    assert not {m for m in loaded if m.startswith("skip2fleet.server")}
+
+
+def test_the_device_s_agent_loads_nothing_of_the_coordinator_s():
+    loaded = imported(["-m", "skip2fleet.client.telemetry.agent", "--help"])
+    assert "skip2fleet.client.telemetry.power" in loaded
+    assert not {m for m in loaded if m.startswith("skip2fleet.server")}
+
+
+def test_the_coordinator_s_commands_still_load_the_coordinator():
+    """The other half of the dispatch (and of the two tests above: they can see a server)."""
+    assert "skip2fleet.server.cli" in imported([str(FLEET), "status", "--help"])

@@ -14,8 +14,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from skip2fleet.cli.fleet import app
 from skip2fleet.server import options as opt
-from skip2fleet.server.cli import app
 from skip2fleet.server.operations.loopback import (
     Processes,
     free_port,

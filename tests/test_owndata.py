@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from skip2fleet.cli.fleet import app
 from skip2fleet.client.clientapp import run_round
 from skip2fleet.client.model import load_device_model
 from skip2fleet.client.store import KEEP_VERSIONS, DeviceStore
-from skip2fleet.server.cli import app
 from skip2fleet.server.training.pretraining import pretrain_shown
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.adapters import packed_size

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from skip2fleet.server.cli import app
-from skip2fleet.server.federation.certs import credentials_for
+from skip2fleet.cli.fleet import app
+from skip2fleet.server.operations.certs import credentials_for
 from skip2fleet.shared.config import load_config
 from skip2fleet.shared.services import supernode_command
 from tests.fakehosts import COORDINATOR_IP, fake_hosts, ssh_keypair

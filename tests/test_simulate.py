@@ -10,9 +10,9 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from typer.testing import CliRunner
 
+from skip2fleet.cli.fleet import app
 from skip2fleet.client.clientapp import train as real_train
 from skip2fleet.server import options as opt
-from skip2fleet.server.cli import app
 from skip2fleet.server.federation.runs import RunFolder
 from skip2fleet.server.federation.serverapp import make_server_app
 from skip2fleet.shared import model as base_model

@@ -31,10 +31,9 @@ from typing import Annotated
 import typer
 
 from skip2fleet.server import options as opt
-from skip2fleet.server.federation.certs import credentials_for
 from skip2fleet.server.federation.run import follow, start_run
 from skip2fleet.server.federation.runs import RunFolder
-from skip2fleet.server.federation.superlink import flower_env
+from skip2fleet.server.operations.certs import credentials_for
 from skip2fleet.server.operations.devices import device_settings
 from skip2fleet.server.operations.loopback import (
     Processes,
@@ -42,6 +41,7 @@ from skip2fleet.server.operations.loopback import (
     loopback_deployment,
     on_loopback,
 )
+from skip2fleet.server.operations.superlink import flower_env
 from skip2fleet.server.training.pretraining import fleet_base
 from skip2fleet.shared.atomic import write_text_atomic
 from skip2fleet.shared.config import FleetConfig, as_yaml_dict

@@ -1,2 +1,2 @@
-"""The coordinator's federated runtime: the ServerApp, aggregation, run folders, the SuperLink,
-credentials, and the `fleet simulate` / `fleet run` drivers."""
+"""The coordinator's federated runtime: the ServerApp, aggregation, run folders, and the
+`fleet simulate` / `fleet run` drivers."""

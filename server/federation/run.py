@@ -18,10 +18,10 @@ from typing import Annotated
 import typer
 
 from skip2fleet.server import options as opt
-from skip2fleet.server.federation.certs import credentials_for
 from skip2fleet.server.federation.report import print_round, print_round_header
 from skip2fleet.server.federation.runs import RunFolder
-from skip2fleet.server.federation.superlink import (
+from skip2fleet.server.operations.certs import credentials_for
+from skip2fleet.server.operations.superlink import (
     CONNECTION,
     flwr,
     registered_nodes,

@@ -23,10 +23,10 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from skip2fleet.server.federation.aggregation import STRATEGIES, Update
-from skip2fleet.server.federation.certs import fleet_credentials
 from skip2fleet.server.federation.exchange import Exchange, exchange
 from skip2fleet.server.federation.pushes import push_rounds
 from skip2fleet.server.federation.runs import RunFolder
+from skip2fleet.server.operations.certs import fleet_credentials
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.adapters import pack, packed_size, unpack
 from skip2fleet.shared.config import FleetConfig

@@ -21,20 +21,21 @@ from typing import Annotated
 import typer
 
 from skip2fleet.server import options as opt
-from skip2fleet.server.federation.certs import Credentials, credentials_for
 from skip2fleet.server.federation.pushes import PUSH_USER
-from skip2fleet.server.federation.superlink import (
-    superlink_command,
-)
 from skip2fleet.server.operations import wheelhouse
+from skip2fleet.server.operations.certs import Credentials, credentials_for
 from skip2fleet.server.operations.devices import SUPERNODE_PORT, data_folder, device_settings
 from skip2fleet.server.operations.frontdoor import CONFIG_NAME, nginx_command, write_nginx_config
 from skip2fleet.server.operations.monitoring import write_monitoring
+from skip2fleet.server.operations.superlink import (
+    superlink_command,
+)
 from skip2fleet.server.progress import stderr
 from skip2fleet.shared.atomic import write_atomic, write_text_atomic
 from skip2fleet.shared.config import Device, FleetConfig, load_config, state_dir
 from skip2fleet.shared.devicefile import DEVICE_FILE
 from skip2fleet.shared.errors import FleetError
+from skip2fleet.shared.process import PROCESS_SETTINGS
 from skip2fleet.shared.services import agent_command, superexec_command, supernode_command
 
 # Package data (a folder without __init__.py, so that it never shadows Ansible's own `ansible`).
@@ -154,7 +155,7 @@ def coordinator_vars(fleet: FleetConfig, creds: Credentials) -> dict:
         "ansible_python_interpreter": sys.executable,
         "coordinator_dir": str(state / "coordinator"),
         "coordinator_archive": str(coordinator_archive(fleet, creds)),
-        "fleet_cli": f"{sys.executable} -m skip2fleet.server.cli",
+        "fleet_cli": f"{sys.executable} -m skip2fleet.cli",
         "superlink_argv": [str(bin_dir / superlink[0]), *superlink[1:]],
         "frontdoor_argv": nginx_command(state / "coordinator" / "frontdoor" / CONFIG_NAME, run_dir),
         "pushgateway_argv": [
@@ -195,6 +196,7 @@ def deploy(
         ),
         "controller_python": sys.executable,
         "min_free_mb": MIN_FREE_MB,
+        "process_env": PROCESS_SETTINGS,  # every service's environment (shared/process.py)
     }
     inventory = {
         "all": {

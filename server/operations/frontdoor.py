@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from skip2fleet.server.federation.certs import Credentials
+from skip2fleet.server.operations.certs import Credentials
 from skip2fleet.shared.config import FleetConfig
 
 FLEET_API = "/v1/fleet/"

@@ -21,14 +21,14 @@ import urllib.request
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
-from skip2fleet.server.federation.certs import credentials_for
-from skip2fleet.server.federation.superlink import (
+from skip2fleet.server.operations.certs import credentials_for
+from skip2fleet.server.operations.frontdoor import nginx_command, write_nginx_config
+from skip2fleet.server.operations.superlink import (
     flower_env,
     register_nodes,
     superlink_command,
     write_connection,
 )
-from skip2fleet.server.operations.frontdoor import nginx_command, write_nginx_config
 from skip2fleet.shared.config import FleetConfig
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.services import supernode_command

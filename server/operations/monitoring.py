@@ -20,8 +20,8 @@ from typing import Annotated
 import typer
 import yaml
 
-from skip2fleet.server.federation.certs import fleet_credentials
 from skip2fleet.server.federation.pushes import PUSH_USER
+from skip2fleet.server.operations.certs import fleet_credentials
 from skip2fleet.shared import metric_names as names
 from skip2fleet.shared.atomic import write_text_atomic
 from skip2fleet.shared.config import FleetConfig, load_config

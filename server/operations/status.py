@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from skip2fleet.server import options as opt
-from skip2fleet.server.federation.superlink import CONNECTION, flwr, registered_nodes
+from skip2fleet.server.operations.superlink import CONNECTION, flwr, registered_nodes
 from skip2fleet.server.progress import stderr
 from skip2fleet.shared import metric_names as names
 from skip2fleet.shared.config import Device, load_config

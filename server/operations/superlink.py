@@ -1,9 +1,10 @@
 """The coordinator's side of a Flower deployment: the SuperLink, node registration, `flwr run`.
 
 `fleet` keeps its own Flower home (`<state_dir>/flwr`, with one connection named `fleet`) and its
-own minimal Flower app folder (`<state_dir>/app`, whose components are the installed `server.app`
-and `client.app`), so it neither reads nor changes the user's `~/.flwr`, and `fleet run` works
-from an installed wheel as well as from a checkout.
+own minimal Flower app folder (`<state_dir>/app`, whose components are the installed
+`skip2fleet.server.federation.serverapp:app` and `skip2fleet.client.clientapp:app`), so it neither
+reads nor changes the user's `~/.flwr`, and `fleet run` works from an installed wheel as well as
+from a checkout.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from typing import Annotated
 import typer
 
 from skip2fleet.server import options as opt
-from skip2fleet.server.federation.certs import Credentials, credentials_for
+from skip2fleet.server.operations.certs import Credentials, credentials_for
 from skip2fleet.shared.atomic import write_text_atomic
 from skip2fleet.shared.config import FleetConfig, load_config, state_dir
 from skip2fleet.shared.errors import FleetError
+from skip2fleet.shared.process import with_process_settings
 from skip2fleet.shared.services import CLIENTAPP
 
 CONNECTION = "fleet"
@@ -49,9 +51,10 @@ run-dir = ""
 
 
 def flower_env(config: FleetConfig) -> dict[str, str]:
-    """The environment for Flower commands: fleet's own Flower home, no telemetry."""
+    """The environment for Flower commands and the services that run Flower (their ServerApps and
+    ClientApps inherit it): fleet's own Flower home, no telemetry, the process settings."""
     return {
-        **os.environ,
+        **with_process_settings(os.environ),
         "FLWR_HOME": str(state_dir(config) / "flwr"),
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
