@@ -15,10 +15,13 @@ from typer.core import TyperGroup
 
 from skip2fleet.shared.errors import FleetError, Interrupted
 
+INTERRUPTED = 130  # the exit code of Ctrl-C, as a shell reports a process SIGINT ended
+
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    """End the command with `message` as one line on stderr."""
-    click.echo(f"{click.style('error:', fg='red', bold=True)} {message}", err=True)
+    """End the command with `message` as one line on stderr (an error's, or Ctrl-C's)."""
+    label = "" if code == INTERRUPTED else f"{click.style('error:', fg='red', bold=True)} "
+    click.echo(label + message, err=True)
     raise typer.Exit(code)
 
 
@@ -75,11 +78,11 @@ class FleetGroup(TyperGroup):
         except click.UsageError as exc:  # a command's options, parsed here
             _usage(exc)
         except Interrupted as exc:
-            fail(str(exc), 130)
+            fail(str(exc), INTERRUPTED)
         except FleetError as exc:
             fail(str(exc))
         except KeyboardInterrupt:
-            fail("interrupted", 130)
+            fail("interrupted", INTERRUPTED)
 
 
 def _version(shown: bool) -> None:

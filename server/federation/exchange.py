@@ -4,17 +4,25 @@ Flower's `Grid.send_and_receive` returns a list of replies: a node that never an
 absent, and the error the SuperLink makes for a node whose heartbeat stopped comes from node 1
 (the SuperLink itself). Here each reply is matched to the node it was sent to by message id, with
 the seconds it took, so a round can say who was waited for, how long, and why.
+
+`STOP` ends every exchange of the process at its next poll: Ctrl-C in `fleet simulate`, whose
+ServerApp runs in a thread of the process, stops the run within a second instead of waiting for
+replies that will never come.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from skip2fleet.shared.errors import Interrupted
+
 POLL_S = 1.0
+STOP = threading.Event()  # set: exchanges end with `Interrupted`; a simulation clears it first
 
 
 @dataclass
@@ -35,6 +43,8 @@ def exchange(grid: Grid, messages: list[Message], timeout: float) -> Exchange:
         pending = [mid for mid in ids if node_of[mid] not in done.replies]
         if not pending or time.monotonic() - started >= timeout:
             break
+        if STOP.is_set():
+            raise Interrupted(f"interrupted while waiting for {len(pending)} replies")
         for reply in grid.pull_messages(pending):
             node = node_of.get(reply.metadata.reply_to_message_id)
             if node is not None and node not in done.replies:

@@ -6,7 +6,8 @@ ServerApp writes it to the run folder, and ends when Flower reports the run fini
 reason when it failed and the command that resumes it. A SuperLink that restarts meanwhile is
 waited for (status polls retry with back-off for up to a round's timeout). `--resume` refuses a
 folder whose ServerApp is still running and one whose completed rounds do not match their
-manifests, before anything is submitted.
+manifests, before anything is submitted. Ctrl-C stops the run on the SuperLink (`flwr stop`) and
+says how to resume it; Flower ends the ServerApp, and with it its hold on the folder, seconds later.
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ from skip2fleet.server.progress import stderr
 from skip2fleet.server.training.pretraining import fleet_base
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.config import FleetConfig, as_yaml_dict, load_config
-from skip2fleet.shared.errors import FleetError
+from skip2fleet.shared.errors import FleetError, Interrupted
 from skip2fleet.shared.services import CLIENTAPP
 
 POLL_S = 1.0
 STATUS_EVERY_S = 3.0
 RETRY_MAX_S = 10.0  # the longest pause between status polls while the SuperLink is away
+STOP_TIMEOUT_S = 3.0  # Ctrl-C: for `flwr stop` to answer
 
 
 def start_run(fleet: FleetConfig, folder: RunFolder, clientapp: str = CLIENTAPP) -> str:
@@ -133,6 +135,13 @@ def run_command(
     run_id = start_run(fleet, folder)
     try:
         follow(fleet, folder, run_id)
+    except KeyboardInterrupt:
+        resume = f"resume with `fleet run --resume {folder.path}`"
+        try:
+            flwr(fleet, "stop", run_id, CONNECTION, timeout=STOP_TIMEOUT_S)
+        except FleetError as exc:
+            raise Interrupted(f"interrupted, but the run may go on ({exc}); {resume}") from None
+        raise Interrupted(f"interrupted; {resume}") from None
     except FleetError as exc:
         raise FleetError(f"{exc}; resume with: fleet run --resume {folder.path}") from None
     typer.echo(f"run {run_id} completed; rounds in {folder.path}/rounds")

@@ -10,15 +10,22 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import signal
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 import typer
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
 
 from skip2fleet.server import options as opt
+from skip2fleet.server.federation.exchange import STOP
 from skip2fleet.server.federation.report import federated_report, print_round, print_round_header
 from skip2fleet.server.federation.runs import RunFolder
 from skip2fleet.server.federation.serverapp import make_server_app
@@ -30,7 +37,7 @@ from skip2fleet.shared.atomic import write_text_atomic
 from skip2fleet.shared.config import (
     as_yaml_dict,
 )
-from skip2fleet.shared.errors import FleetError
+from skip2fleet.shared.errors import FleetError, Interrupted
 from skip2fleet.shared.methods import get_method
 from skip2fleet.shared.records import model_record, vector_record, wire_bytes
 from skip2fleet.shared.services import CLIENTAPP, load_component
@@ -74,7 +81,12 @@ def simulate_command(
     for number in folder.completed_rounds():
         print_round(folder.round_result(number))
     started = time.monotonic()
-    run_simulation(folder, len(fleet.devices))
+    try:
+        run_simulation(folder, len(fleet.devices))
+    except Interrupted:
+        raise Interrupted(
+            f"interrupted; resume with `fleet simulate --resume {folder.path}`"
+        ) from None
     wall = time.monotonic() - started
     rounds_done = [folder.round_result(n) for n in folder.completed_rounds()]
     if len(rounds_done) < fleet.federation.rounds:
@@ -114,10 +126,57 @@ class _NotDeprecation(logging.Filter):
         return "DEPRECATED FEATURE" not in record.getMessage()
 
 
+@contextmanager
+def _ray_folder() -> Iterator[str]:
+    """A temporary folder for this simulation's Ray session, removed afterwards: by default Ray
+    leaves a session folder (logs, sockets) under /tmp/ray for every run, and other runs' are
+    not ours to remove."""
+    folder = tempfile.mkdtemp(prefix="fleet-ray-")
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def _ctrl_c_stops_exchanges() -> Iterator[None]:
+    """The first Ctrl-C ends the ServerApp's exchange at its next poll (the run then ends with
+    `Interrupted`, its completed rounds saved); a second one interrupts at once."""
+
+    def stop(signum: int, frame: object) -> None:
+        STOP.set()
+        signal.signal(signal.SIGINT, previous)
+        stderr.print("interrupted: stopping the simulation (Ctrl-C again to force)")
+
+    STOP.clear()
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _ends_quietly_when_stopped(server_app: ServerApp) -> ServerApp:
+    """`server_app`, returning normally when Ctrl-C stopped its exchange: Flower waits 3 s for
+    the result of a ServerApp that raised instead (run_simulation raises once Flower is done)."""
+    quiet = ServerApp()
+
+    @quiet.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            server_app(grid, context)
+        except Interrupted:
+            if not STOP.is_set():
+                raise
+
+    return quiet
+
+
 def run_simulation(
     folder: RunFolder, devices: int, on_round: Callable[[dict], None] = print_round
 ) -> None:
-    """Flower's Simulation Engine (Ray) with the ServerApp in this process.
+    """Flower's Simulation Engine (Ray) with the ServerApp in this process; Ctrl-C raises
+    `Interrupted` once the ServerApp has stopped.
 
     Ray rewrites this process's PYTHONPATH for its workers (with an empty entry, which means
     the working directory); it is put back afterwards, so that no later subprocess of ours
@@ -127,14 +186,20 @@ def run_simulation(
     logging.getLogger("flwr").addFilter(_NotDeprecation())
     pythonpath = os.environ.get("PYTHONPATH")
     try:
-        flower_simulation(
-            server_app=make_server_app(folder.path, on_round=on_round),
-            client_app=load_component(CLIENTAPP),
-            num_supernodes=devices,
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
-        )
+        with _ray_folder() as ray_folder, _ctrl_c_stops_exchanges():
+            flower_simulation(
+                server_app=_ends_quietly_when_stopped(make_server_app(folder.path, on_round)),
+                client_app=load_component(CLIENTAPP),
+                num_supernodes=devices,
+                backend_config={
+                    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                    "init_args": {"_temp_dir": ray_folder},
+                },
+            )
     finally:
         if pythonpath is None:
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = pythonpath
+    if STOP.is_set():
+        raise Interrupted("interrupted")
