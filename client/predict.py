@@ -24,6 +24,16 @@ from skip2fleet.shared.datasets import samples
 from skip2fleet.shared.errors import DataError
 
 DEFAULT_STATE_DIR = Path("/opt/skip2fleet/state")  # install_dir/state of a deployed device
+
+
+def existing_state_dir(path: Path) -> Path:
+    """The state folder, which must exist: a wrong path is not "no active model yet"."""
+    if not path.is_dir():
+        problem = "not a folder" if path.exists() else "no such folder"
+        raise DataError(f"--state-dir {path}: {problem}")
+    return path
+
+
 StateDir = Annotated[
     Path,
     typer.Option(help="The device's state folder (a deployed device: INSTALL_DIR/state)."),
@@ -35,13 +45,21 @@ def predict_command(
         str, typer.Argument(help="A .npz or .csv file of samples, or - for JSON lines on stdin.")
     ] = "-",
     state_dir: StateDir = DEFAULT_STATE_DIR,
-    json_lines: Annotated[bool, typer.Option("--json", help="A JSON object per sample.")] = False,
+    json_lines: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="A JSON object per sample (label, class, probabilities by class, base_sha256, "
+            "round) instead of text (a header line naming the columns, then a line per sample: "
+            "label, class, each class's probability).",
+        ),
+    ] = False,
     label_column: Annotated[
         str, typer.Option(help="A CSV's label column, left out of the features if present.")
     ] = samples.DEFAULT_LABEL_COLUMN,
 ) -> None:
     """Classify samples with this device's active model (the base with its active adapters)."""
-    model = load_device_model(state_dir)
+    model = load_device_model(existing_state_dir(state_dir))
     version = model.active.version
     said = f"round {version.round} (version {version.number})" if version else "the base alone"
     typer.echo(
@@ -54,6 +72,8 @@ def predict_command(
     else:
         rows = _file_rows(Path(source), label_column)
     out = sys.stdout
+    if not json_lines:
+        out.write("\t".join(("label", "class", *model.classes)) + "\n")
     for where, x in rows:
         try:
             probabilities = model.predict(x)
@@ -70,19 +90,26 @@ def _file_rows(path: Path, label_column: str) -> Iterator[tuple[str, np.ndarray]
 
 
 def _stdin_rows(stream: BinaryIO, width: int) -> Iterator[tuple[str, np.ndarray]]:
-    """The complete lines that have arrived, as one block of samples at a time."""
+    """The complete lines that have arrived, as one block of samples at a time; a bad line ends
+    the samples after the good lines before it are answered."""
     pending, number = b"", 0
     while True:
         chunk = stream.read1(1 << 16)
         lines = (pending + chunk).split(b"\n")
         pending = lines.pop() if chunk else b""
-        rows = []
+        rows, first, bad = [], number + 1, None
         for line in lines:
             number += 1
-            if line.strip():
-                rows.append(_parse_line(line, f"stdin: line {number}", width))
+            try:
+                if line.strip():
+                    rows.append(_parse_line(line, f"stdin: line {number}", width))
+            except DataError as exc:
+                bad = exc
+                break
         if rows:
-            yield f"stdin: line {number - len(lines) + 1}", np.vstack(rows)
+            yield f"stdin: line {first}", np.vstack(rows)
+        if bad is not None:
+            raise bad
         if not chunk:
             return
 
@@ -114,7 +141,9 @@ def _answers(model: DeviceModel, probabilities: np.ndarray, json_lines: bool) ->
                 {
                     "label": int(k),
                     "class": model.classes[k],
-                    "probabilities": [round(float(p), 6) for p in row],
+                    "probabilities": {
+                        c: round(float(p), 6) for c, p in zip(model.classes, row, strict=True)
+                    },
                     "base_sha256": base,
                     "round": round_,
                 }
@@ -123,14 +152,14 @@ def _answers(model: DeviceModel, probabilities: np.ndarray, json_lines: bool) ->
             for k, row in zip(labels, probabilities, strict=True)
         )
     return "".join(
-        f"{k}\t{model.classes[k]}\t" + " ".join(f"{p:.4f}" for p in row) + "\n"
+        f"{k}\t{model.classes[k]}\t" + "\t".join(f"{p:.4f}" for p in row) + "\n"
         for k, row in zip(labels, probabilities, strict=True)
     )
 
 
 def rollback_here(state_dir: Path, round_: int | None) -> str:
     """Make an earlier version of this device's adapters the active one; what to say."""
-    version = DeviceStore(state_dir).rollback(round_)
+    version = DeviceStore(existing_state_dir(state_dir)).rollback(round_)
     return (
         f"active: adapters of round {version.round} (version {version.number}), hold-out "
         f"accuracy {version.accuracy:.2f} % when made"

@@ -23,7 +23,10 @@ def import_hapt_command(
     ],
     out: Annotated[
         Path,
-        typer.Option(help="Output; --dataset har reads DATA_DIR/hapt/hapt_raw.npz."),
+        typer.Option(
+            callback=opt.writable_file,
+            help="Output; --dataset har reads DATA_DIR/hapt/hapt_raw.npz.",
+        ),
     ] = Path("data") / "hapt" / RAW_FILE,
 ) -> None:
     """Build hapt_raw.npz from UCI's HAPT raw signals (what --dataset har reads)."""

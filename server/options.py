@@ -11,6 +11,7 @@ import typer
 
 from skip2fleet.server.progress import stderr
 from skip2fleet.shared import datasets
+from skip2fleet.shared.atomic import check_writable
 from skip2fleet.shared.cache import CODECS
 from skip2fleet.shared.config import (
     MAX_LR,
@@ -71,14 +72,51 @@ LearningRate = Annotated[
 ]
 PretrainEpochs = Annotated[int, _bounded("pretrain_epochs", "Epochs of pretraining the base.")]
 LabelColumn = Annotated[str, typer.Option(help="The label column of CSV files.")]
-JsonOut = Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")]
+
+
+def writable_file(path: Path | None) -> Path | None:
+    """An output file's option: refused now, in one line, if it cannot be written later."""
+    return None if path is None else check_writable(path)
+
+
+def writable_folder(path: Path | None) -> Path | None:
+    """An output folder's option, the same."""
+    return None if path is None else check_writable(path, folder=True)
+
+
+def new_run_folder(path: Path | None) -> Path | None:
+    """A new run folder's option: writable and not a run already (before the base is trained)."""
+    if path is not None and (writable_folder(path) / "fleet.yaml").exists():
+        raise FleetError(f"{path}: a run folder already exists here; use --resume")
+    return path
+
+
+def fresh_workdir(workdir: Path) -> Path:
+    """A bench's --workdir: writable, new or empty, so that no earlier run is mixed into its
+    results."""
+    if writable_folder(workdir).exists() and any(workdir.iterdir()):
+        raise FleetError(f"{workdir}: not empty; choose another --workdir")
+    return workdir
+
+
+JsonOut = Annotated[
+    Path | None,
+    typer.Option("--json", callback=writable_file, help="Also write the results as JSON."),
+]
 
 ConfigPath = Annotated[Path, typer.Option("--config", help="The fleet file.")]
 FleetFile = Annotated[
     Path | None, typer.Option("--config", help="The fleet file (default ./fleet.yaml).")
 ]
+MAX_SIMULATED_DEVICES = 1000  # each is a Flower node in this process; a million took > 1 GB
 DeviceCount = Annotated[
-    int | None, typer.Option(min=1, help="Simulate this many devices instead of fleet.yaml's.")
+    int | None,
+    typer.Option(
+        min=1,
+        max=MAX_SIMULATED_DEVICES,
+        help=f"Simulate this many devices instead of fleet.yaml's (at most "
+        f"{MAX_SIMULATED_DEVICES}).",
+    ),
 ]
 DatasetOverride = Annotated[str | None, typer.Option(help="Override the fleet's data set.")]
 ModelName = Annotated[
@@ -130,13 +168,6 @@ def with_training(config: FleetConfig, **overrides: str | None) -> FleetConfig:
     data = as_yaml_dict(config)
     data["training"].update(chosen)
     return parse_config(data, config.source)
-
-
-def fresh_workdir(workdir: Path) -> Path:
-    """A bench's --workdir: new or empty, so that no earlier run is mixed into its results."""
-    if workdir.exists() and any(workdir.iterdir()):
-        raise FleetError(f"{workdir}: not empty; choose another --workdir")
-    return workdir
 
 
 DEFAULT_CONFIG = Path("fleet.yaml")

@@ -166,8 +166,23 @@ def load_config(path: Path) -> FleetConfig:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
+        raise ConfigError(f"{path}: {_yaml_problem(exc)}") from None
+    if isinstance(raw, dict) and raw.get("devices") == []:
+        raise ConfigError(
+            f"{path}: devices: empty; list the fleet's devices (to simulate some without a "
+            "list, leave the key out and pass `fleet simulate --devices N`)"
+        )
     return parse_config(raw, str(path))
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML syntax error as one line, with its line and column (PyYAML's own message names
+    "<unicode string>" in place of the file and spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    context = getattr(exc, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return f"{where}not valid YAML: {problem}" + (f" ({context})" if context else "")
 
 
 def parse_config(raw: Any, source: str = "fleet.yaml") -> FleetConfig:

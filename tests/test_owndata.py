@@ -198,7 +198,9 @@ def test_predict_from_a_file_and_from_stdin_says_which_model(folders, tmp_path):
     np.savez(new, x=TASK.test.x[:5])  # no labels: samples to classify
     result = fleet("predict", str(new), "--state-dir", str(tmp_path))
     assert result.exit_code == 0, result.output
-    lines = [line for line in result.stdout.splitlines() if "\t" in line]
+    header, *lines = result.stdout.splitlines()
+    classes = base_model.classes_of(base)
+    assert header.split("\t") == ["label", "class", *classes]  # a column per class
     assert len(lines) == 5 and lines[0].split("\t")[1] in TASK.classes
     assert f"base {base_model.sha256(base)[:12]}, adapters of round 1" in result.stderr
     stdin = "".join(json.dumps(row.tolist()) + "\n" for row in TASK.test.x[:3])
@@ -209,6 +211,7 @@ def test_predict_from_a_file_and_from_stdin_says_which_model(folders, tmp_path):
     model = load_device_model(tmp_path)
     expected = model.predict(TASK.test.x[:3]).argmax(axis=1)
     assert [a["label"] for a in answers] == expected.tolist()
+    assert list(answers[0]["probabilities"]) == list(base_model.classes_of(base))
 
 
 def test_predict_refuses_the_wrong_width_naming_the_row(folders, tmp_path):
@@ -218,10 +221,12 @@ def test_predict_refuses_the_wrong_width_naming_the_row(folders, tmp_path):
         {"device": "a", "state-dir": str(tmp_path)},
     )
     active = (tmp_path / "active.json").read_text()
-    stdin = json.dumps(TASK.test.x[0].tolist()) + "\n" + json.dumps([1.0, 2.0]) + "\n"
+    good = "".join(json.dumps(row.tolist()) + "\n" for row in TASK.test.x[:2])
+    stdin = good + json.dumps([1.0, 2.0]) + "\n" + good
     result = fleet("predict", "--state-dir", str(tmp_path), stdin=stdin)
     assert result.exit_code == 2
-    assert "stdin: line 2: a sample has 2 values; the model takes 64" in result.stderr
+    assert "stdin: line 3: a sample has 2 values; the model takes 64" in result.stderr
+    assert len(result.stdout.splitlines()) == 1 + 2  # the answers before the bad line came
     write_csv(tmp_path / "narrow.csv", np.ones((3, 4)), ["normal"] * 3)
     result = fleet("predict", str(tmp_path / "narrow.csv"), "--state-dir", str(tmp_path))
     assert result.exit_code == 2 and "narrow.csv: line 2" in result.stderr

@@ -245,15 +245,14 @@ def device_command(
         int | None,
         typer.Option(min=64, help="Cap the device's cgroup (memory and swap) at this many MB."),
     ] = None,
-    workdir: Annotated[Path, typer.Option(help="Folder for the run and service logs.")] = Path(
-        "bench-out/device"
-    ),
+    workdir: Annotated[
+        Path, typer.Option(callback=opt.fresh_workdir, help="Folder for the run and service logs.")
+    ] = Path("bench-out/device"),
     json_out: opt.JsonOut = None,
 ) -> None:
     """Peak memory of one device's stack (SuperNode, SuperExec, each ClientApp, agent) per
     process and in total during real rounds, in a cgroup v1 memory group (root), natively."""
     fleet = opt.resolve_fleet(config, 1, rounds, dataset, data_dir, None)
-    opt.fresh_workdir(workdir)
     results = measure_device(fleet, workdir.resolve(), limit_mb)
     typer.echo("| process | peak RSS MB |\n|---|---:|")
     for role, mb in results["peak_mb"].items():

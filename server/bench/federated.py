@@ -102,9 +102,9 @@ def federated_command(
         str, typer.Option(help="Comma-separated aggregations to compare.")
     ] = ",".join(AGGREGATIONS),
     trials: Annotated[int, typer.Option(min=1, help="Independent bases (seed + trial).")] = 10,
-    workdir: Annotated[Path, typer.Option(help="Folder for the run folders.")] = Path(
-        "bench-out/federated"
-    ),
+    workdir: Annotated[
+        Path, typer.Option(callback=opt.fresh_workdir, help="Folder for the run folders.")
+    ] = Path("bench-out/federated"),
     json_out: opt.JsonOut = None,
 ) -> None:
     """Each device's accuracy before and after, mean over trials, aggregations side by side
@@ -116,7 +116,6 @@ def federated_command(
             f"--aggregations: unknown {', '.join(unknown) or '(none given)'}; "
             f"choose from {', '.join(AGGREGATIONS)}"
         )
-    opt.fresh_workdir(workdir)
     fleet = opt.resolve_fleet(config, devices, rounds, dataset, data_dir, None)
     results = measure_federated(fleet, chosen, trials, workdir)
     table = federated_table(results)

@@ -34,7 +34,12 @@ from skip2fleet.shared.spec import Spec, build, describe, input_form
 from skip2fleet.shared.train import FineTuneConfig, finetune
 
 Methods = Annotated[str | None, typer.Option(help="Comma-separated method names; default all.")]
-OutDir = Annotated[Path, typer.Option(help="Folder for the Markdown table and the PNG chart.")]
+OutDir = Annotated[
+    Path,
+    typer.Option(
+        callback=opt.writable_folder, help="Folder for the Markdown table and the PNG chart."
+    ),
+]
 PREDICT_ROWS = 200
 
 

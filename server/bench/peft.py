@@ -173,9 +173,10 @@ def peft_command(
         int, typer.Option(min=1, help="Task-model pairs measured at once (processes).")
     ] = 1,
     data_dir: opt.DataDir = None,
-    out_dir: Annotated[Path, typer.Option(help="Folder for the tables, JSON and charts.")] = Path(
-        "bench-out/peft"
-    ),
+    out_dir: Annotated[
+        Path,
+        typer.Option(callback=opt.writable_folder, help="Folder for the tables, JSON and charts."),
+    ] = Path("bench-out/peft"),
 ) -> None:
     """The edge-PEFT report: accuracy, FLOPs, time and peak memory of every method, every model,
     every task; Skip2-LoRA with f32, int8 and int4 caches."""

@@ -6,7 +6,7 @@ from itertools import groupby
 from pathlib import Path
 
 from skip2fleet.server.bench.costs import MEMORY_CATEGORIES
-from skip2fleet.server.charts import pyplot, save_chart
+from skip2fleet.server.charts import legend_beside, log_scale, pyplot, save_chart
 from skip2fleet.shared.flops import CATEGORIES
 
 KIB = 1024
@@ -83,7 +83,7 @@ def peft_charts(rows: list[dict], out_dir: Path) -> list[Path]:
                 acc = row["accuracy"]
                 ax.errorbar(row["peak_bytes"] / KIB, acc["mean"], yerr=acc["std"], fmt="o")
                 ax.annotate(label(row), (row["peak_bytes"] / KIB, acc["mean"]), fontsize=7)
-            ax.set_xscale("log")
+            log_scale(ax, [r["peak_bytes"] / KIB for r in group], "x")
             ax.set(title=f"{task} · {model}", xlabel="peak memory at batch 20, KiB (log)")
             ax.set_ylabel("test accuracy %")
         path = out_dir / f"peft-{task}-accuracy-memory.png"
@@ -102,7 +102,7 @@ def peft_charts(rows: list[dict], out_dir: Path) -> list[Path]:
                 left = [a + b for a, b in zip(left, values, strict=True)]
             ax.invert_yaxis()
             ax.set(title=f"{task} · {model}", xlabel="MFLOP per training step (batch 20)")
-        axes[0][0].legend(fontsize=7)
+        legend_beside(axes[0][-1])
         path = out_dir / f"peft-{task}-flops.png"
         save_chart(fig, path)
         written.append(path)

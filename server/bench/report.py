@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from skip2fleet.server.charts import Chart, pyplot, save_chart
+from skip2fleet.server.charts import Chart, legend_beside, pyplot, save_chart
 
 # Skip2-LoRA paper, Raspberry Pi Zero 2 W, C: training time per batch in ms.
 PAPER_BATCH_MS = {
@@ -117,7 +117,7 @@ def timing_report(results: dict) -> tuple[str, Chart]:
         ax.invert_yaxis()
         ax.set_xlabel("microseconds per training batch")
         ax.set_title(f"{results['dataset']}: time per batch of {results['batch_size']}")
-        ax.legend(loc="lower right")
+        legend_beside(ax)
         save_chart(fig, path)
 
     return "\n".join(lines) + "\n", chart
@@ -166,7 +166,7 @@ def accuracy_report(results: dict) -> tuple[str, Chart]:
         ax.set_ylim(max(0.0, min([*means, before["mean"]]) - 10), 100)
         ax.set_title(f"{results['dataset']}: accuracy over {results['trials']} trials")
         ax.tick_params(axis="x", rotation=30)
-        ax.legend(loc="lower right")
+        legend_beside(ax)
         save_chart(fig, path)
 
     return "\n".join(lines) + "\n", chart

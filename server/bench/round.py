@@ -64,16 +64,15 @@ def round_command(
     rounds: Annotated[int, typer.Option(min=1, help="Rounds per run.")] = 3,
     dataset: opt.DatasetOverride = None,
     data_dir: opt.DataDir = None,
-    workdir: Annotated[Path, typer.Option(help="Folder for the runs and service logs.")] = Path(
-        "bench-out/round"
-    ),
+    workdir: Annotated[
+        Path, typer.Option(callback=opt.fresh_workdir, help="Folder for the runs and service logs.")
+    ] = Path("bench-out/round"),
     json_out: opt.JsonOut = None,
 ) -> None:
     """Round time and ClientApp memory against a no-op ClientApp, on a loopback deployment
     (SuperLink with TLS and node authentication, one SuperNode per device) started and stopped
     here."""
     fleet = opt.resolve_fleet(config, devices, rounds, dataset, data_dir, None)
-    opt.fresh_workdir(workdir)
     results = measure_rounds(fleet, workdir)
     noop, real = results["runs"]["noop"], results["runs"]["skip2fleet"]
     typer.echo(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from skip2fleet.server.charts import Chart, pyplot, save_chart
+from skip2fleet.server.charts import Chart, legend_beside, log_scale, pyplot, save_chart
 
 
 def federated_report(summary: dict) -> tuple[str, Chart]:
@@ -66,7 +66,7 @@ def federated_report(summary: dict) -> tuple[str, Chart]:
         acc.set_xticks(list(xs), names, rotation=45)
         acc.set_ylabel("test accuracy % (own data)")
         acc.set_title(f"per device, after round {rounds[-1]['round']}")
-        acc.legend(loc="lower right")
+        legend_beside(acc)
         numbers = [r["round"] for r in rounds]
         dur.bar(numbers, [r["duration_s"] for r in rounds], color="#55a868")
         dur.set_ylabel("seconds")
@@ -78,10 +78,10 @@ def federated_report(summary: dict) -> tuple[str, Chart]:
         up.axhline(
             summary["full_model_bytes"], color="black", linestyle="--", label="one full model"
         )
-        up.set_yscale("log")
+        log_scale(up, [*down, *sent, summary["full_model_bytes"]])
         up.set_ylabel("bytes, all devices")
         up.set_title("bytes per round")
-        up.legend(loc="upper right")
+        legend_beside(up)
         for axis in (dur, up):
             axis.set_xticks(numbers)
             axis.set_xlabel("round")

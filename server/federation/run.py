@@ -31,7 +31,6 @@ from skip2fleet.server.operations.superlink import (
 )
 from skip2fleet.server.progress import stderr
 from skip2fleet.server.training.pretraining import fleet_base
-from skip2fleet.shared import model as base_model
 from skip2fleet.shared.config import FleetConfig, as_yaml_dict, load_config
 from skip2fleet.shared.errors import FleetError, Interrupted
 from skip2fleet.shared.services import CLIENTAPP
@@ -108,7 +107,10 @@ def run_command(
     base: Annotated[
         Path | None, typer.Option(help="Base model (.npz); default: pretrain one now.")
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="Run folder (default runs/run-<time>).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(callback=opt.new_run_folder, help="Run folder (default runs/run-<time>)."),
+    ] = None,
     resume: Annotated[
         Path | None, typer.Option(help="Continue this run folder after its last complete round.")
     ] = None,
@@ -122,9 +124,10 @@ def run_command(
         fleet = folder.config()
     else:
         fleet = opt.with_training(load_config(config), model=model, cache=cache)
-        model = base_model.load(base) if base is not None else fleet_base(fleet)
         folder = RunFolder.create(
-            out or Path("runs") / time.strftime("run-%Y%m%d-%H%M%S"), as_yaml_dict(fleet), model
+            out or Path("runs") / time.strftime("run-%Y%m%d-%H%M%S"),
+            as_yaml_dict(fleet),
+            fleet_base(fleet, base),
         )
     address = f"{fleet.coordinator.address}:{fleet.coordinator.port}"
     stderr.print(

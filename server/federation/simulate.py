@@ -53,13 +53,20 @@ def simulate_command(
     data_dir: opt.DataDir = None,
     aggregation: Annotated[str | None, typer.Option(help="none, fedavg or svd.")] = None,
     out: Annotated[
-        Path | None, typer.Option(help="Run folder (default runs/simulate-<time>).")
+        Path | None,
+        typer.Option(
+            callback=opt.new_run_folder, help="Run folder (default runs/simulate-<time>)."
+        ),
     ] = None,
     resume: Annotated[
         Path | None,
         typer.Option(help="Continue this run folder after its last completed round."),
     ] = None,
     json_out: opt.JsonOut = None,
+    base: Annotated[
+        Path | None,
+        typer.Option(help="Base model (.npz, from `fleet pretrain`); default: pretrain one now."),
+    ] = None,
 ) -> None:
     """Run the fleet's federated rounds on this machine, one simulated device per entry."""
     if resume is not None:
@@ -69,7 +76,7 @@ def simulate_command(
             config, devices, rounds, dataset, data_dir, aggregation, model, cache
         )
         out = out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
-        folder = RunFolder.create(out, as_yaml_dict(fleet), fleet_base(fleet))
+        folder = RunFolder.create(out, as_yaml_dict(fleet), fleet_base(fleet, base))
     fleet, base = folder.config(), folder.base()
     task = fleet.task
     stderr.print(

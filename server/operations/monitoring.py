@@ -20,6 +20,7 @@ from typing import Annotated
 import typer
 import yaml
 
+from skip2fleet.server import options as opt
 from skip2fleet.server.federation.pushes import PUSH_USER
 from skip2fleet.server.operations.certs import fleet_credentials
 from skip2fleet.shared import metric_names as names
@@ -259,7 +260,9 @@ def write_monitoring(fleet: FleetConfig, out: Path) -> list[Path]:
 
 def config_command(
     config: Annotated[Path, typer.Option(help="The fleet file.")] = Path("fleet.yaml"),
-    out: Annotated[Path, typer.Option(help="Folder to write the files into.")] = Path("monitoring"),
+    out: Annotated[
+        Path, typer.Option(callback=opt.writable_folder, help="Folder to write the files into.")
+    ] = Path("monitoring"),
 ) -> None:
     """Write prometheus.yml, alert rules, Grafana provisioning and the dashboard."""
     for path in write_monitoring(load_config(config), out):

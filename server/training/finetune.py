@@ -14,12 +14,25 @@ from skip2fleet.server.training.pretraining import pretrain_shown
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.adapters import save_adapters
 from skip2fleet.shared.atomic import write_text_atomic
-from skip2fleet.shared.datasets import load_task
+from skip2fleet.shared.datasets import Task, load_task, samples
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.methods import METHODS, get_method
 from skip2fleet.shared.pretrain import PretrainConfig
 from skip2fleet.shared.spec import describe, form_of, input_form
 from skip2fleet.shared.train import FineTuneConfig, finetune
+
+
+def own_task(folder: Path, model: base_model.Model, label_column: str) -> Task:
+    """A user's samples as a device reads them: labelled with the base's classes, the newest
+    kept, a share of each class held out for the accuracy."""
+    train, held = samples.device_samples(
+        folder,
+        base_model.classes_of(model),
+        label_column,
+        samples.DEFAULT_HOLDOUT,
+        samples.DEFAULT_MAX_SAMPLES,
+    )
+    return Task(str(folder), base_model.classes_of(model), train, train, held)
 
 
 def finetune_command(
@@ -28,7 +41,10 @@ def finetune_command(
         typer.Option(help="Base model from `fleet pretrain`; without it one is pretrained now."),
     ] = None,
     method: Annotated[str, typer.Option(help=f"One of {', '.join(METHODS)}.")] = "skip2-lora",
-    out: Annotated[Path | None, typer.Option(help="Where to write the adapters (.npz).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(callback=opt.writable_file, help="Where to write the adapters (.npz)."),
+    ] = None,
     dataset: opt.Dataset = opt.DEFAULT_DATASET,
     model_name: opt.ModelName = opt.DEFAULT_MODEL,
     data_dir: opt.DataDir = None,
@@ -41,14 +57,30 @@ def finetune_command(
     source_room: opt.SourceRoom = opt.DEFAULT_SOURCE_ROOM,
     subjects: opt.Subjects = opt.DEFAULT_SUBJECTS_OPTION,
     json_out: opt.JsonOut = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Your own samples (.npz/.csv files, a folder of them, labelled with the base's "
+            "classes) instead of --dataset; needs --base. A quarter of each class is held out "
+            "for the accuracy.",
+        ),
+    ] = None,
+    label_column: opt.LabelColumn = samples.DEFAULT_LABEL_COLUMN,
 ) -> None:
-    """Fine-tune one method on the task's target domain and report accuracy and time.
+    """Fine-tune one method on the task's target domain (or your own samples) and report
+    accuracy and time.
 
     With --base, the model is the base file's own (its spec), whatever --model says."""
     chosen = get_method(method)
     model = base_model.load(base) if base is not None else None
-    form = form_of(base_model.spec_of(model)) if model is not None else input_form(model_name)
-    task = load_task(dataset, opt.task_options(data_dir, source_room, subjects, seed, form))
+    if data is not None:
+        if model is None:
+            raise FleetError("--data: needs --base, the model your samples fine-tune")
+        dataset = str(data)
+        task = own_task(data, model, label_column)
+    else:
+        form = form_of(base_model.spec_of(model)) if model is not None else input_form(model_name)
+        task = load_task(dataset, opt.task_options(data_dir, source_room, subjects, seed, form))
     if model is None:
         model = pretrain_shown(task, model_name, PretrainConfig().epochs, seed)
     elif base_model.spec_of(model).width != task.n_features:

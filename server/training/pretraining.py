@@ -16,9 +16,10 @@ from skip2fleet.shared import model as base_model
 from skip2fleet.shared.config import FleetConfig
 from skip2fleet.shared.datasets import Task, TaskOptions, load_task, samples
 from skip2fleet.shared.datasets.federated import source_task
+from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.model import Model
 from skip2fleet.shared.pretrain import PretrainConfig, pretrain
-from skip2fleet.shared.spec import build, input_form
+from skip2fleet.shared.spec import build, form_of, input_form
 
 
 def pretrain_shown(task: Task, model: str, epochs: int, seed: int) -> Model:
@@ -37,24 +38,48 @@ def pretrain_shown(task: Task, model: str, epochs: int, seed: int) -> Model:
     return base_model.with_classes(trained, task.classes)
 
 
-def fleet_base(fleet: FleetConfig) -> Model:
-    """The base model for the fleet's task and model, from the coordinator's source data."""
+def fleet_source(fleet: FleetConfig) -> Task:
+    """The coordinator's source data for the fleet's task, in its model's form."""
     task, training = fleet.task, fleet.training
     data_dir = Path(task.data_dir) if task.data_dir else None
     form = input_form(training.model)
     if task.source is not None:
-        source = samples.source_task(Path(task.source), task.label_column, task.holdout, form)
-    else:
-        options = TaskOptions(data_dir, task.source_room, task.subjects, training.seed, form)
-        source = source_task(task.dataset, options)
-    return pretrain_shown(source, training.model, training.pretrain_epochs, training.seed)
+        return samples.source_task(Path(task.source), task.label_column, task.holdout, form)
+    options = TaskOptions(data_dir, task.source_room, task.subjects, training.seed, form)
+    return source_task(task.dataset, options)
+
+
+def fleet_base(fleet: FleetConfig, base: Path | None = None) -> Model:
+    """The base model for the fleet's task and model: the file `base` (from `fleet pretrain`),
+    checked to take the fleet's samples and name its classes, else pretrained now."""
+    training = fleet.training
+    if base is None:
+        return pretrain_shown(
+            fleet_source(fleet), training.model, training.pretrain_epochs, training.seed
+        )
+    model = base_model.load(base)
+    spec = base_model.spec_of(model)
+    if form_of(spec) != input_form(training.model):
+        raise FleetError(
+            f"{base}: a model of {form_of(spec)}; the fleet's model {training.model} reads "
+            f"{input_form(training.model)} (choose it with --model)"
+        )
+    task = fleet_source(fleet)
+    if (spec.width, base_model.classes_of(model)) != (task.n_features, task.classes):
+        raise FleetError(
+            f"{base}: takes {spec.width} values per sample and knows the classes "
+            f"{', '.join(base_model.classes_of(model))}; the fleet's data has "
+            f"{task.n_features} and {', '.join(task.classes)}"
+        )
+    return model
 
 
 def pretrain_command(
     out: Annotated[
         Path | None,
         typer.Option(
-            help="Where to write the base model (default runs/pretrain-<task>-<time>/base.npz)."
+            callback=opt.writable_file,
+            help="Where to write the base model (default runs/pretrain-<task>-<time>/base.npz).",
         ),
     ] = None,
     dataset: opt.Dataset = opt.DEFAULT_DATASET,

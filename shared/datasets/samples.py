@@ -333,11 +333,16 @@ def device_samples(
 
 
 def source_classes(path: Path, label_column: str) -> tuple[str, ...]:
-    """The classes of a source folder: 0..max when every label is an index, else the names
-    sorted."""
+    """The classes of a source folder (at least two): 0..max when every label is an index, else
+    the names sorted."""
     seen: set[str] = set()
     for block in read_blocks(path, label_column):
         seen.update(map(str, np.unique(block.labels).tolist()))
+    if len(seen) < 2:
+        raise DataError(
+            f"{path}: every sample is labelled {', '.join(sorted(seen)) or '(none)'}; a base "
+            "model needs samples of at least two classes to tell apart"
+        )
     if all(_as_index(s) is not None and _as_index(s) >= 0 for s in seen):
         return tuple(str(i) for i in range(max(int(s) for s in seen) + 1))
     return tuple(sorted(seen))
