@@ -6,7 +6,7 @@ chipped blade) as CSV files, one per recording, with a `label` column; the coord
 same fans recorded in a quiet room (`silentA`, both takes) as one `.npz` to pretrain on; and
 `new/` holds take 2 of the noisy room, the samples a device will classify after fine-tuning.
 Labels are class names: `normal`, `damaged`, and `stopped` for the last speed step (fan off) of
-each `hmlo` recording, found with skip2fleet's documented rule (README, "The data").
+each `hmlo` recording, found with skip2fleet's documented rule (docs/data.md).
 
     python examples/fan_to_samples.py $FLEET_DATA_DIR/cooling-fan [fan-samples]
 

@@ -121,7 +121,7 @@ DeviceCount = Annotated[
 DatasetOverride = Annotated[str | None, typer.Option(help="Override the fleet's data set.")]
 ModelName = Annotated[
     str,
-    typer.Option("--model", help=f"Built-in model: {', '.join(MODELS)} (the README's specs)."),
+    typer.Option("--model", help=f"Built-in model: {', '.join(MODELS)} (docs/models.md)."),
 ]
 ModelOverride = Annotated[
     str | None, typer.Option("--model", help=f"Override the fleet's model: {', '.join(MODELS)}.")

@@ -162,7 +162,7 @@ def load_config(path: Path) -> FleetConfig:
             f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"
         ) from None
     if not text.strip():
-        raise ConfigError(f"{path}: empty; see the example fleet.yaml in the README")
+        raise ConfigError(f"{path}: empty; see the example fleet.yaml in the checkout")
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:

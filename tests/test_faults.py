@@ -1,6 +1,6 @@
 """Faults injected into a real loopback deployment (SuperLink with TLS and node authentication,
-three SuperNodes), each case asserting what was kept and what was lost. Figures the README quotes
-are printed as `FAULTS ...` lines (run with `-s`).
+three SuperNodes), each case asserting what was kept and what was lost. The figures docs/faults.md
+quotes are printed as `FAULTS ...` lines (run with `-s`).
 
 One deployment serves the module: a device offline at the start of a run, the same device
 SIGKILLed mid-round and brought back by the test acting as its supervisor (the services' 10 s
