@@ -16,6 +16,7 @@ from skip2fleet.cli import DEVICE_COMMANDS, command_of
 from skip2fleet.cli import device as device_cli
 from skip2fleet.cli import fleet as fleet_cli
 from skip2fleet.server import cli as coordinator_cli
+from skip2fleet.server.operations import wheelhouse
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("cli", "server", "client", "shared", "ansible")
@@ -35,6 +36,7 @@ def test_every_python_folder_is_a_listed_package_of_skip2fleet():
     assert folders | {"skip2fleet.ansible"} == set(tool["packages"])
     assert not (ROOT / "ansible" / "__init__.py").exists()  # it would shadow Ansible itself
     assert tool["package-dir"] == {f"skip2fleet.{part}": part for part in PARTS}
+    assert wheelhouse.PARTS == PARTS  # a device's wheel holds every part
 
 
 def imports_of(path: Path) -> set[str]:

@@ -53,7 +53,7 @@ def test_the_wheel_runs_every_kind_of_command_from_a_fresh_venv(tmp_path):
     fleet = str(venv / "bin" / "fleet")
 
     where = run([str(venv / "bin" / "python"), "-c", WHERE], work, env, transcript)
-    assert str(venv) in where and "no top-level server, client or shared" in where, where
+    assert str(venv) in where and "no top-level cli, server, client or shared" in where, where
     assert "simulate" in run([fleet, "--help"], work, env, transcript)
     output = run([fleet, "simulate", "--rounds", "1", "--devices", "2"], work, env, transcript)
     assert "built-in example fleet" in output and "wall" in output, output
@@ -73,8 +73,8 @@ def test_the_wheel_runs_every_kind_of_command_from_a_fresh_venv(tmp_path):
 
 
 WHERE = """
-import importlib.util, skip2fleet.server, skip2fleet.shared
+import importlib.util, skip2fleet.cli, skip2fleet.server, skip2fleet.shared
 print(skip2fleet.server.__file__)
-if not any(importlib.util.find_spec(name) for name in ("server", "client", "shared")):
-    print("no top-level server, client or shared")
+if not any(importlib.util.find_spec(name) for name in ("cli", "server", "client", "shared")):
+    print("no top-level cli, server, client or shared")
 """

@@ -31,7 +31,7 @@ from pathlib import Path
 from skip2fleet.shared.errors import FleetError
 
 DISTRIBUTION = "skip2fleet"
-PARTS = ("server", "client", "shared", "ansible")  # the sub-packages of `skip2fleet`
+PARTS = ("cli", "server", "client", "shared", "ansible")  # `skip2fleet`'s parts (a test checks)
 OLDEST_GLIBC_MINOR = 17  # manylinux2014
 
 
