@@ -40,23 +40,28 @@ StateDir = Annotated[
 ]
 
 
+Source = Annotated[
+    str, typer.Argument(help="A .npz or .csv file of samples, or - for JSON lines on stdin.")
+]
+JsonLines = Annotated[
+    bool,
+    typer.Option(
+        "--json",
+        help="A JSON object per sample (label, class, probabilities by class, base_sha256, "
+        "round) instead of text (a header line naming the columns, then a line per sample: "
+        "label, class, each class's probability).",
+    ),
+]
+LabelColumn = Annotated[
+    str, typer.Option(help="A CSV's label column, left out of the features if present.")
+]
+
+
 def predict_command(
-    source: Annotated[
-        str, typer.Argument(help="A .npz or .csv file of samples, or - for JSON lines on stdin.")
-    ] = "-",
+    source: Source = "-",
     state_dir: StateDir = DEFAULT_STATE_DIR,
-    json_lines: Annotated[
-        bool,
-        typer.Option(
-            "--json",
-            help="A JSON object per sample (label, class, probabilities by class, base_sha256, "
-            "round) instead of text (a header line naming the columns, then a line per sample: "
-            "label, class, each class's probability).",
-        ),
-    ] = False,
-    label_column: Annotated[
-        str, typer.Option(help="A CSV's label column, left out of the features if present.")
-    ] = samples.DEFAULT_LABEL_COLUMN,
+    json_lines: JsonLines = False,
+    label_column: LabelColumn = samples.DEFAULT_LABEL_COLUMN,
 ) -> None:
     """Classify samples with this device's active model (the base with its active adapters)."""
     model = load_device_model(existing_state_dir(state_dir))

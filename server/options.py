@@ -105,6 +105,24 @@ JsonOut = Annotated[
 ]
 
 ConfigPath = Annotated[Path, typer.Option("--config", help="The fleet file.")]
+RunOut = Annotated[
+    Path | None,
+    typer.Option(
+        "--out", callback=new_run_folder, help="A new run folder (default runs/<command>-<time>)."
+    ),
+]
+Resume = Annotated[
+    Path | None,
+    typer.Option("--resume", help="Continue this run folder after its last completed round."),
+]
+BaseFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--base",
+        help="Base model (.npz, from `fleet pretrain`), checked against the fleet's samples and "
+        "classes; default: pretrain one now.",
+    ),
+]
 FleetFile = Annotated[
     Path | None, typer.Option("--config", help="The fleet file (default ./fleet.yaml).")
 ]

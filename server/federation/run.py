@@ -104,16 +104,9 @@ def follow(fleet: FleetConfig, folder: RunFolder, run_id: str) -> None:
 
 def run_command(
     config: opt.ConfigPath = Path("fleet.yaml"),
-    base: Annotated[
-        Path | None, typer.Option(help="Base model (.npz); default: pretrain one now.")
-    ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(callback=opt.new_run_folder, help="Run folder (default runs/run-<time>)."),
-    ] = None,
-    resume: Annotated[
-        Path | None, typer.Option(help="Continue this run folder after its last complete round.")
-    ] = None,
+    base: opt.BaseFile = None,
+    out: opt.RunOut = None,
+    resume: opt.Resume = None,
     rounds: Annotated[int | None, typer.Option(min=1, help="Total rounds (with --resume).")] = None,
     model: opt.ModelOverride = None,
     cache: opt.CacheOverride = None,
@@ -136,10 +129,17 @@ def run_command(
     )
     print_round_header()
     run_id = start_run(fleet, folder)
+    follow_to_the_end(fleet, folder, run_id)
+    typer.echo(f"run {run_id} completed; rounds in {folder.path}/rounds")
+
+
+def follow_to_the_end(fleet: FleetConfig, folder: RunFolder, run_id: str) -> None:
+    """`follow` the run; a failure, or Ctrl-C (which stops the run on the SuperLink), says how
+    to resume it."""
+    resume = f"resume with `fleet run --resume {folder.path}`"
     try:
         follow(fleet, folder, run_id)
     except KeyboardInterrupt:
-        resume = f"resume with `fleet run --resume {folder.path}`"
         try:
             flwr(fleet, "stop", run_id, CONNECTION, timeout=STOP_TIMEOUT_S)
         except FleetError as exc:
@@ -147,4 +147,3 @@ def run_command(
         raise Interrupted(f"interrupted; {resume}") from None
     except FleetError as exc:
         raise FleetError(f"{exc}; resume with: fleet run --resume {folder.path}") from None
-    typer.echo(f"run {run_id} completed; rounds in {folder.path}/rounds")

@@ -42,31 +42,23 @@ from skip2fleet.shared.methods import get_method
 from skip2fleet.shared.records import model_record, vector_record, wire_bytes
 from skip2fleet.shared.services import CLIENTAPP, load_component
 
+Rounds = Annotated[int | None, typer.Option(min=1, help="Federated rounds.")]
+Aggregation = Annotated[str | None, typer.Option(help="none, fedavg or svd.")]
+
 
 def simulate_command(
     config: opt.FleetFile = None,
     devices: opt.DeviceCount = None,
-    rounds: Annotated[int | None, typer.Option(min=1, help="Federated rounds.")] = None,
+    rounds: Rounds = None,
     dataset: opt.DatasetOverride = None,
     model: opt.ModelOverride = None,
     cache: opt.CacheOverride = None,
     data_dir: opt.DataDir = None,
-    aggregation: Annotated[str | None, typer.Option(help="none, fedavg or svd.")] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            callback=opt.new_run_folder, help="Run folder (default runs/simulate-<time>)."
-        ),
-    ] = None,
-    resume: Annotated[
-        Path | None,
-        typer.Option(help="Continue this run folder after its last completed round."),
-    ] = None,
+    aggregation: Aggregation = None,
+    out: opt.RunOut = None,
+    resume: opt.Resume = None,
     json_out: opt.JsonOut = None,
-    base: Annotated[
-        Path | None,
-        typer.Option(help="Base model (.npz, from `fleet pretrain`); default: pretrain one now."),
-    ] = None,
+    base: opt.BaseFile = None,
 ) -> None:
     """Run the fleet's federated rounds on this machine, one simulated device per entry."""
     if resume is not None:
@@ -77,12 +69,26 @@ def simulate_command(
         )
         out = out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
         folder = RunFolder.create(out, as_yaml_dict(fleet), fleet_base(fleet, base))
-    fleet, base = folder.config(), folder.base()
-    task = fleet.task
+    wall = simulate_rounds(folder)
+    summary = run_summary(folder, wall)
+    markdown, chart = federated_report(summary)
+    chart(folder.path / "report.png")
+    write_text_atomic(folder.path / "report.md", markdown)
+    for path in (folder.path / "result.json", json_out):
+        if path is not None:
+            write_text_atomic(path, json.dumps(summary, indent=2) + "\n")
+    typer.echo(markdown)
+    typer.echo(f"wall {wall:.1f} s; report in {folder.path}/report.md and report.png")
+
+
+def simulate_rounds(folder: RunFolder) -> float:
+    """The run folder's remaining rounds, a row printed per round (the completed ones first);
+    the seconds they took. Ctrl-C says how to resume; rounds missing at the end are an error."""
+    fleet = folder.config()
     stderr.print(
         f"simulating {len(fleet.devices)} devices x {fleet.federation.rounds} rounds "
-        f"({task.label}, {fleet.training.method}, aggregation {fleet.federation.aggregation}) "
-        f"in {folder.path}"
+        f"({fleet.task.label}, {fleet.training.method}, aggregation "
+        f"{fleet.federation.aggregation}) in {folder.path}"
     )
     print_round_header()
     for number in folder.completed_rounds():
@@ -94,35 +100,30 @@ def simulate_command(
         raise Interrupted(
             f"interrupted; resume with `fleet simulate --resume {folder.path}`"
         ) from None
-    wall = time.monotonic() - started
-    rounds_done = [folder.round_result(n) for n in folder.completed_rounds()]
-    if len(rounds_done) < fleet.federation.rounds:
+    done = len(folder.completed_rounds())
+    if done < fleet.federation.rounds:
         raise FleetError(
-            f"the simulation ended after {len(rounds_done)} of "
-            f"{fleet.federation.rounds} rounds; see the log above"
+            f"the simulation ended after {done} of {fleet.federation.rounds} rounds; "
+            "see the log above"
         )
-    spec = base_model.spec_of(base)
-    rank = fleet.training.rank
-    summary = {
-        "dataset": task.label,
+    return time.monotonic() - started
+
+
+def run_summary(folder: RunFolder, wall: float) -> dict:
+    """What the run's report shows: the fleet, the bytes of a model and of adapters, the rounds."""
+    fleet, base = folder.config(), folder.base()
+    method, rank = get_method(fleet.training.method), fleet.training.rank
+    adapters = np.zeros(packed_size(method, base_model.spec_of(base), rank))
+    return {
+        "dataset": fleet.task.label,
         "method": fleet.training.method,
         "aggregation": fleet.federation.aggregation,
         "devices": len(fleet.devices),
         "wall_s": wall,
         "full_model_bytes": wire_bytes(model_record(base)),
-        "adapter_bytes": wire_bytes(
-            vector_record(np.zeros(packed_size(get_method(fleet.training.method), spec, rank)))
-        ),
-        "rounds": rounds_done,
+        "adapter_bytes": wire_bytes(vector_record(adapters)),
+        "rounds": [folder.round_result(n) for n in folder.completed_rounds()],
     }
-    markdown, chart = federated_report(summary)
-    chart(folder.path / "report.png")
-    write_text_atomic(folder.path / "report.md", markdown)
-    write_text_atomic(folder.path / "result.json", json.dumps(summary, indent=2) + "\n")
-    if json_out is not None:
-        write_text_atomic(json_out, json.dumps(summary, indent=2) + "\n")
-    typer.echo(markdown)
-    typer.echo(f"wall {wall:.1f} s; report in {folder.path}/report.md and report.png")
 
 
 class _NotDeprecation(logging.Filter):
