@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -188,14 +191,21 @@ def test_own_data_fine_tunes_outside_a_simulation(tmp_path, base):
     one_line_error(fleet("finetune", "--data", str(tmp_path)), "--data: needs --base")
 
 
-def test_a_simulation_reuses_a_given_base(tmp_path, base):
-    run = tmp_path / "run"
-    result = fleet(
-        "simulate", "--base", str(base), "--devices", "2", "--rounds", "1", "--out", str(run)
-    )
-    assert result.exit_code == 0, result.output
-    assert "pretraining" not in result.output
-    assert (run / "base.npz").read_bytes() == base.read_bytes()
+def test_a_simulation_reuses_a_given_base_and_leaves_no_ray_session(tmp_path, base, monkeypatch):
+    ray_tmp = Path(tempfile.mkdtemp(prefix="t-", dir="/tmp"))  # Ray's sockets need a short path
+    monkeypatch.setattr(tempfile, "tempdir", str(ray_tmp))
+    try:
+        run = tmp_path / "run"
+        result = fleet(
+            "simulate", "--base", str(base), "--devices", "2", "--rounds", "1", "--out", str(run)
+        )
+        assert result.exit_code == 0, result.output
+        assert "pretraining" not in result.output
+        assert (run / "base.npz").read_bytes() == base.read_bytes()
+        assert list(ray_tmp.iterdir()) == []  # Ray's session folder of this run is gone
+        assert not list(Path("/tmp/ray").glob(f"session_*_{os.getpid()}"))  # none made there
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_a_base_for_other_samples_is_refused_before_the_run(tmp_path):

@@ -42,6 +42,7 @@ def interrupt(command: list[str], run: Path, env: dict, cwd: Path) -> tuple[floa
         sent = time.monotonic()
         os.killpg(process.pid, signal.SIGINT)
         _, said = process.communicate(timeout=60)
+        assert not list(Path("/tmp/ray").glob(f"session_*_{process.pid}"))  # Ray's default place
         return time.monotonic() - sent, process.returncode, said
     finally:
         if process.poll() is None:
