@@ -14,7 +14,7 @@ from skip2fleet.cli.fleet import app
 from skip2fleet.client.clientapp import train as real_train
 from skip2fleet.server import options as opt
 from skip2fleet.server.federation.runs import RunFolder
-from skip2fleet.server.federation.serverapp import make_server_app
+from skip2fleet.server.federation.simulate import run_simulation
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.config import as_yaml_dict
 from skip2fleet.shared.protocol import ADAPTERS
@@ -92,17 +92,13 @@ def poisoning_client(bad_partition: int) -> ClientApp:
 
 
 def test_a_device_sending_nan_is_refused_and_does_not_poison_the_average(tmp_path):
-    from flwr.simulation import run_simulation
-
     fleet = opt.resolve_fleet(None, 3, 1, "generated", None, "fedavg")
     fleet = dataclasses.replace(
         fleet, federation=dataclasses.replace(fleet.federation, min_devices=2)
     )
     base = base_model.init_model(mlp(64, 3), np.random.default_rng(0))
     folder = RunFolder.create(tmp_path / "run", as_yaml_dict(fleet), base)
-    run_simulation(
-        server_app=make_server_app(folder.path), client_app=poisoning_client(1), num_supernodes=3
-    )
+    run_simulation(folder, 3, client_app=poisoning_client(1))
     result = folder.round_result(1)
     assert result["refused"] == {"sim-2": "adapters hold NaN or Inf"}
     assert sorted(result["devices"]) == ["sim-1", "sim-3"]

@@ -22,6 +22,7 @@ from typing import Annotated
 import numpy as np
 import typer
 from flwr.app import Context
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from skip2fleet.server import options as opt
@@ -181,10 +182,14 @@ def _ends_quietly_when_stopped(server_app: ServerApp) -> ServerApp:
 
 
 def run_simulation(
-    folder: RunFolder, devices: int, on_round: Callable[[dict], None] = print_round
+    folder: RunFolder,
+    devices: int,
+    on_round: Callable[[dict], None] = print_round,
+    client_app: ClientApp | None = None,
 ) -> None:
-    """Flower's Simulation Engine (Ray) with the ServerApp in this process; Ctrl-C raises
-    `Interrupted` once the ServerApp has stopped.
+    """Flower's Simulation Engine (Ray) with the ServerApp in this process and `client_app` (the
+    device's) on each simulated SuperNode; Ctrl-C raises `Interrupted` once the ServerApp has
+    stopped.
 
     Ray rewrites this process's PYTHONPATH for its workers (with an empty entry, which means
     the working directory); it is put back afterwards, so that no later subprocess of ours
@@ -197,7 +202,7 @@ def run_simulation(
         with _ray_folder() as ray_folder, _ctrl_c_stops_exchanges():
             flower_simulation(
                 server_app=_ends_quietly_when_stopped(make_server_app(folder.path, on_round)),
-                client_app=load_component(CLIENTAPP),
+                client_app=client_app or load_component(CLIENTAPP),
                 num_supernodes=devices,
                 backend_config={
                     "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
