@@ -35,27 +35,51 @@ LAST_FINETUNE_ACCURACY = Metric(
     "Accuracy on the device's held-out data.",
     ("phase",),
 )
+# The active model's identity as values, not labels: a label per round or version would make
+# new series every round. The base changes only with a new pretraining: one info series per base.
 ACTIVE_MODEL = Metric(
     "skip2fleet_device_active_model_accuracy_ratio",
-    "Hold-out accuracy of the model fleet predict uses, labelled by its base and adapters "
-    "(round 0: the base alone).",
-    ("base_sha256", "round", "version"),
+    "Hold-out accuracy of the model fleet predict uses.",
+)
+ACTIVE_MODEL_ROUND = Metric(
+    "skip2fleet_device_active_model_round",
+    "Round of the adapters fleet predict uses (0: the base alone).",
+)
+ACTIVE_MODEL_VERSION = Metric(
+    "skip2fleet_device_active_model_version",
+    "Kept version number of those adapters (0: the base alone).",
+)
+ACTIVE_MODEL_BASE = Metric(
+    "skip2fleet_device_active_model_base_info",
+    "The base model fleet predict uses (always 1), by the start of its sha256.",
+    ("base_sha256",),
 )
 LAST_FINETUNE_BATCH = Metric(
     LAST_FINETUNE.format(figure="train_batch_seconds"), "Time per training batch.", ("phase",)
 )
 
-# The ServerApp's pushes, one group per run, labelled by round.
+# The ServerApp's pushes: one group for the fleet, replaced after every round. The round is a
+# value, never a label: the series are the same after 1 round as after 100.
+RUN_INFO = Metric(
+    "skip2fleet_run_info",
+    "The run whose rounds are pushed (always 1): its folder's name, method and aggregation.",
+    ("run", "method", "aggregation"),
+)
 ROUND_NUMBER = Metric("skip2fleet_round_number", "Last completed round.")
-ROUND_DURATION = Metric("skip2fleet_round_duration_seconds", "Wall time of the round.", ("round",))
-ROUND_DEVICES = Metric("skip2fleet_round_devices", "Devices by outcome.", ("round", "outcome"))
+ROUND_DURATION = Metric(
+    "skip2fleet_round_duration_seconds", "Wall time of the last completed round."
+)
+ROUND_DEVICES = Metric(
+    "skip2fleet_round_devices", "Devices of the last completed round, by outcome.", ("outcome",)
+)
 ROUND_REFUSED = Metric(
-    "skip2fleet_round_refused_replies", "Replies refused in the round.", ("round",)
+    "skip2fleet_round_refused_replies", "Replies refused in the last completed round."
 )
 ROUND_SVD_ERROR = Metric(
-    "skip2fleet_round_svd_relative_error", "Error left by SVD re-factorisation.", ("round",)
+    "skip2fleet_round_svd_relative_error", "Error left by SVD re-factorisation, last round."
 )
-_PER_DEVICE = ("round", "device", "method")
+# A device's figures of the last completed round; a device that did not reply has none.
+_PER_DEVICE = ("device", "method")
 DEVICE_ACCURACY = Metric(
     "skip2fleet_device_accuracy_ratio",
     "Accuracy on the device's held-out data.",

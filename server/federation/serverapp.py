@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from skip2fleet.server.federation.aggregation import STRATEGIES, Update
 from skip2fleet.server.federation.exchange import Exchange, exchange
-from skip2fleet.server.federation.pushes import push_rounds
+from skip2fleet.server.federation.pushes import FleetPushes
 from skip2fleet.server.federation.runs import RunFolder
 from skip2fleet.server.operations.certs import fleet_credentials
 from skip2fleet.shared import model as base_model
@@ -132,7 +132,10 @@ def coordinate(grid: Grid, folder: RunFolder, on_round: RoundListener) -> None:
     registered = folder.node_registry()
     device_of = dict(registered)
     has_base: set[int] = set()  # nodes sent the base in this run that did not refuse it since
-    unpushed: list[dict] = []  # rounds the Pushgateway has not taken yet
+    gateway = config.coordinator.pushgateway
+    pushes = gateway and FleetPushes(
+        gateway, folder.path.name, method.name, fleet_credentials(config).pushgateway_password
+    )
     state_root = str(folder.path / "devices")
     for number in range((done[-1] if done else 0) + 1, fed.rounds + 1):
         started, started_at = time.monotonic(), time.time()
@@ -183,14 +186,8 @@ def coordinate(grid: Grid, folder: RunFolder, on_round: RoundListener) -> None:
             downlink_bytes={device_of.get(n, str(n)): b for n, b in downlink.items()},
         )
         folder.save_round(number, result, received, outgoing)
-        if config.coordinator.pushgateway:
-            unpushed = push_rounds(
-                config.coordinator.pushgateway,
-                folder.path.name,
-                method.name,
-                [*unpushed, result],
-                fleet_credentials(config).pushgateway_password,
-            )
+        if pushes:
+            pushes.push(result)
         on_round(result)
 
 

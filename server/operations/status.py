@@ -68,11 +68,12 @@ def status_command(config: opt.ConfigPath = Path("fleet.yaml")) -> None:
 
 
 def active_model(figures: dict[str, float]) -> str:
-    """`base 1a2b3c4d5e6f + round 3 (91.20 %)` from the agent's active-model metric."""
-    prefix = names.ACTIVE_MODEL.name + "|"
-    for key, value in figures.items():
-        if key.startswith(prefix):
-            base, round_, _ = key[len(prefix) :].split("|")
-            adapters = f"round {round_}" if round_ != "0" else "no adapters"
-            return f"base {base} + {adapters} ({value * 100:.2f} %)"
-    return "-"
+    """`base 1a2b3c4d5e6f + round 3 (91.20 %)` from the agent's active-model metrics."""
+    accuracy = figures.get(names.ACTIVE_MODEL.name)
+    if accuracy is None:
+        return "-"
+    prefix = names.ACTIVE_MODEL_BASE.name + "|"
+    base = next((key[len(prefix) :] for key in figures if key.startswith(prefix)), "?")
+    round_ = int(figures.get(names.ACTIVE_MODEL_ROUND.name, 0))
+    adapters = f"round {round_}" if round_ else "no adapters"
+    return f"base {base} + {adapters} ({accuracy * 100:.2f} %)"
