@@ -54,7 +54,8 @@ def device_etc(fleet: FleetConfig, device: Device, creds: Credentials) -> Path:
     home = Path(device.install_dir)
     folder = state_dir(fleet) / "devices" / device.name
     own = write_text_atomic(
-        folder / DEVICE_FILE, device_settings(fleet, device, home / "state").text()
+        folder / DEVICE_FILE,
+        device_settings(fleet, device, home / "state", ca_cert=home / "etc" / "ca.crt").text(),
     )
     files = {
         f"etc/{DEVICE_FILE}": own,

@@ -22,7 +22,11 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 
 from skip2fleet.server.operations.certs import credentials_for
-from skip2fleet.server.operations.frontdoor import nginx_command, write_nginx_config
+from skip2fleet.server.operations.frontdoor import (
+    nginx_command,
+    run_folder,
+    write_nginx_config,
+)
 from skip2fleet.server.operations.superlink import (
     flower_env,
     register_nodes,
@@ -100,9 +104,7 @@ def loopback_deployment(
     names = [d.name for d in fleet.devices]
     try:
         start_superlink(processes, fleet)
-        door = folder / "frontdoor"
-        config = write_nginx_config(fleet, creds, door, door)
-        processes.start("frontdoor", nginx_command(config, door), flower_env(fleet))
+        start_frontdoor(processes, fleet, folder / "frontdoor")
         write_connection(fleet, creds)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while True:  # the Control API answers once the SuperLink is up
@@ -119,6 +121,17 @@ def loopback_deployment(
         yield processes
     finally:
         processes.stop_all()
+
+
+def start_frontdoor(
+    processes: Processes, fleet: FleetConfig, folder: Path, name: str = "frontdoor"
+) -> subprocess.Popen:
+    """nginx with the front door's configuration in `folder`, its logs where `fleet deploy`
+    puts them (the ServerApp reads them to say why devices are missing)."""
+    run_dir = run_folder(fleet)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = write_nginx_config(fleet, credentials_for(fleet), folder, run_dir)
+    return processes.start(name, nginx_command(config, run_dir), flower_env(fleet))
 
 
 def start_superlink(processes: Processes, fleet: FleetConfig, name: str = "superlink") -> None:
