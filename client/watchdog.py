@@ -108,7 +108,7 @@ class SuperNodeWatchdog:
                     "starts it again)",
                     flush=True,
                 )
-                _stop(pid)
+                _stop(pid, self.proc_root)
                 self.restarts += 1
                 stopped.append(pid)
                 del self._seen[pid]
@@ -126,12 +126,22 @@ class SuperNodeWatchdog:
         self._stop.set()
 
 
-def _stop(pid: int) -> None:
+def _stop(pid: int, proc_root: Path) -> None:
     """SIGTERM (the SuperNode leaves gracefully), SIGKILL if it is still there after a while."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
         while time.monotonic() < deadline:
-            os.kill(pid, 0)
+            if not _alive(pid, proc_root):
+                return
             time.sleep(0.2)
         os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int, proc_root: Path) -> bool:
+    """Running, not a zombie its service has yet to collect."""
+    try:
+        stat = (proc_root / str(pid) / "stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"

@@ -218,6 +218,8 @@ def test_late_device_killed_device_superlink_restart_and_resume(deployment):
     )
     said = processes.log("fleet-run")
     assert f"fleet run --resume {run}" in said, said[-2000:]
+    # the ServerApp the dead SuperLink started is gone before the hint is printed
+    assert RunFolder(run).holder() is None, said[-2000:]
     in_flight = max(completed) + 1
     finished = RunFolder(run).completed_rounds()
     resume = runner.invoke(app, ["run", "--resume", str(run), "--rounds", str(max(finished) + 1)])

@@ -29,6 +29,8 @@ protocol, so the HTTP layer's limits and logs see the real address. Logs (with `
 from __future__ import annotations
 
 import base64
+import hashlib
+import os
 import time
 from pathlib import Path
 
@@ -70,6 +72,7 @@ ROOM_FOR_ADDRESSES = 16  # strangers at their cap the door makes room for beside
 MIN_WORKER_CONNECTIONS = 1024
 STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")  # libnginx-mod-stream
 SOCKET_PATH_MAX = 107  # sun_path
+ROOT_SOCKETS = Path("/run/skip2fleet-frontdoor")
 TROUBLE_STATUSES = frozenset({"400", "403", "408", "413", "429", "444", "499", "503"})
 
 
@@ -83,6 +86,16 @@ def worker_connections(devices: int) -> int:
 def run_folder(fleet: FleetConfig) -> Path:
     """The door's pid file, logs, socket and temporary files."""
     return state_dir(fleet) / "coordinator" / "run"
+
+
+def socket_path(fleet: FleetConfig) -> Path:
+    """Where the stream layer hands connections to the HTTP layer. nginx started as root runs
+    its workers as `nobody`, which may not traverse the state folder (/root is 0700): then a
+    folder of /run (root's alone to create in) that nginx's start makes 0711."""
+    if os.geteuid() == 0:
+        digest = hashlib.sha256(str(state_dir(fleet).resolve()).encode()).hexdigest()[:16]
+        return ROOT_SOCKETS / f"{digest}.sock"
+    return run_folder(fleet) / "frontdoor.sock"
 
 
 def key_header(public_key: Path) -> str:
@@ -104,10 +117,11 @@ def stream_module() -> Path:
     return STREAM_MODULE
 
 
-def nginx_config(fleet: FleetConfig, creds: Credentials, run_dir: Path) -> str:
-    """nginx.conf for the front door; `run_dir` holds its pid, logs, socket, temporary files."""
+def nginx_config(fleet: FleetConfig, creds: Credentials) -> str:
+    """nginx.conf for the front door; its pid, logs and temporary files go to `run_folder`."""
     coordinator = fleet.coordinator
-    socket = socket_path(run_dir)
+    run_dir = run_folder(fleet)
+    socket = socket_path(fleet)
     if len(str(socket)) > SOCKET_PATH_MAX:
         raise FleetError(
             f"{socket}: too long for a unix socket ({len(str(socket))} > {SOCKET_PATH_MAX} "
@@ -228,27 +242,24 @@ http {{
 """
 
 
-def socket_path(run_dir: Path) -> Path:
-    return run_dir / "frontdoor.sock"
-
-
-def nginx_command(config: Path, run_dir: Path) -> list[str]:
-    """nginx in the foreground (a supervised service), its early errors in `run_dir` too. A
-    killed nginx leaves its unix socket behind, and nginx never binds over one: removed first."""
+def nginx_command(fleet: FleetConfig, config: Path) -> list[str]:
+    """nginx in the foreground (a supervised service), its early errors in the run folder too.
+    A killed nginx leaves its unix socket behind, and nginx never binds over one: removed first."""
+    run_dir = run_folder(fleet)
     return [
         "/bin/sh",
         "-c",
-        'rm -f "$0" && exec nginx -e "$1" -c "$2" -g "daemon off;"',
-        str(socket_path(run_dir)),
+        'mkdir -p -m 0711 "${0%/*}" && rm -f "$0" && exec nginx -e "$1" -c "$2" -g "daemon off;"',
+        str(socket_path(fleet)),
         str(run_dir / "nginx-error.log"),
         str(config),
     ]
 
 
-def write_nginx_config(fleet: FleetConfig, creds: Credentials, folder: Path, run_dir: Path) -> Path:
+def write_nginx_config(fleet: FleetConfig, creds: Credentials, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / CONFIG_NAME
-    path.write_text(nginx_config(fleet, creds, run_dir))
+    path.write_text(nginx_config(fleet, creds))
     return path
 
 
@@ -268,6 +279,17 @@ def door_trouble(fleet: FleetConfig, window_s: float = 60.0, now: float | None =
             if stamp >= since and status in TROUBLE_STATUSES:
                 count += 1
     return count
+
+
+def door_note(fleet: FleetConfig) -> str:
+    """What the door saw, for a message about missing devices ("" when it refused nothing)."""
+    refused = door_trouble(fleet)
+    if not refused:
+        return ""
+    return (
+        f"; the front door logged {refused} refused or timed-out connections in the last "
+        f"minute (a flood, or keys it does not know: see {run_folder(fleet)}/nginx-*.log)"
+    )
 
 
 def _tail(path: Path, limit: int = 4 << 20) -> list[str]:

@@ -128,10 +128,9 @@ def start_frontdoor(
 ) -> subprocess.Popen:
     """nginx with the front door's configuration in `folder`, its logs where `fleet deploy`
     puts them (the ServerApp reads them to say why devices are missing)."""
-    run_dir = run_folder(fleet)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config = write_nginx_config(fleet, credentials_for(fleet), folder, run_dir)
-    return processes.start(name, nginx_command(config, run_dir), flower_env(fleet))
+    run_folder(fleet).mkdir(parents=True, exist_ok=True)
+    config = write_nginx_config(fleet, credentials_for(fleet), folder)
+    return processes.start(name, nginx_command(fleet, config), flower_env(fleet))
 
 
 def start_superlink(processes: Processes, fleet: FleetConfig, name: str = "superlink") -> None:
@@ -142,9 +141,15 @@ def start_superlink(processes: Processes, fleet: FleetConfig, name: str = "super
 
 
 def start_supernode(
-    processes: Processes, fleet: FleetConfig, folder: Path, device: str, name: str | None = None
+    processes: Processes,
+    fleet: FleetConfig,
+    folder: Path,
+    device: str,
+    name: str | None = None,
+    env: dict | None = None,
 ) -> subprocess.Popen:
-    """`device`'s SuperNode, its state under `folder/devices/<device>` (the same on a restart)."""
+    """`device`'s SuperNode, its state under `folder/devices/<device>` (the same on a restart),
+    in `env` (default: Flower's environment for the fleet)."""
     creds = credentials_for(fleet)
     data = next(d for d in fleet.devices if d.name == device).data
     command = supernode_command(
@@ -156,7 +161,7 @@ def start_supernode(
         creds.node_key(device),
         Path(data.data_dir) if data.data_dir else None,
     )
-    return processes.start(name or device, command, flower_env(fleet))
+    return processes.start(name or device, command, env or flower_env(fleet))
 
 
 def start_prometheus(processes: Processes, config_dir: Path, port: int) -> None:
