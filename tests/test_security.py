@@ -15,14 +15,18 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from skip2fleet.cli.fleet import app
 from skip2fleet.server.operations.certs import credentials_for
+from skip2fleet.server.operations.frontdoor import PUBLIC_KEY_HEADER, key_header
 from skip2fleet.shared.config import load_config
 from skip2fleet.shared.services import supernode_command
 from tests.fakehosts import COORDINATOR_IP, fake_hosts, ssh_keypair
@@ -47,6 +51,13 @@ REFUSED_PATHS = [
     "/v1/control/unregister-node",
     "/v1/runtime/get-nodes",
     "/v1/fleet/register-node",
+    "/v1/fleet/register-node%3f",  # an encoded `?`, `#` or `/`, a trailing slash, a `..`
+    "/v1/fleet/register-node%23",
+    "/v1/fleet/register-node/",
+    "/v1/fleet%2fregister-node",
+    "/v1/fleet/pull-messages/../register-node",
+    "/v1/fleet/pull-messages?x=1",
+    "/v1/fleet/unregister-node",
     "/docs",
     "/openapi.json",
 ]
@@ -103,9 +114,14 @@ def in_namespace(namespace: str, *command: str, env: dict | None = None):
     )
 
 
-def status_of(namespace: str, url: str, ca: Path, body: bytes = b"{}") -> str:
+def status_of(
+    namespace: str, url: str, ca: Path, body: bytes = b"{}", headers: dict | None = None
+) -> str:
     """The HTTP status a POST from `namespace` gets (curl, checking the server with `ca`)."""
-    curl = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", str(ca)]
+    curl = ["curl", "-s", "--path-as-is", "-o", "/dev/null", "-w", "%{http_code}"]
+    curl += ["--cacert", str(ca)]
+    for name, value in (headers or {}).items():
+        curl += ["-H", f"{name}: {value}"]
     done = subprocess.run(
         ["ip", "netns", "exec", namespace, *curl, "-X", "POST", "--data-binary", "@-", url],
         input=body,
@@ -113,6 +129,29 @@ def status_of(namespace: str, url: str, ca: Path, body: bytes = b"{}") -> str:
         timeout=60,
     )
     return done.stdout.decode()
+
+
+# A stranger's own key, its signed activation request as Flower's SuperNode would send it.
+ACTIVATE_WITH_OWN_KEY = """
+import base64, sys, httpx
+from flwr.proto.fleet_pb2 import ActivateNodeRequest
+from flwr.supercore.date import now
+from flwr.supercore.primitives.asymmetric import (
+    generate_key_pairs, public_key_to_bytes, sign_message)
+private, public = generate_key_pairs()
+key = public_key_to_bytes(public)
+stamp = now().isoformat()
+headers = {
+    "content-type": "application/protobuf",
+    "flwr-public-key": base64.b64encode(key).decode(),
+    "flwr-timestamp": stamp,
+    "flwr-signature": base64.b64encode(sign_message(private, stamp.encode())).decode(),
+}
+body = ActivateNodeRequest(public_key=key, heartbeat_interval=30).SerializeToString()
+answer = httpx.post(sys.argv[1] + "/v1/fleet/activate-node", content=body, headers=headers,
+                    verify=sys.argv[2])
+print(answer.status_code)
+"""
 
 
 def test_a_stranger_on_the_network_gets_nothing_but_the_fleet_api(tmp_path):
@@ -166,8 +205,18 @@ def test_a_stranger_on_the_network_gets_nothing_but_the_fleet_api(tmp_path):
                 status = status_of(attacker, door + route, ca)
                 record.append(f"POST {route}: {status}")
                 assert status == "403", (route, status)
-            status = status_of(attacker, door + "/v1/fleet/push-messages", ca, b"x" * (2 << 20))
-            record.append(f"POST /v1/fleet/push-messages with 2 MiB: {status}")
+            own_key = in_namespace(
+                attacker, sys.executable, "-c", ACTIVATE_WITH_OWN_KEY, door, str(ca)
+            )
+            record.append(f"activate-node with a key of its own: {own_key.stdout.strip()}")
+            assert own_key.stdout.strip() == "403", own_key.stderr
+            # a device's public key is no secret: with one, a body over the limit is 413
+            public = {PUBLIC_KEY_HEADER: key_header(creds.node_public_key("pi-1"))}
+            big = b"x" * (2 << 20)
+            status = status_of(attacker, door + "/v1/fleet/push-messages", ca, big, public)
+            record.append(
+                f"POST /v1/fleet/push-messages with 2 MiB and pi-1's public key: {status}"
+            )
             assert status == "413"
 
             # The stranger's own Flower CLI: run, list, register, stop.
@@ -281,3 +330,137 @@ def test_a_stranger_on_the_network_gets_nothing_but_the_fleet_api(tmp_path):
         stop_coordinator_services(state)
         shutil.rmtree(marker.parent, ignore_errors=True)
     print("\n".join(record))
+
+
+# Slow bodies and slow headers from one address, bounded in count and time: `slots` connections
+# of each kind, each reconnecting (after 0.5 s) whenever the door closes it, until `seconds` pass.
+FLOOD = """
+import asyncio, json, ssl, sys, time
+host, port, ca = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+slots, seconds = int(sys.argv[4]), float(sys.argv[5])
+context = ssl.create_default_context(cafile=ca)
+held, most, attempts, end = 0, 0, 0, time.monotonic() + seconds
+BODY = (f"POST /v1/fleet/push-messages HTTP/1.1\\r\\nHost: {host}\\r\\n"
+        "Content-Type: application/protobuf\\r\\nContent-Length: 1000000\\r\\n\\r\\n").encode()
+
+async def slot(slow_header):
+    global held, most, attempts
+    while time.monotonic() < end:
+        attempts += 1
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, ssl=context), 5)
+        except (OSError, asyncio.TimeoutError, ssl.SSLError):
+            await asyncio.sleep(0.5)
+            continue
+        held += 1
+        most = max(most, held)
+        try:
+            if not slow_header:
+                writer.write(BODY)
+            for byte in (BODY if slow_header else b"x" * 1000000):
+                if time.monotonic() > end or reader.at_eof():
+                    break
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(1)
+        except (OSError, ssl.SSLError):
+            pass
+        finally:
+            held -= 1
+            writer.close()
+        await asyncio.sleep(0.5)
+
+async def main():
+    await asyncio.gather(*(slot(i % 2 == 1) for i in range(2 * slots)))
+
+asyncio.run(main())
+print(json.dumps({"most_held": most, "attempts": attempts}))
+"""
+
+
+def test_a_flood_of_slow_bodies_and_headers_from_one_address_does_not_stop_a_round(tmp_path):
+    """600 connections (300 slow bodies, 300 slow headers, one byte a second) from the attacker
+    namespace for at most FLOOD_S while a real round runs: the round completes with every device;
+    after the flood, every device trains again within 60 s; a run short of devices names what
+    the door refused."""
+    key = ssh_keypair(tmp_path)
+    state = tmp_path / "state"
+    flood_s = 75
+    try:
+        with fake_hosts(4, key) as hosts:
+            devices = [fake_device(i, h, h.folder) for i, h in enumerate(hosts[:3])]
+            config = write_fleet(
+                tmp_path,
+                COORDINATOR_IP,
+                devices,
+                training={"epochs": 5, "pretrain_epochs": 5},
+                federation={"rounds": 1, "min_devices": 3, "round_timeout_s": 60},
+            )
+            path = tmp_path / "fleet.yaml"
+            code, _, output = deploy(path, key)
+            assert code == 0, output
+            creds = credentials_for(load_config(path))
+            ca = tmp_path / "attacker-ca.crt"
+            shutil.copy(creds.ca_cert, ca)
+            port = str(config["coordinator"]["port"])
+            run = tmp_path / "run"
+            flood = subprocess.Popen(
+                [
+                    *("ip", "netns", "exec", hosts[3].name, sys.executable, "-c", FLOOD),
+                    *(COORDINATOR_IP, port, str(ca), "300", str(flood_s)),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+            try:
+                time.sleep(10)  # the flood is on
+                during = CliRunner().invoke(app, ["run", "--config", str(path), "--out", str(run)])
+                assert during.exit_code == 0, during.output
+                short = dict(
+                    config, federation={"rounds": 1, "min_devices": 4, "round_timeout_s": 5}
+                )
+                (tmp_path / "short.yaml").write_text(yaml.safe_dump(short))
+                failed = CliRunner().invoke(
+                    app,
+                    [
+                        "run",
+                        "--config",
+                        str(tmp_path / "short.yaml"),
+                        "--out",
+                        str(tmp_path / "short"),
+                    ],
+                )
+                assert failed.exit_code == 2, failed.output
+                assert "only 3 of the 4 devices" in failed.output, failed.output
+                assert "the front door logged" in failed.output, failed.output
+                out, _ = flood.communicate(timeout=flood_s + 60)
+            finally:
+                if flood.poll() is None:
+                    os.killpg(flood.pid, 9)
+                    flood.wait()
+            stopped = time.monotonic()
+            figures = json.loads(out.strip().splitlines()[-1])
+            first = json.loads((run / "rounds" / "001" / "round.json").read_text())
+            assert sorted(first["devices"]) == ["pi-1", "pi-2", "pi-3"], first
+            after = CliRunner().invoke(app, ["run", "--resume", str(run), "--rounds", "2"])
+            assert after.exit_code == 0, after.output
+            second = json.loads((run / "rounds" / "002" / "round.json").read_text())
+            assert sorted(second["devices"]) == ["pi-1", "pi-2", "pi-3"], second
+            again_s = time.monotonic() - stopped
+            assert again_s <= 60
+            said = " ".join(failed.output.split())
+            for line in (
+                f"flood: 600 connection slots for {flood_s} s, {figures['attempts']} attempts, "
+                f"at most {figures['most_held']} held at once",
+                f"round during the flood: {first['duration_s']:.1f} s, devices "
+                f"{', '.join(sorted(first['devices']))}",
+                f"every device trained again {again_s:.0f} s after the flood",
+                f"a run short of devices: {said[said.find('only') :][:220]}",
+            ):
+                print(f"FLOOD {line}")
+            assert figures["most_held"] <= 16  # the door's share for one address
+    finally:
+        stop_coordinator_services(state)
