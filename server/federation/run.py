@@ -3,8 +3,10 @@
 The SuperLink and the SuperNodes are long-lived services (`fleet deploy` starts them); `fleet run`
 submits one Flower run through the Control API and follows it: it prints a row per round as the
 ServerApp writes it to the run folder, and ends when Flower reports the run finished, naming the
-reason when it failed and the command that resumes it. A SuperLink that restarts meanwhile is
-waited for (status polls retry with back-off for up to a round's timeout). `--resume` refuses a
+reason when it failed and the command that resumes it (having first stopped, by its pid, a
+ServerApp of the run that outlived a crashed SuperLink, so that the resume works at once). A
+SuperLink that restarts meanwhile is waited for (status polls retry with back-off for up to a
+round's timeout). `--resume` refuses a
 folder whose ServerApp is still running and one whose completed rounds do not match their
 manifests, before anything is submitted. Ctrl-C stops the run on the SuperLink (`flwr stop`) and
 says how to resume it; Flower ends the ServerApp, and with it its hold on the folder, seconds later.
