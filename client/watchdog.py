@@ -61,8 +61,8 @@ class SuperNodeWatchdog:
                 if entry.stat().st_uid != os.getuid():
                     continue
                 argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-                if (
-                    any(arg.endswith("flower-supernode") for arg in argv[:2])
+                if (  # its script, run by python (under qemu user mode: qemu, python, script)
+                    any(arg.endswith("flower-supernode") for arg in argv[:4])
                     and self.door in argv
                     and any(mine in arg for arg in argv)
                 ):

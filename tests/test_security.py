@@ -419,9 +419,10 @@ def test_a_flood_of_slow_bodies_and_headers_from_one_address_does_not_stop_a_rou
                 time.sleep(10)  # the flood is on
                 during = CliRunner().invoke(app, ["run", "--config", str(path), "--out", str(run)])
                 assert during.exit_code == 0, during.output
-                short = dict(
-                    config, federation={"rounds": 1, "min_devices": 4, "round_timeout_s": 5}
-                )
+                # a fleet that needs a fourth device, which never comes
+                absent = {"name": "pi-4", "host": f"{COORDINATOR_IP[:-1]}99"}
+                short = dict(config, devices=[*devices, absent])
+                short["federation"] = {"rounds": 1, "min_devices": 4, "round_timeout_s": 5}
                 (tmp_path / "short.yaml").write_text(yaml.safe_dump(short))
                 failed = CliRunner().invoke(
                     app,

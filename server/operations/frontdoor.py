@@ -143,8 +143,8 @@ def nginx_config(fleet: FleetConfig, creds: Credentials) -> str:
     allowed = list(FLEET_CALLS)
     # With TLS, node authentication: only the fleet's own keys pass (nginx compares map strings
     # ignoring case; a key that differs only in case would need its own private key, and Flower
-    # verifies the signature over the exact header). Without (a test fleet on
-    # plain HTTP), SuperNodes register themselves and send no key header.
+    # verifies the signature over the exact header). Without TLS (a test fleet on plain HTTP),
+    # SuperNodes register themselves and send no key header.
     if coordinator.tls:
         keys = "".join(
             f'\n        "{key_header(creds.node_public_key(d.name))}" 1;' for d in fleet.devices
@@ -152,12 +152,12 @@ def nginx_config(fleet: FleetConfig, creds: Credentials) -> str:
     else:
         keys = '\n        "" 1;'
         allowed += ["register-node", "unregister-node"]
+    body_limit = {call: SMALL_BODY_BYTES for call in allowed}
+    body_limit |= {call: coordinator.max_request_bytes for call in LARGE_BODY_CALLS}
     locations = "".join(
         f"""
         location = {FLEET_API}{call} {{
-            client_max_body_size {
-            coordinator.max_request_bytes if call in LARGE_BODY_CALLS else SMALL_BODY_BYTES
-        };
+            client_max_body_size {body_limit[call]};
             proxy_pass {scheme}://127.0.0.1:{coordinator.superlink_port};
         }}"""
         for call in allowed
