@@ -48,6 +48,7 @@ from skip2fleet.server.operations.frontdoor import (
 from skip2fleet.server.operations.loopback import (
     free_port,
     loopback_deployment,
+    start_frontdoor,
     start_supernode,
     wait_for,
 )
@@ -384,3 +385,66 @@ def _status_of(path: Path, device: str, any_line: bool = False) -> str | None:
     output = CliRunner().invoke(app, ["status", "--config", str(path)]).output
     line = next((line for line in output.splitlines() if line.startswith(device)), "")
     return line if any_line or "clock" in line else None
+
+
+@needs_nginx
+def test_a_supernode_stuck_after_a_tls_error_is_restarted_by_the_watchdog_and_trains(tmp_path):
+    """The front door replaced for 10 s by a listener that closes every connection: Flower's
+    SuperNodes give up ("SSL/TLS handshake error detected") and hang with no connection. Each
+    device's watchdog (bound 10 s here, 60 s on a device) stops its SuperNode; the test starts it
+    again as its service would, and both devices train in the next round."""
+    path = small_fleet(
+        tmp_path,
+        2,
+        training={"epochs": 5, "pretrain_epochs": 5},
+        federation={"rounds": 1, "min_devices": 2, "round_timeout_s": 60},
+    )
+    fleet = load_config(path)
+    door = f"127.0.0.1:{fleet.coordinator.port}"
+    names = [d.name for d in fleet.devices]
+    dogs = {name: SuperNodeWatchdog(name, door, bound_s=10) for name in names}
+    with loopback_deployment(fleet, tmp_path) as processes:
+        wait_for(lambda: all(dog.supernodes() for dog in dogs.values()), 60, "SuperNodes")
+        wait_for(
+            lambda: all(dog.connected(dog.supernodes()[0]) for dog in dogs.values()),
+            60,
+            "connections",
+        )
+        os.killpg(processes.started["frontdoor"].pid, signal.SIGKILL)
+        processes.started["frontdoor"].wait()
+        with socket.create_server(("127.0.0.1", fleet.coordinator.port)) as closer:
+            closer.settimeout(0.2)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    closer.accept()[0].close()
+        start_frontdoor(processes, fleet, tmp_path / "frontdoor", "frontdoor-2")
+        door_back = time.monotonic()
+        # alive, but going nowhere
+        assert all(processes.started[name].poll() is None for name in names)
+        assert all("SSL/TLS handshake error" in processes.log(name) for name in names)
+        restarts = dict.fromkeys(names, 0)
+        current = {name: name for name in names}  # the process name of each device's SuperNode
+        stopped, run, follower = set(), tmp_path / "run", None
+
+        def activated(name: str) -> bool:  # the SuperLink took it back ("SuperNode ID: ...")
+            node = processes.started[current[name]]
+            return node.poll() is None and "SuperNode ID" in processes.log(current[name])
+
+        while follower is None or follower.poll() is None:
+            assert time.monotonic() - door_back < 240, processes.log(current[names[0]])[-2000:]
+            for name, dog in dogs.items():
+                stopped.update(name for _ in dog.check())
+                if processes.started[current[name]].poll() is not None:  # its service restarts it
+                    restarts[name] += 1
+                    current[name] = f"{name}-{restarts[name]}"
+                    start_supernode(processes, fleet, tmp_path, name, current[name])
+            if follower is None and stopped == set(names) and all(map(activated, names)):
+                command = [sys.executable, "-m", "skip2fleet.cli", "run", "--config", str(path)]
+                follower = processes.start("run", [*command, "--out", str(run)], flower_env(fleet))
+            time.sleep(1)
+        assert follower.returncode == 0, processes.log("run")[-2000:]
+        trained = json.loads((run / "rounds" / "001" / "round.json").read_text())
+        assert sorted(trained["devices"]) == names, trained
+        back_s = time.monotonic() - door_back
+        figure("stuck SuperNodes: seconds from the door's return to both trained", f"{back_s:.0f}")
