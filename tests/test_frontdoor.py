@@ -40,6 +40,8 @@ from skip2fleet.server.operations.devices import device_settings
 from skip2fleet.server.operations.frontdoor import (
     FLEET_CALLS,
     STREAM_MODULE,
+    door_note,
+    door_trouble,
     nginx_command,
     run_folder,
     worker_connections,
@@ -110,6 +112,26 @@ def test_the_door_admits_exactly_the_calls_the_pinned_flowers_supernode_makes():
     assert flower - door == set(), f"the pinned Flower uses calls the door refuses: {flower - door}"
     assert door - flower == set(), f"the door admits calls no SuperNode makes: {door - flower}"
     figure("calls admitted", ", ".join(sorted(call for call in FLEET_CALLS)))
+
+
+def test_door_trouble_counts_the_refusals_of_the_last_minute_in_both_logs(tmp_path):
+    fleet = load_config(small_fleet(tmp_path, 1))
+    run_dir = run_folder(fleet)
+    run_dir.mkdir(parents=True)
+    assert door_note(fleet) == ""  # no logs yet: nothing to add to a message
+    now = time.time()
+    (run_dir / "nginx-access.log").write_text(
+        f'{now - 90} 10.0.0.9 "POST /v1/control/list-nodes" 403 0.000\n'  # too old
+        f'{now - 30} 10.0.0.9 "POST /v1/control/list-nodes" 403 0.000\n'
+        f'{now - 20} 10.0.0.2 "POST /v1/fleet/pull-messages" 200 0.004\n'  # a device at work
+        f'{now - 10} 10.0.0.9 "POST /v1/fleet/push-messages" 408 10.001\n'
+    )
+    (run_dir / "nginx-stream.log").write_text(
+        f"{now - 5} 10.0.0.9 stream 503 0.000\n{now - 4} 10.0.0.2 stream 200 61.2\n"
+    )
+    assert door_trouble(fleet, now=now) == 3
+    assert "the front door logged 3 refused or timed-out connections" in door_note(fleet)
+    assert door_trouble(fleet, now=now + 120) == 0
 
 
 def test_worker_connections_grow_with_the_fleet_and_one_address_holds_a_small_share():
