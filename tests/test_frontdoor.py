@@ -411,7 +411,7 @@ def _status_of(path: Path, device: str, any_line: bool = False) -> str | None:
 
 @needs_nginx
 def test_a_supernode_stuck_after_a_tls_error_is_restarted_by_the_watchdog_and_trains(tmp_path):
-    """The front door replaced for 10 s by a listener that closes every connection: Flower's
+    """The front door replaced by a listener that closes every connection mid-handshake: Flower's
     SuperNodes give up ("SSL/TLS handshake error detected") and hang with no connection. Each
     device's watchdog (bound 10 s here, 60 s on a device) stops its SuperNode; the test starts it
     again as its service would, and both devices train in the next round."""
@@ -426,25 +426,31 @@ def test_a_supernode_stuck_after_a_tls_error_is_restarted_by_the_watchdog_and_tr
     names = [d.name for d in fleet.devices]
     dogs = {name: SuperNodeWatchdog(name, door, bound_s=10) for name in names}
     with loopback_deployment(fleet, tmp_path) as processes:
-        wait_for(lambda: all(dog.supernodes() for dog in dogs.values()), 60, "SuperNodes")
+        # both at work (activated: "SuperNode ID: ..."), each holding its connection
+        wait_for(lambda: all("SuperNode ID" in processes.log(n) for n in names), 90, "SuperNodes")
         wait_for(
-            lambda: all(dog.connected(dog.supernodes()[0]) for dog in dogs.values()),
-            60,
-            "connections",
+            lambda: all(dog.connected(dog.supernodes()[0]) for dog in dogs.values()), 60, "links"
         )
         os.killpg(processes.started["frontdoor"].pid, signal.SIGKILL)
         processes.started["frontdoor"].wait()
+        gave_up = "SSL/TLS handshake error"
         with socket.create_server(("127.0.0.1", fleet.coordinator.port)) as closer:
-            closer.settimeout(0.2)
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
+            closer.settimeout(0.2)  # read each ClientHello, then close: an EOF mid-handshake
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not all(
+                gave_up in processes.log(name) for name in names
+            ):
                 with contextlib.suppress(TimeoutError):
-                    closer.accept()[0].close()
+                    connection = closer.accept()[0]
+                    with connection:
+                        connection.settimeout(1)
+                        with contextlib.suppress(OSError):
+                            connection.recv(4096)
         start_frontdoor(processes, fleet, tmp_path / "frontdoor", "frontdoor-2")
         door_back = time.monotonic()
         # alive, but going nowhere
         assert all(processes.started[name].poll() is None for name in names)
-        assert all("SSL/TLS handshake error" in processes.log(name) for name in names)
+        assert all(gave_up in processes.log(name) for name in names)
         restarts = dict.fromkeys(names, 0)
         current = {name: name for name in names}  # the process name of each device's SuperNode
         stopped, run, follower = set(), tmp_path / "run", None
