@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from flwr.app import Message, MessageType, RecordDict
@@ -38,9 +39,14 @@ class Exchange:
 
 
 def wait_for_nodes(
-    grid: Grid, wanted: int, timeout: float, registered: set[int] | None = None
+    grid: Grid,
+    wanted: int,
+    timeout: float,
+    registered: set[int] | None = None,
+    door: Callable[[], str] = lambda: "",
 ) -> list[int]:
-    """The nodes online now, once `wanted` of them are; with `registered`, only those count."""
+    """The nodes online now, once `wanted` of them are; with `registered`, only those count.
+    Too few: the message adds what `door()` says (what the front door refused lately)."""
     deadline = time.monotonic() + timeout
     while True:
         nodes = sorted(n for n in grid.get_node_ids() if registered is None or n in registered)
@@ -49,7 +55,7 @@ def wait_for_nodes(
         if time.monotonic() > deadline:
             raise FleetError(
                 f"only {len(nodes)} of the {wanted} devices needed are connected to the "
-                f"SuperLink after {timeout:.0f} s"
+                f"SuperLink after {timeout:.0f} s{door()}"
             )
         time.sleep(NODE_POLL_S)
 

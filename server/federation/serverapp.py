@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from flwr.app import Context
@@ -35,6 +36,7 @@ from skip2fleet.server.federation.runs import RunFolder
 from skip2fleet.server.federation.screening import screen
 from skip2fleet.server.federation.validation import Ledger, Roster, validate
 from skip2fleet.server.operations.certs import fleet_credentials
+from skip2fleet.server.operations.frontdoor import door_note
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.config import FleetConfig
 from skip2fleet.shared.errors import FleetError
@@ -111,7 +113,8 @@ def play_round(grid: Grid, run: Run, number: int) -> None:
     fed, roster = run.config.federation, run.roster
     started, started_at = time.monotonic(), time.time()
     registered = set(roster.device_of) if roster.trusted else None
-    nodes = wait_for_nodes(grid, fed.min_devices, fed.round_timeout_s, registered)
+    door = partial(door_note, run.config)
+    nodes = wait_for_nodes(grid, fed.min_devices, fed.round_timeout_s, registered, door)
     plan = plan_for(run.config, number, run.digest, str(run.folder.path / "devices"))
     contents = run.deliveries.contents(nodes, plan, roster.device_of)
     sent = {node: wire_bytes(content) for node, content in contents.items()}
