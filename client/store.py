@@ -18,7 +18,7 @@ import numpy as np
 
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.atomic import write_atomic, write_text_atomic
-from skip2fleet.shared.cache import Cache, build_cache
+from skip2fleet.shared.cache import Cache, Codec, build_cache
 from skip2fleet.shared.datasets import Split, TaskOptions
 from skip2fleet.shared.datasets.samples import device_samples, fingerprint, sample_files
 from skip2fleet.shared.devicefile import ACTIVE, LAST_FIGURES
@@ -117,7 +117,7 @@ class DeviceStore:
         return tune, test
 
     def cache(
-        self, model: base_model.Model, digest: str, x: np.ndarray, codec: str = "f32"
+        self, model: base_model.Model, digest: str, x: np.ndarray, codec: Codec = Codec.F32
     ) -> tuple[Cache, bool]:
         """The Skip2 cache of `x` under base `digest` by `codec`; True when built just now."""
         fingerprint = hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()

@@ -8,6 +8,7 @@ anything starts.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import ipaddress
 import re
 import types
@@ -18,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from skip2fleet.shared.cache import CODECS
+from skip2fleet.shared.cache import Codec
 from skip2fleet.shared.datasets import DEFAULT_SOURCE_ROOM, DEFAULT_SUBJECTS, SOURCE_ROOMS, TASKS
 from skip2fleet.shared.datasets.samples import (
     DEFAULT_HOLDOUT,
@@ -27,10 +28,10 @@ from skip2fleet.shared.datasets.samples import (
 )
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.methods import METHODS
+from skip2fleet.shared.protocol import Accept
 from skip2fleet.shared.spec import MODELS
 
 AGGREGATIONS = ("none", "fedavg", "svd")
-ACCEPT = ("if-better", "always")  # training.accept: when new adapters become active
 PROBES = ("auto", "hwmon", "pi5-pmic", "rapl", "cpu-model", "none")
 # Bounds of the integer training settings, inclusive; fleet.yaml and the command line share them.
 TRAINING_LIMITS = {
@@ -92,8 +93,8 @@ class Training:
     batch_size: int = 20
     seed: int = 0
     pretrain_epochs: int = 30
-    cache: str = "f32"  # Skip2-LoRA's cache codec: f32 | int8 | int4 (shared.cache)
-    accept: str = "if-better"  # new adapters become active only when not worse; or "always"
+    cache: Codec = Codec.F32  # Skip2-LoRA's cache codec: f32 | int8 | int4 (shared.cache)
+    accept: Accept = Accept.IF_BETTER  # new adapters become active only when not worse; or always
     max_samples: int = DEFAULT_MAX_SAMPLES  # a device trains on at most its newest this many
 
 
@@ -235,6 +236,10 @@ def _coerce(hint: Any, value: Any, source: str, where: str) -> Any:
         return _coerce(inner, value, source, where)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, source, where)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        if value not in tuple(hint):
+            raise ConfigError(f"{source}: {where}: must be one of {', '.join(map(str, hint))}")
+        return hint(value)
     if origin is tuple:
         if not isinstance(value, list):
             raise ConfigError(f"{source}: {where}: expected a list, got {value!r}")
@@ -265,12 +270,8 @@ def _check(config: FleetConfig) -> None:
         fail("task.data_dir", f"data folder {config.task.data_dir} does not exist")
     if not 0 < config.task.holdout < 1:
         fail("task.holdout", "must be above 0 and below 1")
-    if config.training.accept not in ACCEPT:
-        fail("training.accept", f"must be one of {', '.join(ACCEPT)}")
     if config.training.model not in MODELS:
         fail("training.model", f"unknown model; choose from {', '.join(MODELS)}")
-    if config.training.cache not in CODECS:
-        fail("training.cache", f"unknown cache codec; choose from {', '.join(CODECS)}")
     if config.training.method not in METHODS:
         fail("training.method", f"unknown method; choose from {', '.join(METHODS)}")
     for name, (low, high) in TRAINING_LIMITS.items():
@@ -372,6 +373,8 @@ def as_yaml_dict(config: FleetConfig) -> dict:
     """The config as plain data, to write back as YAML."""
 
     def plain(value: Any) -> Any:
+        if isinstance(value, enum.Enum):
+            return value.value
         if isinstance(value, dict):
             return {k: plain(v) for k, v in value.items()}
         return [plain(v) for v in value] if isinstance(value, list | tuple) else value

@@ -54,6 +54,14 @@ ACTIVE_MODEL_BASE = Metric(
     "The base model fleet predict uses (always 1), by the start of its sha256.",
     ("base_sha256",),
 )
+CLOCK_OFFSET = Metric(
+    "skip2fleet_device_clock_offset_seconds",
+    "The device's clock minus the front door's (its HTTP Date), at the last check.",
+)
+SUPERNODE_RESTARTS = Metric(
+    "skip2fleet_device_supernode_restarts",
+    "SuperNodes the watchdog stopped for having no connection to the coordinator.",
+)
 LAST_FINETUNE_BATCH = Metric(
     LAST_FINETUNE.format(figure="train_batch_seconds"), "Time per training batch.", ("phase",)
 )

@@ -1,27 +1,66 @@
 """What the coordinator asks of a device each round, and what the device reports back.
 
-One dataclass per direction, turned into Flower records and back here, so that the key names
-live in one place. A device finds itself in `devices` by its `--node-config device=NAME`, or in a
-simulation by its partition id.
+Every name the two sides share lives here: the records of a plan and of a reply (`Part`), the
+fields inside them, the `--node-config` keys a ClientApp reads (`NodeConfig`), the error codes, the
+accept rule's values (`Accept`; the cache codecs are `shared.cache.Codec`), and one dataclass per
+direction (`RoundPlan`, `Figures`). Turning them into Flower records is `shared.records`'; this
+module imports nothing of Flower's, so fleet.yaml's checks can use its names. A device finds
+itself in `devices` by its `--node-config device=NAME`, or in a simulation by its partition id.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import IntEnum, StrEnum
 
-from flwr.app import ConfigRecord, MetricRecord
-
+from skip2fleet.shared.cache import Codec
 from skip2fleet.shared.datasets.samples import (
     DEFAULT_HOLDOUT,
     DEFAULT_LABEL_COLUMN,
     DEFAULT_MAX_SAMPLES,
 )
 
-PLAN, BASE, ADAPTERS, FIGURES = "plan", "base", "adapters", "figures"
-ADAPTERS_BY_DEVICE = "adapters-by-device"  # a resumed run's first round: node ids not yet known
-DEVICE_ERROR = 1001  # Flower error code of a device's refusal (missing data, unknown device, ...)
-BASE_MISSING = 1002  # the device lacks the plan's base (wiped, or refused by hash): send it again
+
+class Part(StrEnum):
+    """The records of a message (its RecordDict's keys)."""
+
+    PLAN = "plan"  # ConfigRecord: the RoundPlan
+    BASE = "base"  # ArrayRecord: the base model (the first plan of a run, or when asked for)
+    ADAPTERS = "adapters"  # ArrayRecord of one array, THETA: packed adapters (`shared.layout`)
+    ADAPTERS_BY_DEVICE = "adapters-by-device"  # a resumed run's first round: node ids not known
+    FIGURES = "figures"  # MetricRecord: the device's Figures
+    DEVICE = "device"  # ConfigRecord of one value, DEVICE_NAME: who replies
+
+
+THETA = "theta"  # the one array of an adapters record
+DEVICE_NAME = "name"  # the one value of a reply's device record
+
+
+class NodeConfig(StrEnum):
+    """The `--node-config` keys a ClientApp reads (a simulation sets only PARTITION_ID)."""
+
+    DEVICE = "device"  # the device's name in fleet.yaml
+    PARTITION_ID = "partition-id"  # Flower's, in a simulation: the device's index
+    STATE_DIR = "state-dir"  # where the device keeps its base, cache, adapters and versions
+    DATA_DIR = "data-dir"  # the device's data folder, over the plan's
+    SYS_ROOT = "sys-root"  # sysfs and procfs for the power probes (tests point them at fixtures)
+    PROC_ROOT = "proc-root"
+
+
+class ErrorCode(IntEnum):
+    """Flower error codes of a device's error replies."""
+
+    DEVICE_ERROR = 1001  # the device refused the round (missing data, unknown device, ...)
+    BASE_MISSING = 1002  # it lacks the plan's base (wiped, or refused by hash): send it again
+
+
+class Accept(StrEnum):
+    """When a round's new adapters become a device's active model (`training.accept`)."""
+
+    IF_BETTER = "if-better"  # only when not worse on the hold-out than the base and the active
+    ALWAYS = "always"
 
 
 @dataclass(frozen=True)
@@ -47,19 +86,22 @@ class RoundPlan:
     data_paths: list[str] = dataclasses.field(default_factory=list)
     label_column: str = DEFAULT_LABEL_COLUMN
     holdout: float = DEFAULT_HOLDOUT
-    accept: str = "if-better"  # or "always": see training.accept
-    cache: str = "f32"  # Skip2-LoRA's cache codec: see training.cache
+    accept: Accept = Accept.IF_BETTER
+    cache: Codec = Codec.F32  # Skip2-LoRA's cache codec: see training.cache
     max_samples: int = DEFAULT_MAX_SAMPLES  # newest training samples a device keeps of its own
 
     def data_path(self, index: int) -> str:
         return self.data_paths[index] if index < len(self.data_paths) else ""
 
-    def record(self) -> ConfigRecord:
-        return ConfigRecord(dataclasses.asdict(self))
+    def values(self) -> dict:
+        """The plan as plain values (enums as their names), as it travels."""
+        return {k: str(v) if isinstance(v, StrEnum) else v for k, v in vars(self).items()}
 
     @classmethod
-    def from_record(cls, record: ConfigRecord) -> RoundPlan:
-        return cls(**{f.name: record[f.name] for f in dataclasses.fields(cls)})
+    def from_record(cls, record: Mapping) -> RoundPlan:
+        """The plan a record carries; an unknown accept rule or codec is a ValueError."""
+        values = {f.name: record[f.name] for f in dataclasses.fields(cls)}
+        return cls(**values | {"accept": Accept(values["accept"]), "cache": Codec(values["cache"])})
 
 
 @dataclass(frozen=True)
@@ -87,9 +129,6 @@ class Figures:
     accepted: int = 1  # 1 when this round's adapters became active, 0 when the device kept its own
     acc_active: float = 0.0  # the active model on the hold-out after the round, percent
 
-    def record(self) -> MetricRecord:
-        return MetricRecord(dataclasses.asdict(self))
-
     @classmethod
-    def from_record(cls, record: MetricRecord) -> Figures:
+    def from_record(cls, record: Mapping) -> Figures:
         return cls(**{f.name: record[f.name] for f in dataclasses.fields(cls)})

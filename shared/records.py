@@ -1,11 +1,21 @@
-"""Between NumPy and Flower records: the base model, packed adapters, their bytes on the wire."""
+"""Between NumPy and Flower records: the base model, a plan, figures, packed adapters, their bytes.
+
+Packed adapters are a method's flat `theta` (`shared.layout`) as one float32 array, `THETA`.
+Sender and receiver check it the same way (`check_adapters`), on the record's metadata, so a
+receiver refuses a wrong dtype, shape or size before any array is built from it.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
 from skip2fleet.shared.model import Model
+from skip2fleet.shared.protocol import THETA, Figures, RoundPlan
+
+NPY_HEADER_MAX = 1024  # bytes an Array spends on its .npy header beyond the values
 
 
 def model_record(model: Model) -> ArrayRecord:
@@ -16,15 +26,38 @@ def record_model(record: ArrayRecord) -> Model:
     return {name: array.numpy() for name, array in record.items()}
 
 
-def vector_record(vector: np.ndarray) -> ArrayRecord:
-    return ArrayRecord({"theta": Array(np.ascontiguousarray(vector, dtype=np.float32))})
+def plan_record(plan: RoundPlan) -> ConfigRecord:
+    return ConfigRecord(plan.values())
 
 
-def record_vector(record: ArrayRecord) -> np.ndarray:
-    """The one array of a packed-adapters record, as sent (dtype and shape unchecked)."""
-    if list(record.keys()) != ["theta"]:
-        raise ValueError(f"expected one array 'theta', got {sorted(record.keys())}")
-    return record["theta"].numpy()
+def figures_record(figures: Figures) -> MetricRecord:
+    return MetricRecord(dataclasses.asdict(figures))
+
+
+def adapters_record(theta: np.ndarray, size: int) -> ArrayRecord:
+    """`theta` as it travels: one float32 array of `size` values (checked)."""
+    record = ArrayRecord({THETA: Array(np.ascontiguousarray(theta, dtype=np.float32))})
+    check_adapters(record[THETA], size)
+    return record
+
+
+def record_adapters(record: ArrayRecord, size: int) -> np.ndarray:
+    """The packed adapters of a record, checked before the array is built."""
+    if list(record.keys()) != [THETA]:
+        raise ValueError(f"expected one array {THETA!r}, got {sorted(record.keys())}")
+    return check_adapters(record[THETA], size).numpy()
+
+
+def check_adapters(array: Array, size: int) -> Array:
+    """The one wire check of packed adapters: float32, flat, `size` values, and no more bytes
+    than those take (read from the Array's metadata; Flower has already inflated the message)."""
+    if array.dtype != "float32" or tuple(array.shape) != (size,):
+        raise ValueError(
+            f"adapters are {array.dtype} {tuple(array.shape)}, expected float32 ({size},)"
+        )
+    if len(array.data) > 4 * size + NPY_HEADER_MAX:
+        raise ValueError(f"adapters take {len(array.data)} bytes, at most {4 * size} expected")
+    return array
 
 
 def wire_bytes(obj) -> int:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from skip2fleet.shared.protocol import NodeConfig
+
 
 def supernode_command(
     superlink: str,
@@ -25,9 +27,9 @@ def supernode_command(
     certificate and a node key are given, plain HTTP otherwise. With `superexec_secret`, the
     ClientApps run in a separate SuperExec (`superexec_command`, which may run as another user)
     that proves itself with that secret; without, the SuperNode starts its own as a child."""
-    node_config = f"device='{device}' state-dir='{state_dir}'"
+    node_config = f"{NodeConfig.DEVICE}='{device}' {NodeConfig.STATE_DIR}='{state_dir}'"
     if data_dir is not None:
-        node_config += f" data-dir='{data_dir}'"
+        node_config += f" {NodeConfig.DATA_DIR}='{data_dir}'"
     command = [
         "flower-supernode",
         "--superlink",

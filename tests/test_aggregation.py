@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from skip2fleet.server.federation.aggregation import STRATEGIES, Update
-from skip2fleet.shared.engine import adapter_pairs, trainable_shapes, unflatten
+from skip2fleet.shared.layout import layout
 from skip2fleet.shared.methods import get_method
 from skip2fleet.shared.spec import cnn, mlp
 
@@ -15,16 +15,13 @@ SKIP2 = get_method("skip2-lora")
 
 def random_update(name: str, rank: int, samples: int, seed: int, method=SKIP2) -> Update:
     rng = np.random.default_rng(seed)
-    shapes = trainable_shapes(method, SPEC, rank)
-    theta = rng.normal(size=sum(int(np.prod(s)) for s in shapes.values())).astype(np.float32)
+    theta = rng.normal(size=layout(method, SPEC, rank).size).astype(np.float32)
     return Update(name, theta, samples, rank)
 
 
 def products(theta: np.ndarray, rank: int, method=SKIP2) -> list[np.ndarray]:
-    arrays = unflatten(theta, trainable_shapes(method, SPEC, rank))
-    return [
-        arrays[p.a][p.a_rows] @ arrays[p.b][p.b_rows] for p in adapter_pairs(method, SPEC, rank)
-    ]
+    arrays = layout(method, SPEC, rank).views(theta)
+    return [arrays[p.a][p.a_rows] @ arrays[p.b][p.b_rows] for p in layout(method, SPEC, rank).pairs]
 
 
 def test_none_sends_nothing_back():
@@ -69,13 +66,9 @@ def test_svd_is_unbiased_where_fedavg_is_not():
 def test_svd_averages_plain_arrays_of_lora_methods():
     method = get_method("ft-all-lora")
     a, b = random_update("a", 2, 10, 0, method), random_update("b", 2, 10, 1, method)
-    merged = unflatten(
-        STRATEGIES["svd"]([a, b], method, SPEC).per_device["a"], trainable_shapes(method, SPEC, 2)
-    )
-    mean_w0 = 0.5 * (
-        unflatten(a.theta, trainable_shapes(method, SPEC, 2))["W0"]
-        + unflatten(b.theta, trainable_shapes(method, SPEC, 2))["W0"]
-    )
+    views = layout(method, SPEC, 2).views
+    merged = views(STRATEGIES["svd"]([a, b], method, SPEC).per_device["a"])
+    mean_w0 = 0.5 * (views(a.theta)["W0"] + views(b.theta)["W0"])
     np.testing.assert_allclose(merged["W0"], mean_w0, rtol=1e-6)
 
 
@@ -97,17 +90,17 @@ def test_svd_merges_conv_adapters_exactly_when_the_rank_allows():
     spec, method = cnn(2, 12, 3, widths=(3, 4, 5)), get_method("lora-all")
 
     def update(name: str, rank: int, seed: int) -> Update:
-        size = sum(int(np.prod(s)) for s in trainable_shapes(method, spec, rank).values())
+        size = layout(method, spec, rank).size
         return Update(name, np.random.default_rng(seed).normal(size=size), 10, rank)
 
     def kernel_products(theta: np.ndarray, rank: int) -> list[np.ndarray]:
-        arrays = unflatten(theta, trainable_shapes(method, spec, rank))
-        return [arrays[p.a] @ arrays[p.b] for p in adapter_pairs(method, spec, rank)]
+        arrays = layout(method, spec, rank).views(theta)
+        return [arrays[p.a] @ arrays[p.b] for p in layout(method, spec, rank).pairs]
 
     a, b, wide = update("a", 1, 0), update("b", 1, 1), update("c", 2, 2)
     wide = Update("c", wide.theta, 1e-9, 2)
     result = STRATEGIES["svd"]([a, b, wide], method, spec)
-    assert {p.layer for p in adapter_pairs(method, spec, 2)} == {0, 1, 2, 3}
+    assert {p.layer for p in layout(method, spec, 2).pairs} == {0, 1, 2, 3}
     pairs = zip(kernel_products(a.theta, 1), kernel_products(b.theta, 1), strict=True)
     mean = [0.5 * pa + 0.5 * pb for pa, pb in pairs]
     for got, want in zip(kernel_products(result.per_device["c"], 2), mean, strict=True):

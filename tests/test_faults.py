@@ -11,6 +11,7 @@ full disk and the oversized reply need no deployment. Every process is stopped b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -26,16 +27,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from flwr.app import ConfigRecord, MessageType, Metadata, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, Metadata, RecordDict
 from flwr.app.message.message import make_message
 from typer.testing import CliRunner
 
 from skip2fleet.cli.fleet import app
 from skip2fleet.server.federation.aggregation import STRATEGIES, Update
 from skip2fleet.server.federation.exchange import Exchange
-from skip2fleet.server.federation.run import follow, start_run
+from skip2fleet.server.federation.run import follow, start_run, stop_orphaned_serverapp
 from skip2fleet.server.federation.runs import RunFolder
-from skip2fleet.server.federation.serverapp import judge
+from skip2fleet.server.federation.validation import Roster, validate
 from skip2fleet.server.operations.loopback import (
     free_port,
     loopback_deployment,
@@ -49,11 +50,11 @@ from skip2fleet.server.operations.loopback import (
 from skip2fleet.server.operations.superlink import CONNECTION, flower_env, flwr
 from skip2fleet.server.training.pretraining import fleet_base
 from skip2fleet.shared import model as base_model
-from skip2fleet.shared.adapters import pack, packed_size, unpack
 from skip2fleet.shared.config import as_yaml_dict, load_config
+from skip2fleet.shared.layout import layout
 from skip2fleet.shared.methods import get_method
-from skip2fleet.shared.protocol import ADAPTERS, FIGURES, Figures
-from skip2fleet.shared.records import vector_record
+from skip2fleet.shared.protocol import DEVICE_NAME, THETA, Figures, Part
+from skip2fleet.shared.records import figures_record
 from skip2fleet.shared.services import FAULTY_CLIENTAPP
 from skip2fleet.shared.spec import mlp
 
@@ -218,6 +219,8 @@ def test_late_device_killed_device_superlink_restart_and_resume(deployment):
     )
     said = processes.log("fleet-run")
     assert f"fleet run --resume {run}" in said, said[-2000:]
+    # the ServerApp the dead SuperLink started is gone before the hint is printed
+    assert RunFolder(run).holder() is None, said[-2000:]
     in_flight = max(completed) + 1
     finished = RunFolder(run).completed_rounds()
     resume = runner.invoke(app, ["run", "--resume", str(run), "--rounds", str(max(finished) + 1)])
@@ -277,14 +280,14 @@ def test_poisoned_replies_are_refused_and_left_out_of_the_aggregate(poisoned_run
         }
         assert sorted(received) == sorted(result["devices"])
         updates = [
-            Update(n, unpack(v, method, spec, rank), result["devices"][n]["samples"], rank)
+            Update(n, v, result["devices"][n]["samples"], rank)
             for n, v in sorted(received.items(), key=lambda item: DEVICES.index(item[0]))
         ]
         expected = STRATEGIES["fedavg"](updates, method, spec).per_device
         outgoing = folder.outgoing(number)
         assert sorted(outgoing) == sorted(expected)
         for device, theta in expected.items():
-            np.testing.assert_array_equal(outgoing[device], pack(theta, method, spec, rank))
+            np.testing.assert_array_equal(outgoing[device], theta)
     figure(
         "poisoned replies refused",
         {**first["refused"], **{f"{k} (round 2)": v for k, v in second["refused"].items()}},
@@ -348,26 +351,65 @@ def test_an_oversized_reply_is_refused_before_its_arrays_are_built():
     holds the reply Flower received and nothing more (the old check built the array first)."""
     base = base_model.init_model(mlp(8, 3, hidden=8), np.random.default_rng(0))
     method, spec = get_method("skip2-lora"), base_model.spec_of(base)
-    size = packed_size(method, spec, 4)
+    size = layout(method, spec, 4).size
     huge = np.ones(25_000_000, np.float32)
-    content = RecordDict({ADAPTERS: vector_record(huge), "device": ConfigRecord({"name": "pi-1"})})
-    content[FIGURES] = Figures(*([1] * len(dataclasses.fields(Figures)))).record()
+    content = RecordDict(
+        {
+            Part.ADAPTERS: ArrayRecord({THETA: Array(huge)}),
+            Part.DEVICE: ConfigRecord({DEVICE_NAME: "pi-1"}),
+        }
+    )
+    content[Part.FIGURES] = figures_record(Figures(*([1] * len(dataclasses.fields(Figures)))))
     del huge
     metadata = Metadata(1, "reply", 7, 1, "plan", "", time.time(), 60.0, MessageType.TRAIN)
     reply = make_message(metadata, content)
     answers = Exchange(replies={7: reply}, seconds={7: 1.0})
     tracemalloc.start()
     try:
-        content[ADAPTERS]["theta"].numpy()  # what refusing by shape used to cost
+        content[Part.ADAPTERS][THETA].numpy()  # what refusing by shape used to cost
         before = tracemalloc.get_traced_memory()[1]
         tracemalloc.reset_peak()
-        result, updates, _ = judge(answers, method, spec, {"pi-1": 4}, {7: "pi-1"}, trusted=True)
+        ledger = validate(answers, Roster({"pi-1": 4}, {"pi-1": size}, {7: "pi-1"}, trusted=True))
         after = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert updates == [] and f"expected float32 ({size},)" in result["refused"]["pi-1"]
+    assert ledger.accepted == {} and f"expected float32 ({size},)" in ledger.refused["pi-1"]
     assert after < 1_000_000 < 90_000_000 < before
     figure(
         "oversized reply (100 MB): ServerApp memory beyond the received reply",
         f"{before / 1e6:.0f} MB before, {after / 1e6:.1f} MB after",
     )
+
+
+def test_fleet_run_stops_the_serverapp_that_outlived_its_superlink_and_nothing_else(tmp_path):
+    """What makes the printed resume command work the first time: the ServerApp a dead SuperLink
+    started still holds run.lock; `fleet run` stops it by the pid in run.lock, and only a
+    process that is a `flwr-serverapp` (a pid reused by anything else is left alone)."""
+    base = base_model.init_model(mlp(8, 3, hidden=8), np.random.default_rng(0))
+    folder = RunFolder.create(tmp_path / "run", {"devices": []}, base)
+    holder = (
+        "import sys, time\n"
+        "from skip2fleet.server.federation.runs import RunFolder\n"
+        "with RunFolder(sys.argv[1]).lock():\n"
+        "    print('locked', flush=True)\n"
+        "    time.sleep(300)\n"
+    )
+    for name, stopped in (("flwr-serverapp", True), ("something-else", False)):
+        script = tmp_path / name
+        script.write_text(holder)
+        process = subprocess.Popen(
+            [sys.executable, str(script), str(folder.path)],
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            assert process.stdout.readline() == "locked\n"
+            said = stop_orphaned_serverapp(folder)
+            assert (folder.holder() is None) == stopped, said
+            assert (process.poll() is not None) == stopped, said
+            assert ("was stopped" in said) == stopped and str(process.pid) in said, said
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

@@ -17,7 +17,6 @@ from skip2fleet.client.model import load_device_model
 from skip2fleet.client.store import KEEP_VERSIONS, DeviceStore
 from skip2fleet.server.training.pretraining import pretrain_shown
 from skip2fleet.shared import model as base_model
-from skip2fleet.shared.adapters import packed_size
 from skip2fleet.shared.config import ConfigError, parse_config
 from skip2fleet.shared.datasets import load_task
 from skip2fleet.shared.datasets.samples import (
@@ -27,9 +26,10 @@ from skip2fleet.shared.datasets.samples import (
     source_task,
 )
 from skip2fleet.shared.errors import FleetError
+from skip2fleet.shared.layout import layout
 from skip2fleet.shared.methods import get_method
-from skip2fleet.shared.protocol import ADAPTERS, FIGURES, Figures
-from skip2fleet.shared.records import vector_record
+from skip2fleet.shared.protocol import Figures, Part
+from skip2fleet.shared.records import adapters_record
 from tests.test_device import content
 
 runner = CliRunner()
@@ -87,7 +87,7 @@ def test_a_device_trains_on_its_folder_and_predicts_with_the_active_model(folder
     node = {"device": "a", "state-dir": str(tmp_path / "state")}
     paths = [str(root / "device"), ""]
     reply = run_round(content(base, data_paths=paths), node)
-    figures = Figures.from_record(reply[FIGURES])
+    figures = Figures.from_record(reply[Part.FIGURES])
     held = holdout_mask(TASK.finetune.y, 0.25).sum()
     assert figures.samples == len(TASK.finetune) - held
     assert figures.accepted == 1 and figures.acc_after > figures.acc_before
@@ -100,7 +100,7 @@ def test_a_device_trains_on_its_folder_and_predicts_with_the_active_model(folder
 
 def bad_aggregate(base, rank: int = 4) -> np.ndarray:
     """Adapters from a "fleet aggregate" that wreck this device's predictions."""
-    size = packed_size(get_method("skip2-lora"), base_model.spec_of(base), rank)
+    size = layout(get_method("skip2-lora"), base_model.spec_of(base), rank).size
     return np.random.default_rng(3).normal(0, 5, size).astype(np.float32)
 
 
@@ -114,8 +114,9 @@ def test_worse_adapters_are_not_made_active(folders, tmp_path):
     store = DeviceStore(tmp_path)
     before = store.active()
     worse = content(base, 2, False, data_paths=paths, lr=1e-6, epochs=1)
-    worse[ADAPTERS] = vector_record(bad_aggregate(base))
-    figures = Figures.from_record(run_round(worse, node)[FIGURES])
+    bad = bad_aggregate(base)
+    worse[Part.ADAPTERS] = adapters_record(bad, bad.size)
+    figures = Figures.from_record(run_round(worse, node)[Part.FIGURES])
     assert figures.accepted == 0 and figures.acc_after < figures.acc_active
     assert figures.acc_active == pytest.approx(before.accuracy)
     assert store.active() == before
@@ -124,14 +125,14 @@ def test_worse_adapters_are_not_made_active(folders, tmp_path):
             before.base_sha256,
             "skip2-lora",
             4,
-            packed_size(get_method("skip2-lora"), base_model.spec_of(base), 4),
+            layout(get_method("skip2-lora"), base_model.spec_of(base), 4).size,
         ),
         store.version_theta(before.version),
     )  # the next round continues it
     # with accept: always, the same round is made active
     always = content(base, 3, False, data_paths=paths, lr=1e-6, epochs=1, accept="always")
-    always[ADAPTERS] = vector_record(bad_aggregate(base))
-    assert Figures.from_record(run_round(always, node)[FIGURES]).accepted == 1
+    always[Part.ADAPTERS] = adapters_record(bad, bad.size)
+    assert Figures.from_record(run_round(always, node)[Part.FIGURES]).accepted == 1
     assert store.active().version.round == 3
 
 
@@ -150,7 +151,7 @@ def test_adapters_saved_in_another_layout_are_named_and_a_round_starts_afresh(fo
     with pytest.raises(FleetError, match="adapters version 2 hold 7 values, skip2-lora at rank 4"):
         load_device_model(tmp_path)
     figures = Figures.from_record(
-        run_round(content(base, 2, False, data_paths=paths), node)[FIGURES]
+        run_round(content(base, 2, False, data_paths=paths), node)[Part.FIGURES]
     )
     assert figures.accepted == 1
     assert load_device_model(tmp_path).round == 2
@@ -184,7 +185,8 @@ def test_new_files_are_picked_up_by_the_next_round(folders, tmp_path):
     np.savez(device / "2.npz", x=TASK.finetune.x[100:], y=NAMES[TASK.finetune.y[100:]])
     second = run_round(content(base, 2, False, data_paths=[str(device), ""]), node)
     assert (
-        Figures.from_record(second[FIGURES]).samples > Figures.from_record(first[FIGURES]).samples
+        Figures.from_record(second[Part.FIGURES]).samples
+        > Figures.from_record(first[Part.FIGURES]).samples
     )
 
 

@@ -6,7 +6,7 @@ import dataclasses
 import json
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 from typer.testing import CliRunner
 
@@ -17,8 +17,7 @@ from skip2fleet.server.federation.runs import RunFolder
 from skip2fleet.server.federation.simulate import run_simulation
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.config import as_yaml_dict
-from skip2fleet.shared.protocol import ADAPTERS
-from skip2fleet.shared.records import vector_record
+from skip2fleet.shared.protocol import THETA, NodeConfig, Part
 from skip2fleet.shared.spec import mlp
 
 runner = CliRunner()
@@ -82,10 +81,11 @@ def poisoning_client(bad_partition: int) -> ClientApp:
     @client.train()
     def train(msg: Message, context: Context) -> Message:
         reply = real_train(msg, context)
-        if int(context.node_config["partition-id"]) == bad_partition and reply.has_content():
-            vector = reply.content[ADAPTERS]["theta"].numpy().copy()
+        partition = int(context.node_config[NodeConfig.PARTITION_ID])
+        if partition == bad_partition and reply.has_content():
+            vector = reply.content[Part.ADAPTERS][THETA].numpy().copy()
             vector[3] = np.nan
-            reply.content[ADAPTERS] = vector_record(vector)
+            reply.content[Part.ADAPTERS] = ArrayRecord({THETA: Array(vector)})
         return reply
 
     return client

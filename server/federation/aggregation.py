@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from skip2fleet.shared.engine import adapter_pairs, trainable_shapes, unflatten
+from skip2fleet.shared.layout import Layout, layout
 from skip2fleet.shared.methods import Method
 from skip2fleet.shared.spec import Spec
 
@@ -57,9 +57,26 @@ def fedavg(updates: list[Update], method: Method, spec: Spec) -> Aggregate:
 
 
 def svd(updates: list[Update], method: Method, spec: Spec) -> Aggregate:
+    products, plain = _mean_products(updates, method, spec)
+    per_device, residual, total = {}, 0.0, 0.0
+    for rank in sorted({u.rank for u in updates}):
+        theta, errors = _factorised(products, plain, layout(method, spec, rank))
+        for pair_residual, pair_total in errors:
+            residual += pair_residual
+            total += pair_total
+        per_device.update({u.device: theta for u in updates if u.rank == rank})
+    error = float(np.sqrt(residual / total)) if total > 0 else 0.0
+    return Aggregate(per_device, error)
+
+
+def _mean_products(
+    updates: list[Update], method: Method, spec: Spec
+) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+    """The sample-weighted mean of every low-rank pair's product A @ B (pair i of each device's
+    layout), and of every array outside a pair, by name."""
     weights = _weights(updates)
-    views = [unflatten(u.theta, trainable_shapes(method, spec, u.rank)) for u in updates]
-    layouts = [adapter_pairs(method, spec, u.rank) for u in updates]  # pair i of every device
+    views = [layout(method, spec, u.rank).views(u.theta) for u in updates]
+    layouts = [layout(method, spec, u.rank).pairs for u in updates]
     products, paired = [], set()
     for pairs in zip(*layouts, strict=True):
         paired |= {pairs[0].a, pairs[0].b}
@@ -74,28 +91,28 @@ def svd(updates: list[Update], method: Method, spec: Spec) -> Aggregate:
         for name in views[0]
         if name not in paired
     }
-    per_device, residual, total = {}, 0.0, 0.0
-    for rank in sorted({u.rank for u in updates}):
-        shapes = trainable_shapes(method, spec, rank)
-        theta = np.zeros(sum(int(np.prod(s)) for s in shapes.values()), np.float32)
-        arrays = unflatten(theta, shapes)
-        for name, value in plain.items():
-            arrays[name][...] = value
-        for pair, product in zip(adapter_pairs(method, spec, rank), products, strict=True):
-            u, s, vt = np.linalg.svd(product, full_matrices=False)
-            keep = min(rank, len(s))  # a d x C product has rank <= C; further columns stay 0
-            root = np.sqrt(s[:keep])
-            a, b = arrays[pair.a][pair.a_rows], arrays[pair.b][pair.b_rows]
-            a[:, :keep] = u[:, :keep] * root
-            b[:keep] = root[:, None] * vt[:keep]
-            approx = a @ b
-            residual += float(np.sum((product - approx) ** 2))
-            total += float(np.sum(product**2))
-        for update in updates:
-            if update.rank == rank:
-                per_device[update.device] = theta
-    error = float(np.sqrt(residual / total)) if total > 0 else 0.0
-    return Aggregate(per_device, error)
+    return products, plain
+
+
+def _factorised(
+    products: list[np.ndarray], plain: dict[str, np.ndarray], target: Layout
+) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """A `theta` of `target`'s layout holding the plain arrays and each product re-factorised
+    to its rank by truncated SVD; with each pair's squared residual and squared norm."""
+    theta = np.zeros(target.size, np.float32)
+    arrays = target.views(theta)
+    for name, value in plain.items():
+        arrays[name][...] = value
+    errors = []
+    for pair, product in zip(target.pairs, products, strict=True):
+        u, s, vt = np.linalg.svd(product, full_matrices=False)
+        keep = min(target.rank, len(s))  # a d x C product has rank <= C; further columns stay 0
+        root = np.sqrt(s[:keep])
+        a, b = arrays[pair.a][pair.a_rows], arrays[pair.b][pair.b_rows]
+        a[:, :keep] = u[:, :keep] * root
+        b[:keep] = root[:, None] * vt[:keep]
+        errors.append((float(np.sum((product - a @ b) ** 2)), float(np.sum(product**2))))
+    return theta, errors
 
 
 STRATEGIES: dict[str, Strategy] = {"none": keep_own, "fedavg": fedavg, "svd": svd}
