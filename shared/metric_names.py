@@ -35,8 +35,8 @@ LAST_FINETUNE_ACCURACY = Metric(
     "Accuracy on the device's held-out data.",
     ("phase",),
 )
-# The active model's identity as values, not labels: a label per round or version would make
-# new series every round. The base changes only with a new pretraining: one info series per base.
+# The active model's identity as values, not labels: a label per round, version or base would
+# make new series every round (or every pretraining); a value that changes makes none.
 ACTIVE_MODEL = Metric(
     "skip2fleet_device_active_model_accuracy_ratio",
     "Hold-out accuracy of the model fleet predict uses.",
@@ -50,10 +50,22 @@ ACTIVE_MODEL_VERSION = Metric(
     "Kept version number of those adapters (0: the base alone).",
 )
 ACTIVE_MODEL_BASE = Metric(
-    "skip2fleet_device_active_model_base_info",
-    "The base model fleet predict uses (always 1), by the start of its sha256.",
-    ("base_sha256",),
+    "skip2fleet_device_active_model_base",
+    "The base model fleet predict uses: its sha256's first 12 hex digits as a number (exact).",
 )
+BASE_ID_HEX = 12  # 48 bits: a float64 holds them exactly
+
+
+def base_id(sha256: str) -> int:
+    """A base's identity as a metric value: the first BASE_ID_HEX hex digits of its sha256."""
+    return int(sha256[:BASE_ID_HEX], 16)
+
+
+def base_hex(value: float) -> str:
+    """The hex digits `base_id` made a number of, back."""
+    return f"{int(value):0{BASE_ID_HEX}x}"
+
+
 CLOCK_OFFSET = Metric(
     "skip2fleet_device_clock_offset_seconds",
     "The device's clock minus the front door's (its HTTP Date), at the last check.",

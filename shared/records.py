@@ -8,12 +8,13 @@ receiver refuses a wrong dtype, shape or size before any array is built from it.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
 from skip2fleet.shared.model import Model
-from skip2fleet.shared.protocol import THETA, Figures, RoundPlan
+from skip2fleet.shared.protocol import ROSTER_JSON, THETA, Entry, Figures, RoundPlan
 
 NPY_HEADER_MAX = 1024  # bytes an Array spends on its .npy header beyond the values
 
@@ -28,6 +29,23 @@ def record_model(record: ArrayRecord) -> Model:
 
 def plan_record(plan: RoundPlan) -> ConfigRecord:
     return ConfigRecord(plan.values())
+
+
+def roster_record(entries: list[Entry]) -> ArrayRecord:
+    """Every device's entry, for nodes whose device the coordinator does not know yet: JSON in
+    one byte array, so Flower computes its object id once however many messages share it (a
+    ConfigRecord's is computed again for each message)."""
+    text = json.dumps([dataclasses.asdict(e) for e in entries]).encode()
+    return ArrayRecord({ROSTER_JSON: Array(np.frombuffer(text, np.uint8))})
+
+
+def record_roster(record: ArrayRecord) -> list[dict]:
+    if list(record.keys()) != [ROSTER_JSON] or record[ROSTER_JSON].dtype != "uint8":
+        raise ValueError(f"a roster is one uint8 array {ROSTER_JSON!r}")
+    entries = json.loads(record[ROSTER_JSON].numpy().tobytes())
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ValueError("a roster is a JSON list of device entries")
+    return entries
 
 
 def figures_record(figures: Figures) -> MetricRecord:
@@ -60,6 +78,12 @@ def check_adapters(array: Array, size: int) -> Array:
     return array
 
 
-def wire_bytes(obj) -> int:
-    """Bytes Flower ships for a message object: its serialised form plus its children's."""
-    return len(obj.deflate()) + sum(wire_bytes(c) for c in (obj.children or {}).values())
+def wire_bytes(obj, known: dict[int, int] | None = None) -> int:
+    """Bytes Flower ships for a message object: its serialised form plus its children's.
+    `known`: sizes already measured, by object, for objects that many messages share."""
+    if known is not None and id(obj) in known:
+        return known[id(obj)]
+    size = len(obj.deflate()) + sum(wire_bytes(c, known) for c in (obj.children or {}).values())
+    if known is not None:
+        known[id(obj)] = size
+    return size

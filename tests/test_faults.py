@@ -274,10 +274,7 @@ def test_poisoned_replies_are_refused_and_left_out_of_the_aggregate(poisoned_run
     assert "expected float32" in second["refused"]["pi-2"], second["refused"]
     assert sorted(first["devices"]) == ["pi-1"] and sorted(second["devices"]) == ["pi-1", "pi-3"]
     for number, result in ((1, first), (2, second)):
-        received = {
-            p.stem: np.load(p)
-            for p in (folder.path / f"rounds/{number:03d}/received").glob("*.npy")
-        }
+        received = folder.received(number)
         assert sorted(received) == sorted(result["devices"])
         updates = [
             Update(n, v, result["devices"][n]["samples"], rank)
@@ -296,7 +293,7 @@ def test_poisoned_replies_are_refused_and_left_out_of_the_aggregate(poisoned_run
 
 @pytest.mark.parametrize(
     "damaged",
-    ["rounds/001/round.json", "rounds/002/received/pi-1.npy", "rounds/001/outgoing/pi-1.npy"],
+    ["rounds/001/round.json", "rounds/002/received.npz", "rounds/001/outgoing.npz"],
 )
 def test_a_corrupt_round_file_is_named_and_nothing_is_submitted(
     poisoned_run, deployment, tmp_path, damaged

@@ -356,7 +356,8 @@ def test_the_agent_exports_the_active_model_and_whether_the_round_was_kept(folde
     assert samples[(names.ACTIVE_MODEL.name, ())] == pytest.approx(active.accuracy / 100)
     assert samples[(names.ACTIVE_MODEL_ROUND.name, ())] == 1  # values, not labels
     assert samples[(names.ACTIVE_MODEL_VERSION.name, ())] == 1
-    assert samples[(names.ACTIVE_MODEL_BASE.name, (base_model.sha256(base)[:12],))] == 1
+    digest = base_model.sha256(base)
+    assert names.base_hex(samples[(names.ACTIVE_MODEL_BASE.name, ())]) == digest[:12]
     assert samples[(names.LAST_FINETUNE.format(figure="accepted"), ())] == 1
     run_round(content(base, 2, False, data_paths=[str(root / "device"), ""]), node)
     later = scrape()

@@ -96,8 +96,8 @@ class DeviceCollector:
 
     def _active_model(self) -> Iterator[Family]:
         """The model `fleet predict` uses, from the state folder's active.json (read as JSON
-        here: the store that writes it imports NumPy): its round and version as values, its base
-        as an info series."""
+        here: the store that writes it imports NumPy): its round, version and base as values, so a
+        new one changes values and makes no series."""
         path = self.state_dir / ACTIVE
         if not path.is_file():
             return
@@ -108,14 +108,13 @@ class DeviceCollector:
                 names.ACTIVE_MODEL: float(active["accuracy"]) / 100,
                 names.ACTIVE_MODEL_ROUND: int(version.get("round", 0)),
                 names.ACTIVE_MODEL_VERSION: int(version.get("number", 0)),
+                names.ACTIVE_MODEL_BASE: names.base_id(str(active["base_sha256"])),
             }
-            base = str(active["base_sha256"])[:12]
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             self.errors[("state", "garbage")] += 1
             return
         for metric, value in values.items():
             yield _family("gauge", metric).add([], value)
-        yield _family("gauge", names.ACTIVE_MODEL_BASE).add([base], 1)
 
     def _system(self) -> Iterator[Family]:
         try:

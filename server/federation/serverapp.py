@@ -30,7 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from skip2fleet.server.federation.aggregation import STRATEGIES, Update
 from skip2fleet.server.federation.exchange import exchange, wait_for_nodes
-from skip2fleet.server.federation.plans import Deliveries, plan_for
+from skip2fleet.server.federation.plans import Deliveries, entries, plan_for
 from skip2fleet.server.federation.pushes import FleetPushes
 from skip2fleet.server.federation.runs import RunFolder
 from skip2fleet.server.federation.screening import screen
@@ -95,7 +95,8 @@ def open_run(folder: RunFolder, on_round: RoundListener) -> Run:
     registered = folder.node_registry()
     roster = Roster(ranks, sizes, dict(registered), trusted=bool(registered))
     done = folder.completed_rounds()
-    deliveries = Deliveries(base, sizes, folder.outgoing(done[-1]) if done else {})
+    outgoing = folder.outgoing(done[-1]) if done else {}
+    deliveries = Deliveries(base, sizes, outgoing, entries=entries(config))
     digest = base_model.sha256(base)
     gateway = config.coordinator.pushgateway
     pushes = gateway and FleetPushes(
@@ -121,7 +122,8 @@ def play_round(grid: Grid, run: Run, number: int) -> None:
     nodes = wait_for_nodes(grid, fed.min_devices, fed.round_timeout_s, registered, door)
     plan = plan_for(run.config, number, run.digest, str(run.folder.path / "devices"))
     contents = run.deliveries.contents(nodes, plan, roster.device_of)
-    sent = {node: wire_bytes(content) for node, content in contents.items()}
+    known: dict[int, int] = {}  # sizes of the records nodes share, measured once
+    sent = {node: wire_bytes(content, known) for node, content in contents.items()}
     answers = exchange(grid, contents, fed.round_timeout_s)
     run.deliveries.forget_base(answers)
     ledger = validate(answers, roster)

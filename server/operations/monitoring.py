@@ -62,9 +62,8 @@ PANELS = (
     ),
     PanelSpec(
         "Active model (hold-out accuracy)",
-        f"{names.ACTIVE_MODEL.name}{{{DEVICE}}} "
-        f"* on (device) group_left (base_sha256) {names.ACTIVE_MODEL_BASE.name}",
-        "{{device}}: base {{base_sha256}}",
+        f"{names.ACTIVE_MODEL.name}{{{DEVICE}}}",
+        "{{device}}",
         "percentunit",
         "bargauge",
     ),

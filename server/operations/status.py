@@ -85,8 +85,8 @@ def active_model(figures: dict[str, float]) -> str:
     accuracy = figures.get(names.ACTIVE_MODEL.name)
     if accuracy is None:
         return "-"
-    prefix = names.ACTIVE_MODEL_BASE.name + "|"
-    base = next((key[len(prefix) :] for key in figures if key.startswith(prefix)), "?")
+    base_value = figures.get(names.ACTIVE_MODEL_BASE.name)
+    base = "?" if base_value is None else names.base_hex(base_value)
     round_ = int(figures.get(names.ACTIVE_MODEL_ROUND.name, 0))
     adapters = f"round {round_}" if round_ else "no adapters"
     return f"base {base} + {adapters} ({accuracy * 100:.2f} %)"
