@@ -8,6 +8,7 @@ receiver refuses a wrong dtype, shape or size before any array is built from it.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 
 import numpy as np
@@ -60,10 +61,33 @@ def adapters_record(theta: np.ndarray, size: int) -> ArrayRecord:
 
 
 def record_adapters(record: ArrayRecord, size: int) -> np.ndarray:
-    """The packed adapters of a record, checked before the array is built."""
+    """The packed adapters of a record, checked before the array is built: a read-only view of
+    the bytes Flower received, not a copy (10,000 devices' replies are held once, not twice)."""
     if list(record.keys()) != [THETA]:
         raise ValueError(f"expected one array {THETA!r}, got {sorted(record.keys())}")
-    return check_adapters(record[THETA], size).numpy()
+    return float32_view(check_adapters(record[THETA], size).data, size)
+
+
+def float32_view(data: bytes, size: int) -> np.ndarray:
+    """The float32 vector of `size` values an .npy image holds, as a view of it (its own header
+    checked too: the Array's metadata may say one thing and its bytes another)."""
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read_header = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }.get(version)
+        if read_header is None:
+            raise ValueError(f".npy version {version}")
+        shape, fortran, dtype = read_header(stream)
+    except ValueError as exc:
+        raise ValueError(f"adapters: not an .npy image ({exc})") from None
+    if dtype != np.dtype("<f4") or shape != (size,) or fortran:
+        raise ValueError(f"adapters' .npy header says {dtype} {shape}, expected float32 ({size},)")
+    if len(data) - stream.tell() != 4 * size:
+        raise ValueError(f"adapters take {len(data) - stream.tell()} bytes, {4 * size} expected")
+    return np.frombuffer(data, np.float32, size, stream.tell())
 
 
 def check_adapters(array: Array, size: int) -> Array:
