@@ -12,6 +12,7 @@ in the fleet's roster by its `--node-config device=NAME`, or in a simulation by 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
@@ -38,6 +39,7 @@ class Part(StrEnum):
 
 
 THETA = "theta"  # the one array of an adapters record
+PLAN_JSON = "json"  # the one value of a plan record: the RoundPlan's values as JSON
 ROSTER_JSON = "entries"  # the one array of a roster record: a JSON list of Entry, as bytes
 DEVICE_NAME = "name"  # the one value of a reply's device record
 
@@ -119,8 +121,13 @@ class RoundPlan:
 
     @classmethod
     def from_record(cls, record: Mapping) -> RoundPlan:
-        """The plan a record carries; an unknown accept rule or codec is a ValueError."""
-        values = {f.name: record[f.name] for f in dataclasses.fields(cls)}
+        """The plan a record carries (`PLAN_JSON`); an unknown accept rule or codec, or a value
+        missing, is a ValueError."""
+        sent = json.loads(str(record[PLAN_JSON]))
+        try:
+            values = {f.name: sent[f.name] for f in dataclasses.fields(cls)}
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"a plan without {exc}") from None
         return cls(**values | {"accept": Accept(values["accept"]), "cache": Codec(values["cache"])})
 
     def with_entry(self, entry: Entry) -> RoundPlan:

@@ -15,7 +15,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
 from skip2fleet.shared.model import Model
-from skip2fleet.shared.protocol import ROSTER_JSON, THETA, Entry, Figures, RoundPlan
+from skip2fleet.shared.protocol import PLAN_JSON, ROSTER_JSON, THETA, Entry, Figures, RoundPlan
 
 NPY_HEADER_MAX = 1024  # bytes an Array spends on its .npy header beyond the values
 
@@ -28,8 +28,11 @@ def record_model(record: ArrayRecord) -> Model:
     return {name: array.numpy() for name, array in record.items()}
 
 
-def plan_record(plan: RoundPlan) -> ConfigRecord:
-    return ConfigRecord(plan.values())
+def plan_record(plan: RoundPlan | dict) -> ConfigRecord:
+    """A plan (or its values) as one JSON string: Flower checks and serialises a record value by
+    value, and a coordinator sends a plan to every node each round."""
+    values = plan.values() if isinstance(plan, RoundPlan) else plan
+    return ConfigRecord({PLAN_JSON: json.dumps(values)})
 
 
 def roster_record(entries: list[Entry]) -> ArrayRecord:

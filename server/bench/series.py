@@ -44,14 +44,19 @@ Push = Callable[[dict], bool]  # pushes one round's result; False when the gatew
 SCRAPED_TIMEOUT_S = 120  # a scrape of a gateway that holds every round of 10,000 devices is slow
 
 
-def synthetic_round(number: int, devices: int) -> dict:
-    """A round of `devices` devices that all replied, as the run folder keeps it."""
-    figures = Figures(
+def synthetic_figures() -> Figures:
+    """A device's report of a round, plausible figures."""
+    return Figures(
         samples=100, loss=0.5, acc_before=60.0, acc_after=80.0, forward_ms=0.02,
         backward_ms=0.03, update_ms=0.01, train_batch_ms=0.06, finetune_s=1.5, cache_bytes=40_000,
         cache_built=0, uplink_bytes=12_000, rank=4, peak_rss_bytes=120 << 20, energy_joules=3.0,
         mean_watts=2.0, peak_watts=2.5, power_estimated=1,
-    ).__dict__  # fmt: skip
+    )  # fmt: skip
+
+
+def synthetic_round(number: int, devices: int) -> dict:
+    """A round of `devices` devices that all replied, as the run folder keeps it."""
+    figures = synthetic_figures().__dict__
     return {
         "round": number,
         "duration_s": 10.0 + number,

@@ -82,11 +82,15 @@ class Deliveries:
     entries: dict[str, Entry] = field(default_factory=dict)  # for nodes not yet heard from
     _base_record: ArrayRecord | None = None
 
+    def __post_init__(self) -> None:
+        self._entry_values = {d: dataclasses.asdict(e) for d, e in self.entries.items()}
+
     def contents(
         self, nodes: list[int], plan: RoundPlan, device_of: dict[int, str]
     ) -> dict[int, RecordDict]:
         """The message content for each node: its own plan, and records shared between nodes."""
         adapters = self._adapters_by_device()
+        common = plan.values()
         unknown: dict[str, object] = {}  # built on the first node not yet heard from
         contents = {}
         for node in nodes:
@@ -96,7 +100,7 @@ class Deliveries:
                     unknown = self._for_unknown(plan, adapters)
                 content = RecordDict(unknown)
             else:
-                own = plan.with_entry(self.entries[device]) if device in self.entries else plan
+                own = common | self._entry_values.get(device, {})
                 content = RecordDict({Part.PLAN: plan_record(own)})
                 if device in adapters:
                     content[Part.ADAPTERS] = adapters[device]

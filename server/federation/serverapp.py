@@ -46,6 +46,7 @@ from skip2fleet.shared.records import wire_bytes
 from skip2fleet.shared.spec import Spec
 
 RoundListener = Callable[[dict], None]
+Lap = Callable[[str], None]  # a phase of the round has just ended
 UNNAMED = "unnamed nodes"  # downlink_bytes' key for nodes no device name is known for
 
 
@@ -113,8 +114,8 @@ def coordinate(grid: Grid, folder: RunFolder, on_round: RoundListener) -> None:
         play_round(grid, run, number)
 
 
-def play_round(grid: Grid, run: Run, number: int) -> None:
-    """One round, phase by phase."""
+def play_round(grid: Grid, run: Run, number: int, lap: Lap = lambda phase: None) -> None:
+    """One round, phase by phase (`lap` is told as each ends: `fleet bench coordinator`)."""
     fed, roster = run.config.federation, run.roster
     started, started_at = time.monotonic(), time.time()
     registered = set(roster.device_of) if roster.trusted else None
@@ -124,13 +125,18 @@ def play_round(grid: Grid, run: Run, number: int) -> None:
     contents = run.deliveries.contents(nodes, plan, roster.device_of)
     known: dict[int, int] = {}  # sizes of the records nodes share, measured once
     sent = {node: wire_bytes(content, known) for node, content in contents.items()}
+    lap("configure")
     answers = exchange(grid, contents, fed.round_timeout_s)
     run.deliveries.forget_base(answers)
+    lap("exchange")
     ledger = validate(answers, roster)
+    lap("validate")
     screen(ledger, fed.max_update_ratio)
+    lap("screen")
     require_enough(ledger, number, fed.min_devices)
     aggregate = STRATEGIES[fed.aggregation](updates(ledger, roster), run.method, run.spec)
     run.deliveries.outgoing = aggregate.per_device
+    lap("aggregate")
     result = ledger.summary(roster) | {
         "round": number,
         "started_at": started_at,
@@ -140,7 +146,9 @@ def play_round(grid: Grid, run: Run, number: int) -> None:
         "downlink_bytes": downlink(sent, roster.device_of),
     }
     run.folder.save_round(number, result, ledger.received(roster), aggregate.per_device)
+    lap("persist")
     report(run, result)
+    lap("report")
 
 
 def require_enough(ledger: Ledger, number: int, needed: int) -> None:
