@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from skip2fleet.cli.fleet import app
 from skip2fleet.server import options as opt
-from skip2fleet.server.bench.series import measure_series, synthetic_round
+from skip2fleet.server.bench.coordinator import PHASES, measure_coordinator
+from skip2fleet.server.bench.series import synthetic_round
 from skip2fleet.server.federation.pushes import JOB, FleetPushes, group_path
 from skip2fleet.server.operations.loopback import (
     Processes,
@@ -216,12 +217,17 @@ def test_a_pushgateway_that_is_down_costs_one_line_per_round(tmp_path, caplog):
 
 
 @needs_prometheus
-def test_series_do_not_grow_with_rounds(tmp_path):
-    """The bench's small size: 20 devices, 3 rounds, on a real Pushgateway and Prometheus."""
-    row = measure_series(20, 3, tmp_path, interval="1s")
-    assert all(row["pushed"]) and all(row["scraped"]), row
-    assert row["series_after_3"] == row["series_after_1"] > 11 * 20, row
-    assert row["gateway_series_after_3"] == row["gateway_series_after_1"], row
+def test_the_coordinators_rounds_make_no_new_series_and_plans_do_not_grow(tmp_path):
+    """`fleet bench coordinator` at a small size: the ServerApp's rounds of 4 and of 40 devices
+    on a real Pushgateway and Prometheus; a plan's bytes are the same at both sizes, and the
+    series after round 3 are those after round 1."""
+    rows = [measure_coordinator(n, "mlp", 3, tmp_path / f"{n:03d}", interval="1s") for n in (4, 40)]
+    for row in rows:
+        assert row["pushes_scraped"] == 3, row
+        assert row["series_after_3"] == row["series_after_1"] > 11 * row["devices"], row
+        assert set(row["phases_s"]) == set(PHASES), row
+    assert rows[0]["plan_bytes"] == rows[1]["plan_bytes"], rows
+    assert rows[0]["message_bytes"] == rows[1]["message_bytes"], rows
 
 
 @needs_prometheus

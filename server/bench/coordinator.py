@@ -34,6 +34,7 @@ from skip2fleet.server import options as opt
 from skip2fleet.server.bench.series import measure_series, synthetic_figures
 from skip2fleet.server.federation.runs import RunFolder
 from skip2fleet.server.federation.serverapp import open_run, play_round
+from skip2fleet.server.operations.monitoring import PUSH_SCRAPE_INTERVAL
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.atomic import write_text_atomic
 from skip2fleet.shared.config import parse_config
@@ -125,7 +126,9 @@ def bench_folder(workdir: Path, devices: int, model: str, rounds: int, gateway: 
     return folder
 
 
-def measure_coordinator(devices: int, model: str, rounds: int, workdir: Path) -> dict:
+def measure_coordinator(
+    devices: int, model: str, rounds: int, workdir: Path, interval: str = PUSH_SCRAPE_INTERVAL
+) -> dict:
     """Rounds of `devices` devices through `play_round` with a real Pushgateway, their phases
     timed; the series Prometheus holds after round 1 and the last."""
     for name in ("_run_id", "_node_id", "_task_id"):  # as Flower sets them in a ServerApp
@@ -159,7 +162,7 @@ def measure_coordinator(devices: int, model: str, rounds: int, workdir: Path) ->
 
         return one_round
 
-    series = measure_series(devices, rounds, workdir, rounds_to)
+    series = measure_series(devices, rounds, workdir, rounds_to, interval)
     later = laps[1:] or laps
     return {
         "devices": devices,
