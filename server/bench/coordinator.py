@@ -179,19 +179,20 @@ def measure_coordinator(
     }
 
 
-def _measure_in(queue, devices: int, model: str, rounds: int) -> None:
+def _measure_in(queue, devices: int, model: str, rounds: int, interval: str) -> None:
     with tempfile.TemporaryDirectory(prefix="fleet-bench-coordinator-") as workdir:
         try:
-            queue.put(measure_coordinator(devices, model, rounds, Path(workdir)))
+            queue.put(measure_coordinator(devices, model, rounds, Path(workdir), interval))
         except Exception as exc:  # reported by the parent, with the fleet size
             queue.put({"error": f"{type(exc).__name__}: {exc}"})
 
 
-def measure_fresh(devices: int, model: str, rounds: int) -> dict:
+def measure_fresh(devices: int, model: str, rounds: int, interval: str) -> dict:
     """`measure_coordinator` in a new process: its peak RSS is this fleet size's alone."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_measure_in, args=(queue, devices, model, rounds))
+    args = (queue, devices, model, rounds, interval)
+    process = context.Process(target=_measure_in, args=args)
     process.start()
     try:
         row = queue.get()
@@ -208,6 +209,13 @@ def coordinator_command(
     ] = "10,100,1000,10000",
     model: Annotated[str, typer.Option(help="mlp or cnn (HAR's).")] = "mlp",
     rounds: Annotated[int, typer.Option(min=2, help="Rounds per fleet size.")] = 20,
+    scrape_interval: Annotated[
+        str,
+        typer.Option(
+            help="Prometheus' scrape interval (and timeout) of the Pushgateway: longer on a busy "
+            "machine, where a scrape of 10,000 devices' 110,000 series can outlast 2 s."
+        ),
+    ] = PUSH_SCRAPE_INTERVAL,
     json_out: opt.JsonOut = None,
 ) -> None:
     """The coordinator's work per round (devices' training excluded), per phase, with its peak
@@ -225,7 +233,7 @@ def coordinator_command(
     )
     rows = []
     for size in sizes:
-        row = measure_fresh(size, model, rounds)
+        row = measure_fresh(size, model, rounds, scrape_interval)
         rows.append(row)
         phases = " | ".join(f"{row['phases_s'][p]:.3f}" for p in PHASES)
         typer.echo(
