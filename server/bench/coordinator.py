@@ -179,7 +179,9 @@ def measure_coordinator(
     }
 
 
-def _measure_in(queue, devices: int, model: str, rounds: int, interval: str) -> None:
+def _measure_in(
+    queue, devices: int, model: str, rounds: int, interval: str = PUSH_SCRAPE_INTERVAL
+) -> None:
     with tempfile.TemporaryDirectory(prefix="fleet-bench-coordinator-") as workdir:
         try:
             queue.put(measure_coordinator(devices, model, rounds, Path(workdir), interval))
