@@ -134,6 +134,7 @@ def measure_coordinator(
     for name in ("_run_id", "_node_id", "_task_id"):  # as Flower sets them in a ServerApp
         setattr(TaskIdentity, name, 1)
     laps: list[dict[str, float]] = []
+    peaks: dict[str, float] = {}  # the process' peak RSS, MB, when each phase first ended
     grid: SyntheticGrid | None = None
     sizes: dict[str, int] = {}
 
@@ -151,6 +152,7 @@ def measure_coordinator(
                 now, device_s = time.perf_counter(), grid.device_s
                 times[phase] = now - mark[0] - (device_s - mark[1])
                 mark[:] = [now, device_s]
+                peaks.setdefault(phase, peak_rss_mb())
 
             play_round(grid, run, result["round"], lap)
             laps.append(times)
@@ -170,13 +172,18 @@ def measure_coordinator(
         "seconds": median(sum(t.values()) for t in later),
         "round_1_s": sum(laps[0].values()),
         "phases_s": {phase: median(t[phase] for t in later) for phase in PHASES},
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb_by_phase": peaks,
         **sizes,
         "series_after_1": series["series_after_1"],
         f"series_after_{rounds}": series["series_after_last"],
         "pushes_scraped": sum(series["scraped"]),
         "rounds": rounds,
     }
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _measure_in(
