@@ -8,7 +8,8 @@ nodes reply at once with synthetic adapters in the real wire format: each reply'
 serialised as a device sends them (not timed) and inflated as Flower's grid does on the
 coordinator (timed, with the exchange). A deployment's trusted roster (every node registered),
 HAR's features (MLP) or raw windows (CNN), Skip2-LoRA at rank 4. Each fleet size runs in a fresh
-process, so its peak RSS is its own.
+process, so its peak RSS is its own. Each phase's wall time and this process' CPU time are
+measured: on a shared machine the CPU time is what the load does not inflate.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class SyntheticGrid:
         self.first = min(devices)
         self.first_content: RecordDict | None = None  # the first node's, as last pushed
         self.device_s = 0.0  # spent making the devices' replies: not the coordinator's
+        self.device_cpu_s = 0.0
 
     def get_node_ids(self) -> list[int]:
         return list(self.devices)
@@ -81,10 +83,11 @@ class SyntheticGrid:
     def pull_messages(self, ids) -> list[Message]:
         replies = []
         for mid in ids:
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             node = self.sent.pop(mid)
             objects = self._sent_by(node)
             self.device_s += time.perf_counter() - started
+            self.device_cpu_s += time.process_time() - cpu
             content = inflate_object_from_contents(objects.pop("root"), objects)
             metadata = Metadata(1, f"r{mid}", node, 1, mid, "", time.time(), 600.0, "train")
             replies.append(make_message(metadata, content))
@@ -133,7 +136,8 @@ def measure_coordinator(
     timed; the series Prometheus holds after round 1 and the last."""
     for name in ("_run_id", "_node_id", "_task_id"):  # as Flower sets them in a ServerApp
         setattr(TaskIdentity, name, 1)
-    laps: list[dict[str, float]] = []
+    laps: list[dict[str, float]] = []  # wall seconds of each phase, per round
+    cpu_laps: list[dict[str, float]] = []  # this process' CPU seconds of each phase, per round
     peaks: dict[str, float] = {}  # the process' peak RSS, MB, when each phase first ended
     grid: SyntheticGrid | None = None
     sizes: dict[str, int] = {}
@@ -146,16 +150,19 @@ def measure_coordinator(
         grid = SyntheticGrid({n: d for n, d in run.roster.device_of.items()}, size)
 
         def one_round(result: dict) -> bool:
-            times, mark = {}, [time.perf_counter(), grid.device_s]
+            times, cpu_times = {}, {}
+            mark = [time.perf_counter(), grid.device_s, time.process_time(), grid.device_cpu_s]
 
             def lap(phase: str) -> None:
-                now, device_s = time.perf_counter(), grid.device_s
-                times[phase] = now - mark[0] - (device_s - mark[1])
-                mark[:] = [now, device_s]
+                now = [time.perf_counter(), grid.device_s, time.process_time(), grid.device_cpu_s]
+                times[phase] = now[0] - mark[0] - (now[1] - mark[1])
+                cpu_times[phase] = now[2] - mark[2] - (now[3] - mark[3])
+                mark[:] = now
                 peaks.setdefault(phase, peak_rss_mb())
 
             play_round(grid, run, result["round"], lap)
             laps.append(times)
+            cpu_laps.append(cpu_times)
             content = grid.first_content
             sizes.update(
                 plan_bytes=wire_bytes(content[Part.PLAN]), message_bytes=wire_bytes(content)
@@ -165,13 +172,15 @@ def measure_coordinator(
         return one_round
 
     series = measure_series(devices, rounds, workdir, rounds_to, interval)
-    later = laps[1:] or laps
+    later, later_cpu = laps[1:] or laps, cpu_laps[1:] or cpu_laps
     return {
         "devices": devices,
         "model": model,
         "seconds": median(sum(t.values()) for t in later),
         "round_1_s": sum(laps[0].values()),
         "phases_s": {phase: median(t[phase] for t in later) for phase in PHASES},
+        "cpu_seconds": median(sum(t.values()) for t in later_cpu),
+        "phases_cpu_s": {phase: median(t[phase] for t in later_cpu) for phase in PHASES},
         "peak_rss_mb": peak_rss_mb(),
         "peak_rss_mb_by_phase": peaks,
         **sizes,
@@ -236,7 +245,7 @@ def coordinator_command(
     except ValueError:
         raise FleetError(f"--devices: {devices!r} is not a list of counts like 10,100") from None
     typer.echo(
-        f"| devices | model | s per round | {' | '.join(PHASES)} | round 1 s | peak RSS MB "
+        f"| devices | model | s per round (CPU s) | {' | '.join(PHASES)} | round 1 s | peak RSS MB "
         f"| plan B | message B | series after 1 | after {rounds} |\n"
         f"|---:|---|---:|{'---:|' * len(PHASES)}---:|---:|---:|---:|---:|---:|"
     )
@@ -246,7 +255,8 @@ def coordinator_command(
         rows.append(row)
         phases = " | ".join(f"{row['phases_s'][p]:.3f}" for p in PHASES)
         typer.echo(
-            f"| {size} | {model} | {row['seconds']:.3f} | {phases} | {row['round_1_s']:.2f} "
+            f"| {size} | {model} | {row['seconds']:.3f} ({row['cpu_seconds']:.3f}) | {phases} "
+            f"| {row['round_1_s']:.2f} "
             f"| {row['peak_rss_mb']:.0f} | {row['plan_bytes']} | {row['message_bytes']} "
             f"| {row['series_after_1']} | {row[f'series_after_{rounds}']} |"
         )
