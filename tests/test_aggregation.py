@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from skip2fleet.server.federation.aggregation import STRATEGIES, Update
+from skip2fleet.server.federation.aggregation import (
+    STRATEGIES,
+    Rule,
+    Update,
+    clipped,
+    trimmed_mean,
+    weights,
+)
 from skip2fleet.shared.layout import layout
 from skip2fleet.shared.methods import get_method
 from skip2fleet.shared.spec import cnn, mlp
 
 SPEC = mlp(6, 3, hidden=5)
 SKIP2 = get_method("skip2-lora")
+UNCAPPED = Rule(max_weight=1e9)
 
 
 def random_update(name: str, rank: int, samples: int, seed: int, method=SKIP2) -> Update:
@@ -40,7 +49,7 @@ def test_svd_recovers_the_exact_mean_product_when_the_rank_allows():
     """Two rank-1 devices re-factorised at rank 2: the mean of the products is exact."""
     a, b = random_update("a", 1, 10, 0), random_update("b", 1, 30, 1)
     wide = Update("c", random_update("c", 2, 1, 2).theta, 1e-9, 2)  # takes the rank-2 result
-    result = STRATEGIES["svd"]([a, b, wide], SKIP2, SPEC)
+    result = STRATEGIES["svd"]([a, b, wide], SKIP2, SPEC, UNCAPPED)
     mean = [
         0.25 * pa + 0.75 * pb
         for pa, pb in zip(products(a.theta, 1), products(b.theta, 1), strict=True)
@@ -99,9 +108,101 @@ def test_svd_merges_conv_adapters_exactly_when_the_rank_allows():
 
     a, b, wide = update("a", 1, 0), update("b", 1, 1), update("c", 2, 2)
     wide = Update("c", wide.theta, 1e-9, 2)
-    result = STRATEGIES["svd"]([a, b, wide], method, spec)
+    result = STRATEGIES["svd"]([a, b, wide], method, spec, UNCAPPED)
     assert {p.layer for p in layout(method, spec, 2).pairs} == {0, 1, 2, 3}
     pairs = zip(kernel_products(a.theta, 1), kernel_products(b.theta, 1), strict=True)
     mean = [0.5 * pa + 0.5 * pb for pa, pb in pairs]
     for got, want in zip(kernel_products(result.per_device["c"], 2), mean, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+# -- the coordinator's weights --------------------------------------------------------------------
+
+
+def test_weights_follow_samples_or_are_equal():
+    updates = [random_update(n, 2, s, i) for i, (n, s) in enumerate([("a", 100), ("b", 300)])]
+    np.testing.assert_allclose(weights(updates, Rule()), [0.25, 0.75])
+    np.testing.assert_allclose(weights(updates, Rule(weighting="equal")), [0.5, 0.5])
+
+
+def test_no_device_weighs_more_than_max_weight_times_the_equal_share():
+    """One device claims 20000 samples beside four of 300: capped at 2 / 5, the rest shared by
+    the others' own weights (here equal)."""
+    claims = [20_000, 300, 300, 300, 300]
+    updates = [random_update(f"d{i}", 2, s, i) for i, s in enumerate(claims)]
+    np.testing.assert_allclose(weights(updates, Rule()), [0.4, 0.15, 0.15, 0.15, 0.15])
+    shares = weights(updates, Rule(max_weight=1.0))  # at 1: equal, whatever they claim
+    np.testing.assert_allclose(shares, [0.2] * 5)
+    mixed = [random_update(f"d{i}", 2, s, i) for i, s in enumerate([900, 600, 100, 100])]
+    shares = weights(mixed, Rule(max_weight=1.5))  # cap 0.375: 900 and 600 both capped
+    np.testing.assert_allclose(shares, [0.375, 0.375, 0.125, 0.125])
+    assert shares.sum() == pytest.approx(1.0)
+
+
+def test_fedavg_streams_in_float32_and_equals_the_float64_mean():
+    updates = [random_update(f"d{i}", 2, 10 + i, i) for i in range(5)]
+    result = STRATEGIES["fedavg"](updates, SKIP2, SPEC).per_device["d0"]
+    assert result.dtype == np.float32
+    shares = weights(updates, Rule())
+    exact = sum(w * u.theta.astype(np.float64) for w, u in zip(shares, updates, strict=True))
+    np.testing.assert_allclose(result, exact, rtol=1e-5, atol=1e-6)
+
+
+def test_clip_scales_a_change_down_to_the_multiple_of_the_median_change():
+    start = np.zeros(layout(SKIP2, SPEC, 2).size, np.float32)
+    changes = [1.0, 2.0, 3.0, 100.0]
+    updates = [Update(f"d{i}", np.full_like(start, c), 1, 2) for i, c in enumerate(changes)]
+    out = clipped(updates, dict.fromkeys(("d0", "d1", "d2", "d3"), start), 2.0)
+    assert [float(u.theta[0]) for u in out] == pytest.approx([1.0, 2.0, 3.0, 4.0])  # 2 x 2
+    assert out[0] is updates[0]  # within the limit: untouched
+
+
+# -- robust aggregation: Flower's arithmetic, over the products ----------------------------------
+
+
+def flower_replies(arrays_per_device: list[dict[str, np.ndarray]]):
+    """Replies as Flower's strategies take them: one ArrayRecord each, with a sample count."""
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+    replies = []
+    for arrays in arrays_per_device:
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                "metrics": MetricRecord({"num-examples": 1}),
+            }
+        )
+        replies.append(Message(content=content, dst_node_id=1, message_type="train"))
+    return replies
+
+
+def parts(theta: np.ndarray, rank: int) -> dict[str, np.ndarray]:
+    lay = layout(SKIP2, SPEC, rank)
+    return {name: lay.part(theta, name) for name in lay.parts()}
+
+
+@pytest.mark.parametrize(
+    ("name", "trim"), [("median", 0.2), ("trimmed-mean", 0.2), ("trimmed-mean", 0.4)]
+)
+def test_median_and_trimmed_mean_equal_flowers_strategies_on_the_same_products(
+    name, trim, task_identity
+):
+    from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg
+
+    updates = [random_update(f"d{i}", 3, 10 * (i + 1), i) for i in range(5)]
+    updates[4] = Update("d4", updates[4].theta * 1000, 10, 3)  # an attacker
+    flower = FedMedian() if name == "median" else FedTrimmedAvg(beta=trim)
+    arrays, _ = flower.aggregate_train(1, flower_replies([parts(u.theta, 3) for u in updates]))
+    ours = STRATEGIES[name](updates, SKIP2, SPEC, Rule(trim=trim))
+    for part, value in arrays.items():
+        # wide enough (rank 3 = C): the re-factorised products are the reduced ones
+        got = parts(ours.per_device["d0"], 3)[part]
+        np.testing.assert_allclose(got, value.numpy(), rtol=1e-4, atol=1e-5)
+    assert ours.svd_relative_error < 1e-5
+
+
+def test_trimmed_mean_cuts_int_trim_n_values_at_each_end():
+    stack = np.array([[1.0], [2.0], [3.0], [4.0], [100.0]])
+    assert trimmed_mean(stack, 0.2)[0] == pytest.approx(3.0)  # (2 + 3 + 4) / 3
+    assert trimmed_mean(stack, 0.19)[0] == pytest.approx(22.0)  # int(0.95) = 0: the mean
+    assert trimmed_mean(stack, 0.4)[0] == pytest.approx(3.0)  # the median

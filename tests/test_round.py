@@ -376,15 +376,6 @@ class Grid:
         return replies
 
 
-@pytest.fixture
-def task_identity(monkeypatch):
-    """What Flower sets in a ServerApp's process, for building plans' messages here."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
 def test_a_round_in_a_row_refuses_poisoned_replies_and_averages_the_rest(tmp_path, task_identity):
     folder = RunFolder.create(tmp_path / "run", as_yaml_dict(fleet()), BASE)
     registry = {"pi-1": 11, "pi-2": 12, "pi-3": 13, "pi-4": 14}
