@@ -203,14 +203,12 @@ def changed(start: np.ndarray, seed: int, block: str | None = None, scale: float
 
 
 def screened(*adapters: np.ndarray, ratio: float = 10.0, start: np.ndarray | None = None):
+    """The ledger of pi-1, pi-2, ... sending `adapters`, screened against one common start."""
     start = np.full(SIZE, 0.5, np.float32) if start is None else start
-    nodes = [11, 12, 13][: len(adapters)]
-    ledger = validate(
-        answers(*(reply(n, content(f"pi-{n - 10}", a)) for n, a in zip(nodes, adapters))),
-        roster(),
-    )
-    screen(ledger, {d: start for d in ("pi-1", "pi-2", "pi-3")}, dict.fromkeys(
-        ("pi-1", "pi-2", "pi-3"), LAYOUT), ratio)  # fmt: skip
+    sent = [reply(11 + i, content(f"pi-{i + 1}", a)) for i, a in enumerate(adapters)]
+    ledger = validate(answers(*sent), roster())
+    devices = roster().ranks
+    screen(ledger, dict.fromkeys(devices, start), dict.fromkeys(devices, LAYOUT), ratio)
     return ledger
 
 
