@@ -102,9 +102,11 @@ def test_a_device_sending_nan_is_refused_and_does_not_poison_the_average(tmp_pat
     result = folder.round_result(1)
     assert result["refused"] == {"sim-2": "adapters hold NaN or Inf"}
     assert sorted(result["devices"]) == ["sim-1", "sim-3"]
-    outgoing = folder.outgoing(1)
-    assert sorted(outgoing) == ["sim-1", "sim-3"]
+    outgoing = folder.outgoing(1)  # sim-2 starts round 2 where it started round 1
+    assert sorted(outgoing) == ["sim-1", "sim-2", "sim-3"]
     assert all(np.isfinite(v).all() for v in outgoing.values())
+    assert np.array_equal(outgoing["sim-1"], outgoing["sim-3"])
+    assert not np.array_equal(outgoing["sim-1"], outgoing["sim-2"])
 
 
 def test_resume_continues_after_the_last_completed_round(tmp_path):
