@@ -13,6 +13,7 @@ from skip2fleet.server.federation.aggregation import (
     trimmed_mean,
     weights,
 )
+from skip2fleet.server.federation.guard import check_aggregate
 from skip2fleet.shared.layout import layout
 from skip2fleet.shared.methods import get_method
 from skip2fleet.shared.spec import cnn, mlp
@@ -206,3 +207,78 @@ def test_trimmed_mean_cuts_int_trim_n_values_at_each_end():
     assert trimmed_mean(stack, 0.2)[0] == pytest.approx(3.0)  # (2 + 3 + 4) / 3
     assert trimmed_mean(stack, 0.19)[0] == pytest.approx(22.0)  # int(0.95) = 0: the mean
     assert trimmed_mean(stack, 0.4)[0] == pytest.approx(3.0)  # the median
+
+
+# -- the aggregate's check -----------------------------------------------------------------------
+
+
+def common_start(method=SKIP2, rank: int = 2, n: int = 4):
+    """`n` updates, each a small change from one start, and the start."""
+    start = np.random.default_rng(9).normal(size=layout(method, SPEC, rank).size)
+    start = start.astype(np.float32)
+    updates = [
+        Update(f"d{i}", start + 0.1 * random_update(f"d{i}", rank, 10, i, method).theta, 10, rank)
+        for i in range(n)
+    ]
+    return updates, {u.device: start for u in updates}, {u.device: rank for u in updates}
+
+
+@pytest.mark.parametrize("name", ["fedavg", "svd", "median", "trimmed-mean"])
+def test_every_strategys_aggregate_passes_its_check(name):
+    updates, starts, ranks = common_start()
+    updates[3] = Update("d3", starts["d3"] + 50 * (updates[3].theta - starts["d3"]), 10, 2)
+    merged = STRATEGIES[name](updates, SKIP2, SPEC).per_device
+    assert check_aggregate(merged, updates, starts, ranks, SKIP2, SPEC, name == "fedavg") is None
+
+
+def test_a_non_finite_aggregate_is_refused_naming_the_device():
+    updates, starts, ranks = common_start()
+    merged = {u.device: u.theta.copy() for u in updates}
+    merged["d2"][7] = np.inf
+    why = check_aggregate(merged, updates, starts, ranks, SKIP2, SPEC, True)
+    assert why == "the aggregate for d2 holds NaN or Inf"
+
+
+@pytest.mark.parametrize(("factor", "sound"), [(0.99, True), (1.01, False)])
+def test_fedavg_each_blocks_change_is_bounded_by_the_replies_root_sum_square(factor, sound):
+    updates, starts, ranks = common_start()
+    lay = layout(SKIP2, SPEC, 2)
+    start = starts["d0"]
+    theta = start.copy()
+    for name, block in lay.blocks(theta).items():
+        changes = [lay.blocks(u.theta - start)[name] for u in updates]
+        rss = np.sqrt(sum(float(np.sum(c.astype(np.float64) ** 2)) for c in changes))
+        block += changes[0] * np.float32(factor * rss / np.linalg.norm(changes[0]))
+    why = check_aggregate({"d0": theta}, updates, starts, ranks, SKIP2, SPEC, True)
+    assert (why is None) is sound, why
+    if not sound:
+        assert why.startswith("the aggregate for d0: skip tap 0 A changed by ")
+
+
+@pytest.mark.parametrize(("factor", "sound"), [(1.98, True), (2.02, False)])
+def test_product_strategies_are_bounded_by_twice_the_root_sum_square(factor, sound):
+    method = get_method("ft-all-lora")
+    updates, starts, ranks = common_start(method)
+    lay = layout(method, SPEC, 2)
+    start = starts["d0"]
+    changes = [lay.views(u.theta - start)["W0"] for u in updates]
+    rss = np.sqrt(sum(float(np.sum(c.astype(np.float64) ** 2)) for c in changes))
+    theta = start.copy()
+    lay.views(theta)["W0"][...] += changes[0] * np.float32(
+        factor * rss / np.linalg.norm(changes[0])
+    )
+    why = check_aggregate({"d0": theta}, updates, starts, ranks, method, SPEC, False)
+    assert (why is None) is sound, why
+
+
+def test_the_svd_error_is_the_discarded_singular_values_share():
+    """All rank 1: the error is sqrt(sum of the discarded s^2 / sum of all s^2) over the pairs
+    of the mean products, computed here from NumPy's SVD of the means."""
+    a, b = random_update("a", 1, 10, 0), random_update("b", 1, 10, 1)
+    result = STRATEGIES["svd"]([a, b], SKIP2, SPEC)
+    discarded = total = 0.0
+    for pa, pb in zip(products(a.theta, 1), products(b.theta, 1), strict=True):
+        s = np.linalg.svd(0.5 * pa.astype(np.float64) + 0.5 * pb, compute_uv=False)
+        discarded += float(np.sum(s[1:] ** 2))
+        total += float(np.sum(s**2))
+    assert result.svd_relative_error == pytest.approx(np.sqrt(discarded / total), rel=1e-4)

@@ -116,8 +116,10 @@ def test_worse_adapters_are_not_made_active(folders, tmp_path):
     worse = content(base, 2, False, data_paths=paths, lr=1e-6, epochs=1)
     bad = bad_aggregate(base)
     worse[Part.ADAPTERS] = adapters_record(bad, bad.size)
-    figures = Figures.from_record(run_round(worse, node)[Part.FIGURES])
+    reply = run_round(worse, node)
+    figures = Figures.from_record(reply[Part.FIGURES])
     assert figures.accepted == 0 and figures.acc_after < figures.acc_active
+    assert Part.ADAPTERS not in reply  # adapters its own hold-out rejected never leave it
     assert figures.acc_active == pytest.approx(before.accuracy)
     assert store.active() == before
     assert np.array_equal(
