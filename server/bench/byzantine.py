@@ -163,9 +163,15 @@ def run_once(
 
 
 def measure_byzantine(
-    fleets: dict[str, FleetConfig], aggregations: list[str], attacks: list[str], workdir: Path
+    fleets: dict[str, FleetConfig],
+    aggregations: list[str],
+    attacks: list[str],
+    workdir: Path,
+    on_rows: Callable[[list[dict]], None],
 ) -> list[dict]:
-    rows = []
+    """Every row, `on_rows` told of the rows so far after each (a long bench keeps what it has
+    measured when it is stopped)."""
+    rows: list[dict] = []
     for task, fleet in fleets.items():
         base = fleet_base(fleet)
         for aggregation in aggregations:
@@ -180,6 +186,7 @@ def measure_byzantine(
                     | row
                     | {"clean_accuracy": clean["honest_accuracy"]}
                 )
+                on_rows(rows)
     return rows
 
 
@@ -237,9 +244,11 @@ def byzantine_command(
             training=dataclasses.replace(fleet.training, accept=Accept.ALWAYS),
             federation=dataclasses.replace(fleet.federation, min_devices=devices - 1),
         )
-    rows = measure_byzantine(fleets, chosen_aggregations, chosen_attacks, workdir)
-    table = byzantine_table(rows)
-    write_text_atomic(workdir / "byzantine.md", table + "\n")
-    if json_out is not None:
-        write_text_atomic(json_out, json.dumps(rows, indent=2) + "\n")
-    typer.echo(table)
+
+    def save(rows: list[dict]) -> None:
+        write_text_atomic(workdir / "byzantine.md", byzantine_table(rows) + "\n")
+        if json_out is not None:
+            write_text_atomic(json_out, json.dumps(rows, indent=2) + "\n")
+
+    rows = measure_byzantine(fleets, chosen_aggregations, chosen_attacks, workdir, save)
+    typer.echo(byzantine_table(rows))
