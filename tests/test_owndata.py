@@ -274,6 +274,12 @@ def bad_folders(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     x[3, 17] = np.nan
     np.savez(d / "a.npz", x=x, y=np.zeros(5, int))
     cases["nan"] = (d, "a.npz: sample 3: NaN or Inf")
+    for name, value in (("inf", np.inf), ("minus-inf", -np.inf)):
+        d = folder(name)
+        x = np.ones((5, W))
+        x[2, 5] = value
+        write_csv(d / "a.csv", x, ["normal"] * 5)
+        cases[name] = (d, "a.csv: line 4: NaN or Inf")
     d = folder("ragged")
     write_csv(d / "a.csv", np.ones((3, W)), ["normal"] * 3)
     with open(d / "a.csv", "a") as handle:
