@@ -177,6 +177,31 @@ def test_versions_are_kept_and_rollback_makes_an_earlier_one_active(folders, tmp
     assert load_device_model(tmp_path).round == 3
 
 
+def test_rollback_tells_versions_of_one_round_apart_and_keeps_to_the_active_base(tmp_path):
+    """Two versions per round under base X, then one under base Y: "round 1" is the newest of
+    round 1, "previous" the one just before the active one, and another base's never count."""
+    store = DeviceStore(tmp_path)
+    x, y = "x" * 64, "y" * 64
+    made = {}
+    for number, (base, round_) in enumerate([(x, 1), (x, 1), (x, 2), (x, 2), (y, 2)], 1):
+        made[number] = store.save_version(
+            np.full(3, number, np.float32), round_, base, "m", 4, number
+        )
+    assert len(made) <= KEEP_VERSIONS
+    store.activate(x, made[4], 4.0)
+    assert store.rollback(1) == made[2]  # the newest of round 1, not the oldest
+    assert store.rollback() == made[1]  # the previous one, not the oldest of the base
+    with pytest.raises(FleetError, match="no version older than the active one"):
+        store.rollback()
+    store.activate(y, made[5], 5.0)
+    assert store.rollback(2) == made[5]  # round 2 under Y: X's versions of round 2 do not count
+    with pytest.raises(FleetError, match=r"no kept version of round 1 \(kept: 2\)"):
+        store.rollback(1)
+    with pytest.raises(FleetError, match="no version older than the active one"):
+        store.rollback()
+    np.testing.assert_array_equal(store.version_theta(store.active().version), 5)
+
+
 def test_new_files_are_picked_up_by_the_next_round(folders, tmp_path):
     _, base = folders
     device = tmp_path / "device"
