@@ -34,12 +34,13 @@ from skip2fleet.server.training.pretraining import fleet_base
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.atomic import write_text_atomic
 from skip2fleet.shared.config import FleetConfig, as_yaml_dict
+from skip2fleet.shared.datasets import TASKS as DATASETS
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.layout import Layout, layout
 from skip2fleet.shared.methods import get_method
 from skip2fleet.shared.protocol import THETA, Accept, NodeConfig, Part, RoundPlan
 
-TASKS = ("fan-damage1", "har")
+TASKS = ("fan-damage1", "har")  # the default; any task of `shared.datasets` may be chosen
 ROBUST = ("fedavg", "svd", "median", "trimmed-mean")
 Corrupt = Callable[[np.ndarray, np.ndarray, Layout, float], np.ndarray]
 
@@ -233,7 +234,7 @@ def byzantine_command(
     """One malicious device against each aggregation: the honest devices' accuracy after the
     rounds against a run with no attacker, whether the aggregate stayed finite, and how the
     attacker was named (Flower's Simulation Engine)."""
-    chosen_tasks = _chosen(tasks, TASKS, "--tasks")
+    chosen_tasks = _chosen(tasks, tuple(DATASETS), "--tasks")
     chosen_aggregations = _chosen(aggregations, ROBUST, "--aggregations")
     chosen_attacks = _chosen(attacks, ATTACKS, "--attacks")
     fleets = {}
