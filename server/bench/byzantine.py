@@ -225,6 +225,9 @@ def byzantine_command(
     attacks: Annotated[str, typer.Option(help="Comma-separated attacks.")] = ",".join(ATTACKS),
     devices: Annotated[int, typer.Option(min=3, help="Devices; the last is the attacker.")] = 5,
     rounds: Annotated[int, typer.Option(min=1, help="Federated rounds per run.")] = 3,
+    clip: Annotated[
+        float | None, typer.Option(min=1, help="federation.clip: times the median change.")
+    ] = None,
     data_dir: opt.DataDir = None,
     workdir: Annotated[
         Path, typer.Option(callback=opt.fresh_workdir, help="Folder for the run folders.")
@@ -243,7 +246,7 @@ def byzantine_command(
         fleets[task] = dataclasses.replace(
             fleet,
             training=dataclasses.replace(fleet.training, accept=Accept.ALWAYS),
-            federation=dataclasses.replace(fleet.federation, min_devices=devices - 1),
+            federation=dataclasses.replace(fleet.federation, min_devices=devices - 1, clip=clip),
         )
 
     def save(rows: list[dict]) -> None:
