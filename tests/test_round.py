@@ -157,6 +157,17 @@ def test_error_replies_are_refusals_in_the_devices_words_or_losses():
     assert ledger.missing["pi-2"].startswith("lost: no heartbeat")
 
 
+def test_a_strangers_error_naming_a_device_is_not_that_devices_refusal():
+    """In a deployment a reply's device is its key's: a stranger's error reply that starts with
+    a device's name is only counted; a device's own words of exactly MAX_REASON are kept whole."""
+    forged = Error(ErrorCode.DEVICE_ERROR, "pi-1: I give up")
+    ledger = validate(answers(reply(STRANGER, error=forged)), roster())
+    assert ledger.refused == {} and sum(ledger.unnamed.values()) == 1
+    exact = "pi-2: " + "y" * (MAX_REASON - 6)
+    ledger = validate(answers(reply(12, error=Error(ErrorCode.DEVICE_ERROR, exact))), roster())
+    assert ledger.refused == {"pi-2": exact}
+
+
 def test_a_node_that_never_answered_is_missing_and_an_unknown_one_only_counted():
     ledger = validate(answers(unanswered=[13, STRANGER], waited=120.0), roster(trusted=False))
     assert ledger.unnamed == {"no answer within 120 s": 2}  # a simulation knows neither yet

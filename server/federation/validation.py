@@ -39,7 +39,7 @@ class Roster:
     ranks: dict[str, int]
     sizes: dict[str, int]  # values in a device's packed adapters (`shared.layout`)
     device_of: dict[int, str]  # registered keys (trusted), else learnt from first replies
-    trusted: bool = False
+    trusted: bool  # deployments: registered keys; simulations learn nodes from replies
     max_samples: int = DEFAULT_MAX_SAMPLES  # training.max_samples: the most a reply may claim
 
 
