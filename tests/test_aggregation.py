@@ -156,6 +156,8 @@ def test_clip_scales_a_change_down_to_the_multiple_of_the_median_change():
     out = clipped(updates, dict.fromkeys(("d0", "d1", "d2", "d3"), start), 2.0)
     assert [float(u.theta[0]) for u in out] == pytest.approx([1.0, 2.0, 3.0, 4.0])  # 2 x 2
     assert out[0] is updates[0]  # within the limit: untouched
+    still = [Update(u.device, start.copy(), 1, 2) for u in updates[:2]] + updates[2:]
+    assert clipped(still, dict.fromkeys(("d0", "d1", "d2", "d3"), start), 2.0) == still  # median 0
 
 
 # -- robust aggregation: Flower's arithmetic, over the products ----------------------------------
@@ -192,9 +194,16 @@ def test_median_and_trimmed_mean_equal_flowers_strategies_on_the_same_products(
 
     updates = [random_update(f"d{i}", 3, 10 * (i + 1), i) for i in range(5)]
     updates[4] = Update("d4", updates[4].theta * 1000, 10, 3)  # an attacker
-    flower = FedMedian() if name == "median" else FedTrimmedAvg(beta=trim)
+    flower = (
+        FedMedian()
+        if name == "median"
+        else FedTrimmedAvg()
+        if trim == 0.2
+        else FedTrimmedAvg(beta=trim)
+    )
     arrays, _ = flower.aggregate_train(1, flower_replies([parts(u.theta, 3) for u in updates]))
-    ours = STRATEGIES[name](updates, SKIP2, SPEC, Rule(trim=trim))
+    rule = Rule() if trim == 0.2 else Rule(trim=trim)  # 0.2: both defaults
+    ours = STRATEGIES[name](updates, SKIP2, SPEC, rule)
     for part, value in arrays.items():
         # wide enough (rank 3 = C): the re-factorised products are the reduced ones
         got = parts(ours.per_device["d0"], 3)[part]
