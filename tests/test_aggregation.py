@@ -150,11 +150,12 @@ def test_fedavg_streams_in_float32_and_equals_the_float64_mean():
 
 
 def test_clip_scales_a_change_down_to_the_multiple_of_the_median_change():
-    start = np.zeros(layout(SKIP2, SPEC, 2).size, np.float32)
-    changes = [1.0, 2.0, 3.0, 100.0]
-    updates = [Update(f"d{i}", np.full_like(start, c), 1, 2) for i, c in enumerate(changes)]
+    start = np.full(layout(SKIP2, SPEC, 2).size, 0.5, np.float32)
+    changes = [0.001, 0.002, 0.003, 0.1]  # norms well below 1
+    updates = [Update(f"d{i}", start + np.float32(c), 1, 2) for i, c in enumerate(changes)]
     out = clipped(updates, dict.fromkeys(("d0", "d1", "d2", "d3"), start), 2.0)
-    assert [float(u.theta[0]) for u in out] == pytest.approx([1.0, 2.0, 3.0, 4.0])  # 2 x 2
+    got = [float(u.theta[0] - 0.5) for u in out]
+    assert got == pytest.approx([0.001, 0.002, 0.003, 0.004], rel=1e-3)  # 2 x the median 0.002
     assert out[0] is updates[0]  # within the limit: untouched
     still = [Update(u.device, start.copy(), 1, 2) for u in updates[:2]] + updates[2:]
     assert clipped(still, dict.fromkeys(("d0", "d1", "d2", "d3"), start), 2.0) == still  # median 0
