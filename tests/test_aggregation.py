@@ -151,14 +151,16 @@ def test_fedavg_streams_in_float32_and_equals_the_float64_mean():
 
 def test_clip_scales_a_change_down_to_the_multiple_of_the_median_change():
     start = np.full(layout(SKIP2, SPEC, 2).size, 0.5, np.float32)
-    changes = [0.001, 0.002, 0.003, 0.1]  # norms well below 1
+    changes = [0.001, 0.002, 0.003, 0.004, 0.1]  # norms well below 1
     updates = [Update(f"d{i}", start + np.float32(c), 1, 2) for i, c in enumerate(changes)]
-    out = clipped(updates, dict.fromkeys(("d0", "d1", "d2", "d3"), start), 2.0)
-    got = [float(u.theta[0] - 0.5) for u in out]
-    assert got == pytest.approx([0.001, 0.002, 0.003, 0.004], rel=1e-3)  # 2 x the median 0.002
-    assert out[0] is updates[0]  # within the limit: untouched
-    still = [Update(u.device, start.copy(), 1, 2) for u in updates[:2]] + updates[2:]
-    assert clipped(still, dict.fromkeys(("d0", "d1", "d2", "d3"), start), 2.0) == still  # median 0
+    starts = {u.device: start for u in updates}
+    got = [float(u.theta[0] - 0.5) for u in clipped(updates, starts, 2.0)]
+    assert got == pytest.approx([0.001, 0.002, 0.003, 0.004, 0.006], rel=1e-3)  # 2 x 0.003
+    out = clipped(updates[1:], starts, 2.0)  # of four, the lower median: 0.003 again
+    assert float(out[-1].theta[0] - 0.5) == pytest.approx(0.006, rel=1e-3)
+    assert out[0] is updates[1]  # within the limit: untouched
+    still = [Update(u.device, start.copy(), 1, 2) for u in updates[:3]] + updates[3:]
+    assert clipped(still, starts, 2.0) == still  # a median change of 0 says nothing
 
 
 # -- robust aggregation: Flower's arithmetic, over the products ----------------------------------
