@@ -287,6 +287,7 @@ def test_the_svd_error_is_the_discarded_singular_values_share():
     """All rank 1: the error is sqrt(sum of the discarded s^2 / sum of all s^2) over the pairs
     of the mean products, computed here from NumPy's SVD of the means."""
     a, b = random_update("a", 1, 10, 0), random_update("b", 1, 10, 1)
+    a, b = (Update(u.device, u.theta * 0.1, 10, 1) for u in (a, b))  # products' norms below 1
     result = STRATEGIES["svd"]([a, b], SKIP2, SPEC)
     discarded = total = 0.0
     for pa, pb in zip(products(a.theta, 1), products(b.theta, 1), strict=True):
@@ -294,3 +295,11 @@ def test_the_svd_error_is_the_discarded_singular_values_share():
         discarded += float(np.sum(s[1:] ** 2))
         total += float(np.sum(s**2))
     assert result.svd_relative_error == pytest.approx(np.sqrt(discarded / total), rel=1e-4)
+
+
+def test_the_svd_error_of_all_zero_products_is_zero():
+    zero = Update("a", np.zeros(layout(SKIP2, SPEC, 1).size, np.float32), 10, 1)
+    assert (
+        STRATEGIES["svd"]([zero, Update("b", zero.theta, 10, 1)], SKIP2, SPEC).svd_relative_error
+        == 0.0
+    )
