@@ -35,6 +35,7 @@ TARGETS = {
     "server/federation/screening.py": ["tests/test_round.py"],
     "server/federation/guard.py": ["tests/test_aggregation.py", "tests/test_round.py"],
     "client/acceptance.py": ["tests/test_device.py"],
+    "shared/cache.py": ["tests/test_cache.py"],
 }
 SWAPS = {
     ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt,

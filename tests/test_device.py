@@ -191,7 +191,20 @@ def test_if_better_needs_the_new_adapters_at_least_as_good_as_the_base_and_the_a
     made, accuracy = make_active(inputs(tmp_path, base, 2, False), new, kept + before, kept + after)
     assert made is accepted
     assert accuracy == (kept + after if accepted else kept)
+    digest = base_model.sha256(base)
+    continues = store.load_adapters(digest, "skip2-lora", 2, size)
+    np.testing.assert_array_equal(continues, new if accepted else np.zeros(size))  # from the kept
     assert (store.active() == active) is not accepted
+
+
+def test_if_better_refusing_a_devices_first_adapters_leaves_nothing_to_continue_from(
+    tmp_path, base
+):
+    first = inputs(tmp_path, base)
+    made, accuracy = make_active(first, np.ones(first.layout.size, np.float32), 50.0, 40.0)
+    assert (made, accuracy) == (False, 50.0)  # the base's
+    digest = base_model.sha256(base)
+    assert DeviceStore(tmp_path).load_adapters(digest, "skip2-lora", 2, first.layout.size) is None
 
 
 def test_a_devices_reply_passes_the_coordinators_validation(tmp_path, base):
