@@ -184,6 +184,7 @@ def measure_byzantine(
                 row = run_once(fleet, base, aggregation, attack, path)
                 rows.append(
                     {"task": task, "attack": attack, "aggregation": aggregation}
+                    | {"clip": fleet.federation.clip}
                     | row
                     | {"clean_accuracy": clean["honest_accuracy"]}
                 )
