@@ -303,3 +303,11 @@ def test_the_svd_error_of_all_zero_products_is_zero():
         STRATEGIES["svd"]([zero, Update("b", zero.theta, 10, 1)], SKIP2, SPEC).svd_relative_error
         == 0.0
     )
+
+
+@pytest.mark.parametrize("name", ["svd", "median", "trimmed-mean"])
+def test_a_merge_of_one_reply_is_that_reply(name):
+    alone = random_update("a", 3, 10, 0)
+    merged = STRATEGIES[name]([alone], SKIP2, SPEC).per_device["a"]
+    for got, want in zip(products(merged, 3), products(alone.theta, 3), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
