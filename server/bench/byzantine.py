@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,8 +25,6 @@ import typer
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from skip2fleet.client import clientapp
-from skip2fleet.client.store import DeviceStore
 from skip2fleet.server import options as opt
 from skip2fleet.server.federation.runs import RunFolder
 from skip2fleet.server.federation.simulate import run_simulation
@@ -39,6 +38,10 @@ from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.layout import Layout, layout
 from skip2fleet.shared.methods import get_method
 from skip2fleet.shared.protocol import THETA, Accept, NodeConfig, Part, RoundPlan
+from skip2fleet.shared.services import CLIENTAPP
+from skip2fleet.shared.spec import Spec
+
+CLIENT_MODULE = CLIENTAPP.split(":")[0]  # the device's code, loaded by name as Flower loads it
 
 TASKS = ("fan-damage1", "har")  # the default; any task of `shared.datasets` may be chosen
 ROBUST = ("fedavg", "svd", "median", "trimmed-mean")
@@ -76,16 +79,17 @@ SAMPLE_ATTACKS = {"samples-200": -200, "samples-0": 0, "samples-1e9": 10**9}
 ATTACKS = (*ADAPTER_ATTACKS, *SAMPLE_ATTACKS, "label-flip")
 
 
-def attacking_client(attack: str, attacker: int, ratio: float) -> ClientApp:
+def attacking_client(attack: str, attacker: int, ratio: float, spec: Spec) -> ClientApp:
     """The real ClientApp, except on the simulated device `attacker` (its partition id)."""
     client = ClientApp()
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:
+        real = importlib.import_module(CLIENT_MODULE)
         if int(context.node_config[NodeConfig.PARTITION_ID]) != attacker:
-            return clientapp.train(msg, context)
+            return real.train(msg, context)
         with flipped_labels() if attack == "label-flip" else contextlib.nullcontext():
-            reply = clientapp.train(msg, context)
+            reply = real.train(msg, context)
         if not reply.has_content():
             return reply
         if attack in SAMPLE_ATTACKS:
@@ -94,20 +98,12 @@ def attacking_client(attack: str, attacker: int, ratio: float) -> ClientApp:
             plan = RoundPlan.from_record(msg.content[Part.PLAN])
             theta = reply.content[Part.ADAPTERS][THETA].numpy()
             start = _start(msg, plan.devices[attacker])
-            lay = _layout(plan, attacker, context)
+            lay = layout(get_method(plan.method), spec, plan.ranks[attacker])
             bad = ADAPTER_ATTACKS[attack](theta, start, lay, ratio).astype(np.float32)
             reply.content[Part.ADAPTERS] = ArrayRecord({THETA: Array(bad)})
         return reply
 
     return client
-
-
-def _layout(plan: RoundPlan, index: int, context: Context) -> Layout:
-    """The device's layout, from the base it keeps (`client.inputs`)."""
-    name = plan.devices[index]
-    root = context.node_config.get(NodeConfig.STATE_DIR) or Path(plan.state_root) / name
-    base = DeviceStore(Path(str(root))).load_base(plan.base_sha256)
-    return layout(get_method(plan.method), base_model.spec_of(base), plan.ranks[index])
 
 
 def _start(msg: Message, name: str) -> np.ndarray:
@@ -119,7 +115,9 @@ def _start(msg: Message, name: str) -> np.ndarray:
 
 @contextlib.contextmanager
 def flipped_labels() -> Iterator[None]:
-    """The device's training labels shifted by one class (its hold-out left as it is)."""
+    """The device's training labels shifted by one class (its hold-out left as it is), by
+    wrapping the ClientApp's loading phase (`client.inputs`)."""
+    clientapp = importlib.import_module(CLIENT_MODULE)
     original = clientapp.load_inputs
 
     def flipped(*args, **kwargs):
@@ -143,9 +141,8 @@ def run_once(
     config["federation"]["aggregation"] = aggregation
     folder = RunFolder.create(folder_path, config, base)
     attacker = len(fleet.devices) - 1
-    client = (
-        attacking_client(attack, attacker, fleet.federation.max_update_ratio) if attack else None
-    )
+    ratio, spec = fleet.federation.max_update_ratio, base_model.spec_of(base)
+    client = attacking_client(attack, attacker, ratio, spec) if attack else None
     with contextlib.suppress(FleetError):
         run_simulation(folder, len(fleet.devices), on_round=lambda _: None, client_app=client)
     done = folder.completed_rounds()
