@@ -59,7 +59,11 @@ def test_round_trip_error_is_within_half_a_step(name, codec):
     levels = {"int8": 255, "int4": 15}[codec]
     half_step = (high - low) / levels / 2 * (1 + 2**-9) + np.abs(low) * 2**-10 / levels
     bound = half_step[:, group] + 1e-6 * np.abs(values)
-    assert np.all(np.abs(decoded[:, :width] - values) <= bound)
+    error = np.abs(decoded[:, :width] - values)
+    assert np.all(error <= bound)
+    # and within the half step the cache reports (its float16 scale over 2), to float32 rounding
+    assert np.all(cache.max_error() <= bound)
+    assert np.all(error <= cache.max_error() * (1 + 1e-6) + 1e-6 * np.abs(values))
     assert np.abs(decoded[:, :width] - values).max() > 0  # not an exact copy in disguise
     # the base logits are float16: relative error 2^-11
     logits = exact[:, width:]
