@@ -193,7 +193,7 @@ def test_in_a_simulation_a_node_is_the_device_its_first_reply_names():
 
 def test_outliers_are_measured_against_the_lower_median():
     assert outliers({"a": 1.0, "b": 1000.0}, 10) == {
-        "b": "change norm 1e+03 is 1000.0x the round's median 1 (at most 10x)"
+        "b": (1000.0, "change norm 1e+03 is 1000.0x the round's median 1 (at most 10x)")
     }
     assert outliers({"a": 1.0, "b": 9.0, "c": 5.0}, 10) == {}
     assert outliers({"a": 1.0, "b": 10.0, "c": 1.0}, 10) == {}  # at the limit is within it
@@ -227,7 +227,9 @@ def test_screening_refuses_a_change_scaled_in_one_block_and_names_block_and_rati
     """B of one skip tap scaled 30x: the whole vector moves little (A's start dominates it),
     the block stands out."""
     start = np.full(SIZE, 0.5, np.float32)
-    bad = changed(start, 2, "skip tap 1 B", 30.0)
+    change = changed(np.zeros(SIZE, np.float32), 2, "skip tap 1 B", 30.0)
+    LAYOUT.blocks(change)["skip tap 0 A"][...] *= 12  # beyond the limit too, less so
+    bad = start + change
     assert np.linalg.norm(bad) < 1.1 * np.linalg.norm(changed(start, 1))  # far under 10x
     ledger = screened(changed(start, 0), changed(start, 1), bad)
     assert sorted(ledger.accepted) == ["pi-1", "pi-2"]
