@@ -8,6 +8,7 @@ from __future__ import annotations
 import typer
 
 from skip2fleet.server.bench import (
+    byzantine,
     coordinator,
     device,
     federated,
@@ -37,6 +38,7 @@ bench_app.command("round")(round.round_command)
 bench_app.command("federated")(federated.federated_command)
 bench_app.command("monitor")(monitoring.monitor_command)
 bench_app.command("device")(device.device_command)
+bench_app.command("byzantine")(byzantine.byzantine_command)
 bench_app.command("series")(series.series_command)
 bench_app.command("coordinator")(coordinator.coordinator_command)
 monitor_app = typer.Typer(no_args_is_help=True, help="Prometheus and Grafana for the fleet.")

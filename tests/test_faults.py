@@ -275,14 +275,14 @@ def test_poisoned_replies_are_refused_and_left_out_of_the_aggregate(poisoned_run
     assert sorted(first["devices"]) == ["pi-1"] and sorted(second["devices"]) == ["pi-1", "pi-3"]
     for number, result in ((1, first), (2, second)):
         received = folder.received(number)
-        assert sorted(received) == sorted(result["devices"])
+        assert set(received) <= set(result["devices"])  # a kept model sends no adapters
         updates = [
             Update(n, v, result["devices"][n]["samples"], rank)
             for n, v in sorted(received.items(), key=lambda item: DEVICES.index(item[0]))
         ]
         expected = STRATEGIES["fedavg"](updates, method, spec).per_device
-        outgoing = folder.outgoing(number)
-        assert sorted(outgoing) == sorted(expected)
+        outgoing = folder.outgoing(number)  # refused devices start where they started
+        assert sorted(outgoing) == DEVICES and set(expected) <= set(outgoing)
         for device, theta in expected.items():
             np.testing.assert_array_equal(outgoing[device], theta)
     figure(

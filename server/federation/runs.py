@@ -179,7 +179,7 @@ class RunFolder:
 
     def outgoing(self, number: int) -> dict[str, np.ndarray]:
         """What round `number` left for each device to start the next round from (devices that
-        start from the same array share one)."""
+        start from the same array share one, read-only)."""
         folder = self.path / "rounds" / f"{number:03d}"
         if (folder / "outgoing").is_dir():  # written by an earlier version
             return {p.stem: np.load(p) for p in sorted((folder / "outgoing").glob("*.npy"))}
@@ -188,6 +188,8 @@ class RunFolder:
         with np.load(folder / OUTGOING) as archive:
             members = json.loads(archive[OUTGOING_INDEX].tobytes())
             arrays = {member: archive[member] for member in set(members.values())}
+        for array in arrays.values():
+            array.flags.writeable = False  # shared by devices: nothing may change it in place
         return {device: arrays[member] for device, member in members.items()}
 
     def received(self, number: int) -> dict[str, np.ndarray]:
