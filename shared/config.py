@@ -76,6 +76,8 @@ class TaskConfig:
     source: str | None = None  # the coordinator's own samples to pretrain on (.npz/.csv folder)
     label_column: str = DEFAULT_LABEL_COLUMN  # of CSV files
     holdout: float = DEFAULT_HOLDOUT  # per class, never trained on: "accuracy before/after"
+    alert_classes: tuple[str, ...] = ()  # classes whose predictions by `fleet serve` are alarms
+    alert_rate: float = 0.01  # alarm predictions a second (a 5-minute mean) that fire AlarmClass
 
     @property
     def label(self) -> str:
@@ -270,6 +272,11 @@ def _check(config: FleetConfig) -> None:
         fail("task.data_dir", f"data folder {config.task.data_dir} does not exist")
     if not 0 < config.task.holdout < 1:
         fail("task.holdout", "must be above 0 and below 1")
+    for name in config.task.alert_classes:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+            fail("task.alert_classes", f"{name!r} is not a class name (letters, digits, _ and -)")
+    if not config.task.alert_rate > 0:
+        fail("task.alert_rate", "must be above 0 (alarm predictions a second)")
     if config.training.model not in MODELS:
         fail("training.model", f"unknown model; choose from {', '.join(MODELS)}")
     if config.training.method not in METHODS:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,12 +22,15 @@ from skip2fleet.client.serving.requests import parse_samples
 from skip2fleet.client.store import DeviceStore
 from skip2fleet.client.telemetry.agent import DeviceCollector
 from skip2fleet.client.telemetry.probes import ThermalZones
+from skip2fleet.server.operations.monitoring import write_monitoring
 from skip2fleet.shared import model as base_model
+from skip2fleet.shared.config import load_config
 from skip2fleet.shared.errors import DataError
 from skip2fleet.shared.layout import layout
 from skip2fleet.shared.methods import get_method
 from skip2fleet.shared.spec import mlp
 
+ROOT = Path(__file__).resolve().parents[1]
 WIDTH, CLASSES = 8, ("damaged", "normal", "stopped")
 
 
@@ -218,3 +222,14 @@ def test_the_agent_exports_what_the_service_did(service, tmp_path):
     assert "skip2fleet_serve_version{} 1.0" in text
     assert 'skip2fleet_serve_latency_seconds_bucket{le="+Inf"} 1.0' in text
     assert 'skip2fleet_serve_confidence_bucket{le="+Inf"} 10.0' in text
+
+
+@pytest.mark.skipif(not shutil.which("promtool"), reason="Debian's prometheus is missing")
+def test_the_alarm_rule_fires_for_an_alarm_class_only(tmp_path):
+    write_monitoring(load_config(ROOT / "fleet.yaml"), tmp_path)
+    folder = tmp_path / "prometheus"
+    shutil.copy(ROOT / "tests" / "fixtures" / "alarm_test.yml", folder)
+    done = subprocess.run(
+        ["promtool", "test", "rules", "alarm_test.yml"], cwd=folder, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
