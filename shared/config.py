@@ -101,6 +101,15 @@ class Training:
 
 
 @dataclass(frozen=True)
+class Serve:
+    """`fleet serve` on every device, installed and started by `fleet deploy`."""
+
+    enabled: bool = True
+    keep: bool = True  # answered spool files to spool/done (False: deleted)
+    log_max_mb: float = 10.0  # the prediction log and its one rotated copy, together
+
+
+@dataclass(frozen=True)
 class Federation:
     rounds: int = 3
     aggregation: str = "none"
@@ -139,6 +148,7 @@ class FleetConfig:
     training: Training = field(default_factory=Training)
     federation: Federation = field(default_factory=Federation)
     devices: tuple[Device, ...] = ()
+    serve: Serve = field(default_factory=Serve)
     source: str = "fleet.yaml"
 
     def rank_of(self, device: Device) -> int:
@@ -275,6 +285,8 @@ def _check(config: FleetConfig) -> None:
     for name in config.task.alert_classes:
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
             fail("task.alert_classes", f"{name!r} is not a class name (letters, digits, _ and -)")
+    if not 0.01 <= config.serve.log_max_mb <= 10_000:
+        fail("serve.log_max_mb", "must be between 0.01 and 10000")
     if not config.task.alert_rate > 0:
         fail("task.alert_rate", "must be above 0 (alarm predictions a second)")
     if config.training.model not in MODELS:

@@ -46,6 +46,10 @@ def test_the_example_fleet_loads():
         ),
         (lambda c: c["federation"].update(min_devices=5), "federation.min_devices: is 5"),
         (lambda c: c["training"].update(method="lora-first"), "training.method: unknown method"),
+        (lambda c: c["task"].update(alert_classes=["a|b"]), "task.alert_classes: 'a|b' is not"),
+        (lambda c: c["task"].update(alert_rate=0), "task.alert_rate: must be above 0"),
+        (lambda c: c["serve"].update(log_max_mb=0), "serve.log_max_mb: must be between"),
+        (lambda c: c["serve"].update(port=1), "serve.port: unknown key"),
     ],
 )
 def test_mistakes_are_named(change, message):

@@ -26,13 +26,14 @@ import numpy as np
 import typer
 
 from skip2fleet.client.store import DeviceStore
-from skip2fleet.server import options as opt
-from skip2fleet.server.bench.methods import task_and_spec
 from skip2fleet.shared import model as base_model
-from skip2fleet.shared.atomic import write_text_atomic
+from skip2fleet.shared.atomic import check_writable, write_text_atomic
+from skip2fleet.shared.datasets import TASKS, TaskOptions, load_task
+from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.layout import layout
 from skip2fleet.shared.methods import get_method
 from skip2fleet.shared.pretrain import PretrainConfig, pretrain
+from skip2fleet.shared.spec import build
 
 CLIENTS, BATCH = 4, 100
 
@@ -167,20 +168,33 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def serve_command(
-    dataset: opt.Dataset = "fan-damage1",
-    data_dir: opt.DataDir = None,
+def bench_command(
+    dataset: Annotated[
+        str, typer.Option(help=f"The task whose samples are sent: {', '.join(TASKS)}.")
+    ] = "fan-damage1",
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(envvar="FLEET_DATA_DIR", help="The real data sets' folder."),
+    ] = None,
     requests: Annotated[int, typer.Option(min=10, help="One-sample requests per client.")] = 2000,
     seconds: Annotated[float, typer.Option(min=0.5, help="Seconds of batched requests.")] = 5.0,
     files: Annotated[int, typer.Option(min=1, help="Spool files of 1,000 samples.")] = 100,
-    seed: opt.Seed = 0,
-    json_out: opt.JsonOut = None,
+    seed: Annotated[int, typer.Option(help="Seed of pretraining and the adapters.")] = 0,
+    json_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--json",
+            callback=lambda p: p and check_writable(p),
+            help="Also write the figures as JSON.",
+        ),
+    ] = None,
 ) -> None:
     """Latency, throughput (socket and spool), peak memory and a model switch under load of
     `fleet serve`, through its real socket, the service on one core."""
-    task, spec = task_and_spec(
-        dataset, "mlp", data_dir, opt.DEFAULT_SOURCE_ROOM, opt.DEFAULT_SUBJECTS_OPTION, seed
-    )
+    if dataset not in TASKS:
+        raise FleetError(f"--dataset {dataset}: unknown; choose from {', '.join(TASKS)}")
+    task = load_task(dataset, TaskOptions(data_dir=data_dir, seed=seed))
+    spec = build("mlp", task.input_shape, len(task.classes))
     base = pretrain(task.pretrain.x, task.pretrain.y, len(task.classes),
                     PretrainConfig(epochs=5, seed=seed), spec=spec)  # fmt: skip
     base = base_model.with_classes(base, task.classes)
