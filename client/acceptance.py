@@ -5,10 +5,11 @@ device's hold-out than the base or than the active adapters (`training.accept: i
 `always` they become active whatever their accuracy). Refused, they are not kept as a version,
 and the adapters the device would continue from are the active ones again (or none).
 
-What the next round starts from depends on the fleet: without aggregation (`none`) it is those
-kept adapters, so a device never continues from adapters it refused; under `fedavg` and `svd` the
-device has sent the refused adapters all the same, and the next round starts from the
-coordinator's merge, to which they contributed.
+Only accepted adapters leave the device (`sends_adapters`): a device that kept its active model
+sends its figures and no adapters, so the coordinator never merges adapters the device's own
+hold-out rejected (and does not merge its older active ones either: they were merged, or
+rejected by the fleet, when they were new). Without aggregation (`none`) the next round starts
+from the kept adapters; in a fleet that aggregates it starts from what the coordinator sends.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ class Verdict:
     acc_after: float  # the new adapters
     accepted: bool  # the new adapters became the active model
     acc_active: float  # the active model after the round: the new adapters', or the kept one's
+
+
+def sends_adapters(verdict: Verdict) -> bool:
+    """Whether this round's reply carries the new adapters: only when they became active."""
+    return verdict.accepted
 
 
 def evaluate_and_accept(inputs: RoundInputs, theta: np.ndarray) -> Verdict:

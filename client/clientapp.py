@@ -21,7 +21,7 @@ from time import perf_counter
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from skip2fleet.client.acceptance import Verdict, evaluate_and_accept
+from skip2fleet.client.acceptance import Verdict, evaluate_and_accept, sends_adapters
 from skip2fleet.client.inputs import BaseMissing, RoundInputs, load_inputs
 from skip2fleet.client.telemetry.power import PowerSampler
 from skip2fleet.client.telemetry.probes import NoProbe, power_probe
@@ -113,14 +113,11 @@ def train_adapters(inputs: RoundInputs, node_config: dict) -> Trained:
 
 
 def reply(inputs: RoundInputs, trained: Trained, verdict: Verdict, seconds: float) -> RecordDict:
-    """Phase four: the packed adapters, who sends them, and the figures (also left on disk for
-    the device's agent)."""
-    content = RecordDict(
-        {
-            Part.ADAPTERS: adapters_record(trained.result.tuner.theta, inputs.layout.size),
-            Part.DEVICE: ConfigRecord({DEVICE_NAME: inputs.name}),
-        }
-    )
+    """Phase four: the packed adapters (only when they became active, `sends_adapters`), who
+    sends them, and the figures (also left on disk for the device's agent)."""
+    content = RecordDict({Part.DEVICE: ConfigRecord({DEVICE_NAME: inputs.name})})
+    if sends_adapters(verdict):
+        content[Part.ADAPTERS] = adapters_record(trained.result.tuner.theta, inputs.layout.size)
     finish_reply(content, figures_of(inputs, trained, verdict, seconds))
     inputs.store.save_figures(
         {"device": inputs.name, "round": inputs.plan.round, **content[Part.FIGURES]}

@@ -32,7 +32,7 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     reply = real_train(msg, context)
     path = Path(str(context.node_config.get(NodeConfig.STATE_DIR, ""))) / FAULT_FILE
-    if reply.has_content() and path.is_file():
+    if reply.has_content() and Part.ADAPTERS in reply.content and path.is_file():
         fault = json.loads(path.read_text()).get(
             str(RoundPlan.from_record(msg.content[Part.PLAN]).round)
         )

@@ -31,7 +31,8 @@ from skip2fleet.shared.methods import METHODS
 from skip2fleet.shared.protocol import Accept
 from skip2fleet.shared.spec import MODELS
 
-AGGREGATIONS = ("none", "fedavg", "svd")
+AGGREGATIONS = ("none", "fedavg", "svd", "median", "trimmed-mean")
+WEIGHTINGS = ("samples", "equal")
 PROBES = ("auto", "hwmon", "pi5-pmic", "rapl", "cpu-model", "none")
 # Bounds of the integer training settings, inclusive; fleet.yaml and the command line share them.
 TRAINING_LIMITS = {
@@ -115,8 +116,13 @@ class Federation:
     aggregation: str = "none"
     min_devices: int = 1
     round_timeout_s: float = 120.0
-    # a reply whose adapter norm exceeds this many times the round's median is refused
+    # a reply whose change in any block exceeds this many times the round's median is refused
     max_update_ratio: float = 10.0
+    weighting: str = "samples"  # fedavg and svd weigh a reply by its samples, or all equally
+    # no reply weighs more than this many times the equal share (1 / replies merged)
+    max_weight: float = 2.0
+    trim: float = 0.2  # trimmed-mean: the fraction cut from each end of every coordinate
+    clip: float | None = None  # clip each change's norm to this many times the round's median
 
 
 @dataclass(frozen=True)
@@ -309,6 +315,14 @@ def _check(config: FleetConfig) -> None:
         fail("federation.round_timeout_s", "must be positive")
     if not fed.max_update_ratio > 1:
         fail("federation.max_update_ratio", "must be above 1")
+    if fed.weighting not in WEIGHTINGS:
+        fail("federation.weighting", f"must be one of {', '.join(WEIGHTINGS)}")
+    if not fed.max_weight >= 1:
+        fail("federation.max_weight", "must be at least 1 (the equal share)")
+    if not 0 <= fed.trim < 0.5:
+        fail("federation.trim", "must be at least 0 and below 0.5")
+    if fed.clip is not None and not fed.clip >= 1:
+        fail("federation.clip", "must be at least 1 (times the round's median change)")
     for key in ("port", "superlink_port", "prometheus_port"):
         if not 0 < getattr(config.coordinator, key) < 65536:
             fail(f"coordinator.{key}", "must be a TCP port, 1 to 65535")

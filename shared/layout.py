@@ -39,6 +39,31 @@ class Layout:
         self.shapes = _shapes(method, spec, rank)
         self.size = sum(int(np.prod(s)) for s in self.shapes.values())
         self.pairs = _pairs(method, spec, rank)
+        self.paired = {name for p in self.pairs for name in (p.a, p.b)}
+        self.plain = [name for name in self.shapes if name not in self.paired]
+
+    def blocks(self, theta: np.ndarray) -> dict[str, np.ndarray]:
+        """`theta` block by block, as the coordinator screens a change: each pair's A and B
+        (`pair_name`), and each array outside a pair by its name (views)."""
+        views = self.views(theta)
+        blocks = {}
+        for p in self.pairs:
+            blocks[f"{pair_name(p)} A"] = views[p.a][p.a_rows]
+            blocks[f"{pair_name(p)} B"] = views[p.b][p.b_rows]
+        return blocks | {name: views[name] for name in self.plain}
+
+    def parts(self) -> list[str]:
+        """The names of what `theta` adds to the model, the same at every rank: each pair's
+        product (`pair_name`), then each array outside a pair."""
+        return [pair_name(p) for p in self.pairs] + self.plain
+
+    def part(self, theta: np.ndarray, name: str) -> np.ndarray:
+        """One of `parts`: a pair's product A @ B (its whole update), or a plain array."""
+        views = self.views(theta)
+        for p in self.pairs:
+            if pair_name(p) == name:
+                return views[p.a][p.a_rows] @ views[p.b][p.b_rows]
+        return views[name]
 
     def views(self, theta: np.ndarray) -> dict[str, np.ndarray]:
         """Views into `theta`, one per trainable array, by name."""
@@ -80,6 +105,11 @@ class Layout:
         }
         content = {**self.views(theta), **{key: np.array(value) for key, value in meta.items()}}
         return write_atomic(path, lambda handle: np.savez(handle, **content))
+
+
+def pair_name(pair: AdapterPair) -> str:
+    """A pair as people read it: the skip adapter of a tap, or the LoRA beside a layer."""
+    return f"skip tap {pair.layer}" if pair.skip else f"layer {pair.layer}"
 
 
 @functools.cache

@@ -10,7 +10,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, MessageType, Metadata, RecordDict
 from flwr.app.message.message import make_message
 
-from skip2fleet.client.acceptance import evaluate_and_accept
+from skip2fleet.client.acceptance import evaluate_and_accept, make_active
 from skip2fleet.client.clientapp import run_round
 from skip2fleet.client.inputs import RoundInputs, load_inputs
 from skip2fleet.client.store import DeviceStore
@@ -166,6 +166,45 @@ def test_evaluate_and_accept_keeps_the_active_model_over_worse_adapters(tmp_path
     worse = evaluate_and_accept(inputs(tmp_path, base, 2, False), wild)
     assert not worse.accepted and worse.acc_after < worse.acc_active == same.acc_active
     assert DeviceStore(tmp_path).active() == active
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "accepted"),
+    [
+        (-20, -10, False),  # better than the base, worse than the active adapters
+        (10, 5, False),  # better than the active adapters, worse than the base
+        (5, 10, True),  # better than both
+        (10, 10, True),  # as good as the better of the two: not worse
+        (-10, 0, True),  # as good as the active adapters
+    ],
+)
+def test_if_better_needs_the_new_adapters_at_least_as_good_as_the_base_and_the_active(
+    tmp_path, base, before, after, accepted
+):
+    """Accuracies relative to the active adapters' own (`kept`), in both orders around it."""
+    round_one = inputs(tmp_path, base)
+    size = round_one.layout.size
+    kept = evaluate_and_accept(round_one, np.zeros(size, np.float32)).acc_active
+    store = DeviceStore(tmp_path)
+    active = store.active()
+    new = np.full(size, 0.01, np.float32)
+    made, accuracy = make_active(inputs(tmp_path, base, 2, False), new, kept + before, kept + after)
+    assert made is accepted
+    assert accuracy == (kept + after if accepted else kept)
+    digest = base_model.sha256(base)
+    continues = store.load_adapters(digest, "skip2-lora", 2, size)
+    np.testing.assert_array_equal(continues, new if accepted else np.zeros(size))  # from the kept
+    assert (store.active() == active) is not accepted
+
+
+def test_if_better_refusing_a_devices_first_adapters_leaves_nothing_to_continue_from(
+    tmp_path, base
+):
+    first = inputs(tmp_path, base)
+    made, accuracy = make_active(first, np.ones(first.layout.size, np.float32), 50.0, 40.0)
+    assert (made, accuracy) == (False, 50.0)  # the base's
+    digest = base_model.sha256(base)
+    assert DeviceStore(tmp_path).load_adapters(digest, "skip2-lora", 2, first.layout.size) is None
 
 
 def test_a_devices_reply_passes_the_coordinators_validation(tmp_path, base):

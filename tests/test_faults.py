@@ -277,14 +277,14 @@ def test_poisoned_replies_are_refused_and_left_out_of_the_aggregate(poisoned_run
             p.stem: np.load(p)
             for p in (folder.path / f"rounds/{number:03d}/received").glob("*.npy")
         }
-        assert sorted(received) == sorted(result["devices"])
+        assert set(received) <= set(result["devices"])  # a kept model sends no adapters
         updates = [
             Update(n, v, result["devices"][n]["samples"], rank)
             for n, v in sorted(received.items(), key=lambda item: DEVICES.index(item[0]))
         ]
         expected = STRATEGIES["fedavg"](updates, method, spec).per_device
-        outgoing = folder.outgoing(number)
-        assert sorted(outgoing) == sorted(expected)
+        outgoing = folder.outgoing(number)  # refused devices start where they started
+        assert sorted(outgoing) == DEVICES and set(expected) <= set(outgoing)
         for device, theta in expected.items():
             np.testing.assert_array_equal(outgoing[device], theta)
     figure(

@@ -116,8 +116,10 @@ def test_worse_adapters_are_not_made_active(folders, tmp_path):
     worse = content(base, 2, False, data_paths=paths, lr=1e-6, epochs=1)
     bad = bad_aggregate(base)
     worse[Part.ADAPTERS] = adapters_record(bad, bad.size)
-    figures = Figures.from_record(run_round(worse, node)[Part.FIGURES])
+    reply = run_round(worse, node)
+    figures = Figures.from_record(reply[Part.FIGURES])
     assert figures.accepted == 0 and figures.acc_after < figures.acc_active
+    assert Part.ADAPTERS not in reply  # adapters its own hold-out rejected never leave it
     assert figures.acc_active == pytest.approx(before.accuracy)
     assert store.active() == before
     assert np.array_equal(
@@ -173,6 +175,31 @@ def test_versions_are_kept_and_rollback_makes_an_earlier_one_active(folders, tmp
     result = fleet("rollback", "--state-dir", str(tmp_path), "--round", "1")
     assert result.exit_code == 2 and "no kept version of round 1" in result.output
     assert load_device_model(tmp_path).round == 3
+
+
+def test_rollback_tells_versions_of_one_round_apart_and_keeps_to_the_active_base(tmp_path):
+    """Two versions per round under base X, then one under base Y: "round 1" is the newest of
+    round 1, "previous" the one just before the active one, and another base's never count."""
+    store = DeviceStore(tmp_path)
+    x, y = "x" * 64, "y" * 64
+    made = {}
+    for number, (base, round_) in enumerate([(x, 1), (x, 1), (x, 2), (x, 2), (y, 2)], 1):
+        made[number] = store.save_version(
+            np.full(3, number, np.float32), round_, base, "m", 4, number
+        )
+    assert len(made) <= KEEP_VERSIONS
+    store.activate(x, made[4], 4.0)
+    assert store.rollback(1) == made[2]  # the newest of round 1, not the oldest
+    assert store.rollback() == made[1]  # the previous one, not the oldest of the base
+    with pytest.raises(FleetError, match="no version older than the active one"):
+        store.rollback()
+    store.activate(y, made[5], 5.0)
+    assert store.rollback(2) == made[5]  # round 2 under Y: X's versions of round 2 do not count
+    with pytest.raises(FleetError, match=r"no kept version of round 1 \(kept: 2\)"):
+        store.rollback(1)
+    with pytest.raises(FleetError, match="no version older than the active one"):
+        store.rollback()
+    np.testing.assert_array_equal(store.version_theta(store.active().version), 5)
 
 
 def test_new_files_are_picked_up_by_the_next_round(folders, tmp_path):
@@ -272,6 +299,12 @@ def bad_folders(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     x[3, 17] = np.nan
     np.savez(d / "a.npz", x=x, y=np.zeros(5, int))
     cases["nan"] = (d, "a.npz: sample 3: NaN or Inf")
+    for name, value in (("inf", np.inf), ("minus-inf", -np.inf)):
+        d = folder(name)
+        x = np.ones((5, W))
+        x[2, 5] = value
+        write_csv(d / "a.csv", x, ["normal"] * 5)
+        cases[name] = (d, "a.csv: line 4: NaN or Inf")
     d = folder("ragged")
     write_csv(d / "a.csv", np.ones((3, W)), ["normal"] * 3)
     with open(d / "a.csv", "a") as handle:

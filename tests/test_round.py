@@ -15,14 +15,17 @@ from flwr.app.message.message import make_message
 from flwr.common.constant import ErrorCode as FlowerError
 
 from skip2fleet.server.federation import report
+from skip2fleet.server.federation.aggregation import STRATEGIES, Aggregate
 from skip2fleet.server.federation.exchange import Exchange
 from skip2fleet.server.federation.plans import Deliveries, plan_for
 from skip2fleet.server.federation.runs import RunFolder
 from skip2fleet.server.federation.screening import outliers, screen
 from skip2fleet.server.federation.serverapp import UNNAMED, downlink, open_run, play_round
+from skip2fleet.server.federation.starts import initial_adapters
 from skip2fleet.server.federation.validation import MAX_REASON, Roster, validate
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.config import as_yaml_dict, parse_config
+from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.layout import layout
 from skip2fleet.shared.methods import get_method
 from skip2fleet.shared.protocol import DEVICE_NAME, THETA, ErrorCode, Figures, Part
@@ -41,14 +44,18 @@ def roster(trusted: bool = True) -> Roster:
     return Roster({d: 4 for d in devices}, {d: SIZE for d in devices}, known, trusted)
 
 
-def content(name: str, adapters: np.ndarray | None = None) -> RecordDict:
-    """A device's reply content; `adapters` go on the wire unchecked, as a faulty device sends."""
+def content(name: str, adapters: np.ndarray | None = None, **figures) -> RecordDict:
+    """A device's reply content; `adapters` go on the wire unchecked, as a faulty device sends,
+    and so do `figures` (over FIGURES')."""
     vector = np.full(SIZE, 0.1, np.float32) if adapters is None else adapters
+    record = figures_record(FIGURES)
+    for key, value in figures.items():
+        record[key] = value
     return RecordDict(
         {
             Part.ADAPTERS: ArrayRecord({THETA: Array(vector)}),
             Part.DEVICE: ConfigRecord({DEVICE_NAME: name}),
-            Part.FIGURES: figures_record(FIGURES),
+            Part.FIGURES: record,
         }
     )
 
@@ -115,6 +122,32 @@ def test_finiteness_nan_or_inf_adapters_are_refused(bad):
     assert ledger.refused == {"pi-1": "adapters hold NaN or Inf"} and ledger.accepted == {}
 
 
+@pytest.mark.parametrize("samples", [-200, 0, 10**9, 20_001, 1.5, float("nan"), float("inf")])
+def test_weight_a_sample_count_outside_one_to_max_samples_is_refused_and_named(samples):
+    ledger = validate(answers(reply(11, content("pi-1", samples=samples))), roster())
+    assert ledger.accepted == {}
+    assert ledger.refused["pi-1"] == (
+        f"sample count {samples!r} is not an integer in [1, 20000]"
+    ), ledger.refused
+
+
+@pytest.mark.parametrize("samples", [1, 20_000, 300.0])
+def test_weight_a_sample_count_in_range_is_accepted(samples):
+    ledger = validate(answers(reply(11, content("pi-1", samples=samples))), roster())
+    assert list(ledger.accepted) == ["pi-1"], ledger.refused
+
+
+def test_only_accepted_adapters_count_a_kept_model_sends_none_and_is_not_merged():
+    kept = content("pi-1", accepted=0)
+    del kept[Part.ADAPTERS]
+    ledger = validate(answers(reply(11, kept), reply(12, content("pi-2"))), roster())
+    assert sorted(ledger.accepted) == ["pi-1", "pi-2"]  # its figures count, its adapters none
+    assert list(ledger.received(roster())) == ["pi-2"]
+    rejected = content("pi-3", accepted=0)  # adapters its own hold-out rejected
+    ledger = validate(answers(reply(13, rejected)), roster())
+    assert ledger.refused == {"pi-3": "sent adapters its own hold-out rejected (accepted 0)"}
+
+
 def test_error_replies_are_refusals_in_the_devices_words_or_losses():
     refusal = Error(ErrorCode.DEVICE_ERROR, "pi-1: no samples in /data " + "x" * 1000)
     lost = Error(FlowerError.NODE_UNAVAILABLE, "")
@@ -122,6 +155,17 @@ def test_error_replies_are_refusals_in_the_devices_words_or_losses():
     assert ledger.refused["pi-1"].startswith("pi-1: no samples in /data x")
     assert len(ledger.refused["pi-1"]) == MAX_REASON  # a device's words are bounded
     assert ledger.missing["pi-2"].startswith("lost: no heartbeat")
+
+
+def test_a_strangers_error_naming_a_device_is_not_that_devices_refusal():
+    """In a deployment a reply's device is its key's: a stranger's error reply that starts with
+    a device's name is only counted; a device's own words of exactly MAX_REASON are kept whole."""
+    forged = Error(ErrorCode.DEVICE_ERROR, "pi-1: I give up")
+    ledger = validate(answers(reply(STRANGER, error=forged)), roster())
+    assert ledger.refused == {} and sum(ledger.unnamed.values()) == 1
+    exact = "pi-2: " + "y" * (MAX_REASON - 6)
+    ledger = validate(answers(reply(12, error=Error(ErrorCode.DEVICE_ERROR, exact))), roster())
+    assert ledger.refused == {"pi-2": exact}
 
 
 def test_a_node_that_never_answered_is_missing_and_an_unknown_one_only_counted():
@@ -149,20 +193,77 @@ def test_in_a_simulation_a_node_is_the_device_its_first_reply_names():
 
 def test_outliers_are_measured_against_the_lower_median():
     assert outliers({"a": 1.0, "b": 1000.0}, 10) == {
-        "b": "adapter norm 1e+03 is 1000x the round's median 1 (at most 10x)"
+        "b": (1000.0, "change norm 1e+03 is 1000.0x the round's median 1 (at most 10x)")
     }
     assert outliers({"a": 1.0, "b": 9.0, "c": 5.0}, 10) == {}
+    assert outliers({"a": 1.0, "b": 10.0, "c": 1.0}, 10) == {}  # at the limit is within it
     assert outliers({"a": 0.0, "b": 5.0}, 10) == {}  # a zero median says nothing
     assert outliers({}, 10) == {}
 
 
+SKIP2 = get_method("skip2-lora")
+LAYOUT = layout(SKIP2, base_model.spec_of(BASE), 4)
+
+
+def changed(start: np.ndarray, seed: int, block: str | None = None, scale: float = 1.0):
+    """`start` plus a small honest-looking change, with `block`'s change scaled by `scale`."""
+    change = np.random.default_rng(seed).normal(0, 0.01, SIZE).astype(np.float32)
+    if block is not None:
+        LAYOUT.blocks(change)[block][...] *= scale
+    return start + change
+
+
+def screened(*adapters: np.ndarray, ratio: float = 10.0, start: np.ndarray | None = None):
+    """The ledger of pi-1, pi-2, ... sending `adapters`, screened against one common start."""
+    start = np.full(SIZE, 0.5, np.float32) if start is None else start
+    sent = [reply(11 + i, content(f"pi-{i + 1}", a)) for i, a in enumerate(adapters)]
+    ledger = validate(answers(*sent), roster())
+    devices = roster().ranks
+    screen(ledger, dict.fromkeys(devices, start), dict.fromkeys(devices, LAYOUT), ratio)
+    return ledger
+
+
+def test_screening_refuses_a_change_scaled_in_one_block_and_names_block_and_ratio():
+    """B of one skip tap scaled 20x: the whole vector moves little (A's start dominates it),
+    the block stands out."""
+    start = np.full(SIZE, 0.5, np.float32)
+    change = changed(np.zeros(SIZE, np.float32), 2, "skip tap 1 B", 20.0)
+    LAYOUT.blocks(change)["skip tap 0 A"][...] *= 12  # beyond the limit too, less so
+    bad = start + change
+    assert np.linalg.norm(bad) < 1.1 * np.linalg.norm(changed(start, 1))  # far under 10x
+    replies = [changed(start, 0), changed(start, 1), bad]
+    ledger = screened(*replies)
+    assert sorted(ledger.accepted) == ["pi-1", "pi-2"]
+    assert ledger.refused["pi-3"].startswith("skip tap 1 B: change norm ")
+    assert "x the round's median" in ledger.refused["pi-3"]
+    ratio = float(ledger.refused["pi-3"].split(" is ")[1].split("x")[0])
+    norms = sorted(np.linalg.norm(LAYOUT.blocks(r - start)["skip tap 1 B"]) for r in replies)
+    assert ratio == pytest.approx(norms[2] / norms[1], abs=0.06)  # over the middle one
+
+
+def test_screening_measures_the_change_from_the_start_not_the_adapters():
+    """Large adapters that barely moved from a large start pass; a change 9x the others in one
+    block passes a 10x limit, 11x does not."""
+    start = np.full(SIZE, 100.0, np.float32)
+    ok = screened(changed(start, 0), changed(start, 1), changed(start, 3), start=start)
+    assert ok.refused == {}
+    zero = np.zeros(SIZE, np.float32)
+    honest = [changed(zero, 0), changed(zero, 1)]
+    norms = [np.linalg.norm(LAYOUT.blocks(h)["skip tap 0 A"]) for h in honest]
+    for scale, refused in ((0.9, False), (1.1, True)):
+        bad = honest[0].copy()
+        LAYOUT.blocks(bad)["skip tap 0 A"][...] *= (
+            10 * scale * norms[1] / norms[0]
+        )  # median: pi-1, pi-3
+        ledger = screened(*honest[1:], bad, honest[1], start=zero)
+        assert ("pi-2" in ledger.refused) is refused, ledger.refused
+
+
 def test_screening_moves_an_outlier_from_accepted_to_refused():
     big = np.full(SIZE, 100.0, np.float32)
-    replies = [reply(11, content("pi-1")), reply(12, content("pi-2", big))]
-    ledger = validate(answers(*replies, reply(13, content("pi-3"))), roster())
-    screen(ledger, 10.0)
+    ledger = screened(np.full(SIZE, 0.6, np.float32), big, np.full(SIZE, 0.6, np.float32))
     assert sorted(ledger.accepted) == ["pi-1", "pi-3"]
-    assert "1000x the round's median" in ledger.refused["pi-2"]
+    assert "x the round's median" in ledger.refused["pi-2"]
 
 
 # -- configure ----------------------------------------------------------------------------------
@@ -288,15 +389,6 @@ class Grid:
         return replies
 
 
-@pytest.fixture
-def task_identity(monkeypatch):
-    """What Flower sets in a ServerApp's process, for building plans' messages here."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
 def test_a_round_in_a_row_refuses_poisoned_replies_and_averages_the_rest(tmp_path, task_identity):
     folder = RunFolder.create(tmp_path / "run", as_yaml_dict(fleet()), BASE)
     registry = {"pi-1": 11, "pi-2": 12, "pi-3": 13, "pi-4": 14}
@@ -320,4 +412,46 @@ def test_a_round_in_a_row_refuses_poisoned_replies_and_averages_the_rest(tmp_pat
     assert set(result["downlink_bytes"]) == set(DEVICES)  # the stranger was sent nothing
     outgoing = folder.outgoing(1)
     np.testing.assert_allclose(outgoing["pi-1"], 0.2, rtol=1e-6)  # equal samples: the mean
-    assert sorted(outgoing) == ["pi-1", "pi-3"]
+    assert outgoing["pi-3"] is not outgoing["pi-1"] and sorted(outgoing) == DEVICES
+    fresh = initial_adapters(BASE, SKIP2, 4, run.config.training.seed)
+    for refused in ("pi-2", "pi-4"):  # start the next round where they started this one
+        np.testing.assert_array_equal(outgoing[refused], fresh)
+
+
+def broken(value: float):
+    """A strategy with a bug: every device gets `value` everywhere."""
+    return lambda updates, method, spec, rule: Aggregate(
+        {u.device: np.full(SIZE, value, np.float32) for u in updates}
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "why"), [(np.nan, "holds NaN or Inf"), (50.0, "beyond the replies' bound")]
+)
+def test_a_failing_aggregate_is_not_saved_and_a_resume_starts_from_the_last_good_round(
+    tmp_path, task_identity, monkeypatch, value, why
+):
+    folder = RunFolder.create(tmp_path / "run", as_yaml_dict(fleet()), BASE)
+    registry = {"pi-1": 11, "pi-2": 12, "pi-3": 13, "pi-4": 14}
+    folder.save_node_registry(registry)
+    seen = []
+
+    def answer(node: int, plan: RecordDict) -> RecordDict:
+        start = record_adapters(plan[Part.ADAPTERS], SIZE)  # every device is sent its start
+        seen.append(start)
+        body = content({n: d for d, n in registry.items()}[node])
+        body[Part.ADAPTERS] = adapters_record(changed(start, node), SIZE)
+        return body
+
+    grid = Grid([11, 12, 13, 14], answer)
+    play_round(grid, open_run(folder, lambda r: None), 1)
+    fedavg = STRATEGIES["fedavg"]
+    monkeypatch.setitem(STRATEGIES, "fedavg", broken(value))
+    with pytest.raises(FleetError, match=f"round 2: the aggregate for pi-1.*{why}.*intact"):
+        play_round(grid, open_run(folder, lambda r: None), 2)
+    assert folder.completed_rounds() == [1]
+    monkeypatch.setitem(STRATEGIES, "fedavg", fedavg)
+    seen.clear()
+    play_round(grid, open_run(folder, lambda r: None), 2)  # the resume
+    for start in seen:
+        np.testing.assert_array_equal(start, folder.outgoing(1)["pi-1"])

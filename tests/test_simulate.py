@@ -102,9 +102,11 @@ def test_a_device_sending_nan_is_refused_and_does_not_poison_the_average(tmp_pat
     result = folder.round_result(1)
     assert result["refused"] == {"sim-2": "adapters hold NaN or Inf"}
     assert sorted(result["devices"]) == ["sim-1", "sim-3"]
-    outgoing = folder.outgoing(1)
-    assert sorted(outgoing) == ["sim-1", "sim-3"]
+    outgoing = folder.outgoing(1)  # sim-2 starts round 2 where it started round 1
+    assert sorted(outgoing) == ["sim-1", "sim-2", "sim-3"]
     assert all(np.isfinite(v).all() for v in outgoing.values())
+    assert np.array_equal(outgoing["sim-1"], outgoing["sim-3"])
+    assert not np.array_equal(outgoing["sim-1"], outgoing["sim-2"])
 
 
 def test_resume_continues_after_the_last_completed_round(tmp_path):
@@ -140,3 +142,18 @@ def test_bench_federated_names_an_unknown_aggregation(tmp_path):
     args = ["bench", "federated", "--aggregations", "none,mean", "--workdir", str(tmp_path)]
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and "unknown mean" in result.output
+
+
+def test_bench_byzantine_names_the_attacker_and_keeps_the_aggregate_finite(tmp_path):
+    """The Byzantine bench, small: 3 generated devices, 1 round, median; the last device claims
+    0 samples (NaN and the other attacks: `fleet bench byzantine`, docs/robustness.md)."""
+    out = tmp_path / "byzantine.json"
+    args = ["bench", "byzantine", "--tasks", "generated", "--aggregations", "median"]
+    args += ["--attacks", "samples-0", "--devices", "3", "--rounds", "1"]
+    result = runner.invoke(app, [*args, "--workdir", str(tmp_path / "w"), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {row["attack"]: row for row in json.loads(out.read_text())}
+    assert rows["samples-0"]["refused"] == "sample count 0 is not an integer in [1, 20000]"
+    for row in rows.values():
+        assert row["finite"] and row["completed"] and row["aggregation"] == "median"
+        assert row["honest_accuracy"] is not None and row["clean_accuracy"] is not None

@@ -5,8 +5,10 @@ A round is a row of phases, one function each:
     configure (`plans`: each online node's plan, with the base or adapters it needs)
     -> exchange (`exchange`: send, and collect replies until all came or the round's timeout)
     -> validate (`validation`: each reply alone: who sent it, its shape, finite values)
-    -> screen (`screening`: the round's replies together: outliers against the median)
-    -> aggregate (`aggregation`: the fleet's strategy over the usable replies)
+    -> screen (`screening`: the round's replies together: each block's change against the median)
+    -> aggregate (`aggregation`: the fleet's strategy over the usable replies' adapters)
+    -> check (`guard`: the aggregate finite and within the replies' bounds, else the run stops
+       here, nothing of the round saved, and a resume starts from the last good round)
     -> persist (`runs`: the round's folder, whole or not at all)
     -> report (the Pushgateway, and the caller's row per round).
 
@@ -25,15 +27,18 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from skip2fleet.server.federation.aggregation import STRATEGIES, Update
+from skip2fleet.server.federation.aggregation import STRATEGIES, Aggregate, Rule, Update, clipped
 from skip2fleet.server.federation.exchange import exchange, wait_for_nodes
+from skip2fleet.server.federation.guard import check_aggregate
 from skip2fleet.server.federation.plans import Deliveries, plan_for
 from skip2fleet.server.federation.pushes import push_rounds
 from skip2fleet.server.federation.runs import RunFolder
 from skip2fleet.server.federation.screening import screen
+from skip2fleet.server.federation.starts import fresh_starts
 from skip2fleet.server.federation.validation import Ledger, Roster, validate
 from skip2fleet.server.operations.certs import fleet_credentials
 from skip2fleet.server.operations.frontdoor import door_note
@@ -82,6 +87,7 @@ class Run:
     digest: str  # the base's sha256
     roster: Roster
     deliveries: Deliveries
+    fresh: dict[str, np.ndarray]  # each device's fresh start (`starts`)
     on_round: RoundListener
     unpushed: list[dict] = field(default_factory=list)  # rounds the Pushgateway has not taken
 
@@ -93,11 +99,15 @@ def open_run(folder: RunFolder, on_round: RoundListener) -> Run:
     ranks = {d.name: config.rank_of(d) for d in config.devices}
     sizes = {device: layout(method, spec, rank).size for device, rank in ranks.items()}
     registered = folder.node_registry()
-    roster = Roster(ranks, sizes, dict(registered), trusted=bool(registered))
+    limit = config.training.max_samples
+    roster = Roster(ranks, sizes, dict(registered), bool(registered), limit)
     done = folder.completed_rounds()
-    deliveries = Deliveries(base, sizes, folder.outgoing(done[-1]) if done else {})
+    merges = config.federation.aggregation != "none"
+    fresh = fresh_starts(base, method, ranks, config.training.seed, shared=merges)
+    outgoing = (fresh if merges else {}) | (folder.outgoing(done[-1]) if done else {})
+    deliveries = Deliveries(base, sizes, outgoing)
     digest = base_model.sha256(base)
-    return Run(folder, config, method, spec, digest, roster, deliveries, on_round)
+    return Run(folder, config, method, spec, digest, roster, deliveries, fresh, on_round)
 
 
 def coordinate(grid: Grid, folder: RunFolder, on_round: RoundListener) -> None:
@@ -121,10 +131,12 @@ def play_round(grid: Grid, run: Run, number: int) -> None:
     answers = exchange(grid, contents, fed.round_timeout_s)
     run.deliveries.forget_base(answers)
     ledger = validate(answers, roster)
-    screen(ledger, fed.max_update_ratio)
+    starts = run.fresh | run.deliveries.outgoing
+    layouts = {d: layout(run.method, run.spec, rank) for d, rank in roster.ranks.items()}
+    screen(ledger, starts, layouts, fed.max_update_ratio)
     require_enough(ledger, number, fed.min_devices)
-    aggregate = STRATEGIES[fed.aggregation](updates(ledger, roster), run.method, run.spec)
-    run.deliveries.outgoing = aggregate.per_device
+    aggregate = merge(run, ledger, starts, number)
+    run.deliveries.outgoing = run.deliveries.outgoing | aggregate.per_device
     result = ledger.summary(roster) | {
         "round": number,
         "started_at": started_at,
@@ -133,7 +145,7 @@ def play_round(grid: Grid, run: Run, number: int) -> None:
         "svd_relative_error": aggregate.svd_relative_error,
         "downlink_bytes": downlink(sent, roster.device_of),
     }
-    run.folder.save_round(number, result, ledger.received(roster), aggregate.per_device)
+    run.folder.save_round(number, result, ledger.received(roster), run.deliveries.outgoing)
     report(run, result)
 
 
@@ -148,6 +160,30 @@ def require_enough(ledger: Ledger, number: int, needed: int) -> None:
         f"round {number}: {len(ledger.accepted)} usable replies, {needed} needed; "
         + "; ".join(reasons)
     )
+
+
+def merge(run: Run, ledger: Ledger, starts: dict[str, np.ndarray], number: int) -> Aggregate:
+    """The fleet's strategy over the replies that sent adapters (none: nothing to merge, every
+    device starts the next round where it started this one), checked before anything is kept."""
+    fed = run.config.federation
+    contributions = updates(ledger, run.roster)
+    if not contributions or fed.aggregation == "none":
+        return Aggregate({})
+    if fed.clip is not None:
+        contributions = clipped(contributions, starts, fed.clip)
+    rule = Rule(fed.weighting, fed.max_weight, fed.trim)
+    aggregate = STRATEGIES[fed.aggregation](contributions, run.method, run.spec, rule)
+    vectors = fed.aggregation == "fedavg"
+    ranks = run.roster.ranks
+    why = check_aggregate(
+        aggregate.per_device, contributions, starts, ranks, run.method, run.spec, vectors
+    )
+    if why:
+        raise FleetError(
+            f"round {number}: {why}; not saved nor sent, rounds up to {number - 1} are intact "
+            "and a resume starts after them"
+        )
+    return aggregate
 
 
 def updates(ledger: Ledger, roster: Roster) -> list[Update]:

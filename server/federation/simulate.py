@@ -44,7 +44,7 @@ from skip2fleet.shared.records import adapters_record, model_record, wire_bytes
 from skip2fleet.shared.services import CLIENTAPP, load_component
 
 Rounds = Annotated[int | None, typer.Option(min=1, help="Federated rounds.")]
-Aggregation = Annotated[str | None, typer.Option(help="none, fedavg or svd.")]
+Aggregation = Annotated[str | None, typer.Option(help="none, fedavg, svd, median or trimmed-mean.")]
 
 
 def simulate_command(

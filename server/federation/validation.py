@@ -4,7 +4,11 @@ A reply is its node's device. In a deployment the coordinator registered every n
 device name (`trusted`), so a reply is that device's whatever it claims, and one that claims
 another name is refused; in a simulation a node is the device its first reply names. Then the
 reply's figures must read, its adapters must be float32 of the device's layout size (checked on
-the record's metadata before any array is built, `shared.records`) and finite. An error reply is
+the record's metadata before any array is built, `shared.records`) and finite, and its sample
+count (the weight fedavg and svd give it) an integer in [1, training.max_samples]: the
+coordinator bounds what it cannot check. A device whose own hold-out rejected its new adapters
+(`accepted` 0) sends none (`client.acceptance`); one that sends them all the same is refused, so
+adapters a device rejected never count. An error reply is
 a refusal in the device's own words (cut to `MAX_REASON` characters), or the device's loss when
 Flower answered for the node. Every device of the fleet ends up named once in a `Ledger`; a node
 that cannot be named (not registered, or naming no device of the fleet) is only counted, by why:
@@ -20,6 +24,7 @@ from flwr.app import Error, Message, RecordDict
 from flwr.common.constant import ErrorCode as FlowerError
 
 from skip2fleet.server.federation.exchange import Exchange
+from skip2fleet.shared.datasets.samples import DEFAULT_MAX_SAMPLES
 from skip2fleet.shared.protocol import DEVICE_NAME, Figures, Part
 from skip2fleet.shared.records import record_adapters
 
@@ -34,7 +39,8 @@ class Roster:
     ranks: dict[str, int]
     sizes: dict[str, int]  # values in a device's packed adapters (`shared.layout`)
     device_of: dict[int, str]  # registered keys (trusted), else learnt from first replies
-    trusted: bool = False
+    trusted: bool  # deployments: registered keys; simulations learn nodes from replies
+    max_samples: int = DEFAULT_MAX_SAMPLES  # training.max_samples: the most a reply may claim
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,7 @@ class Reply:
     """A reply that passed validation."""
 
     device: str
-    adapters: np.ndarray  # packed, as received
+    adapters: np.ndarray | None  # packed, as received; None: the device kept its active model
     figures: Figures
 
 
@@ -88,8 +94,13 @@ class Ledger:
         }
 
     def received(self, roster: Roster) -> dict[str, np.ndarray]:
-        """The accepted adapters as received, in the fleet's order."""
-        return {d: self.accepted[d].adapters for d in roster.ranks if d in self.accepted}
+        """The accepted replies' adapters as received, in the fleet's order (a device that kept
+        its active model sent none)."""
+        return {
+            d: reply.adapters
+            for d in roster.ranks
+            if (reply := self.accepted.get(d)) is not None and reply.adapters is not None
+        }
 
 
 def validate(answers: Exchange, roster: Roster) -> Ledger:
@@ -121,12 +132,25 @@ def validate_reply(node: int, message: Message, seconds: float, roster: Roster) 
     device = identify(node, _claimed(content), roster)
     try:
         figures = Figures.from_record(content[Part.FIGURES])
-        adapters = record_adapters(content[Part.ADAPTERS], roster.sizes[device])
+        sent = Part.ADAPTERS in content
+        if figures.accepted == 0 and sent:
+            raise Refused(device, "sent adapters its own hold-out rejected (accepted 0)")
+        adapters = record_adapters(content[Part.ADAPTERS], roster.sizes[device]) if sent else None
     except (KeyError, ValueError, TypeError) as exc:
         raise Refused(device, f"malformed reply ({_bounded(str(exc))})") from None
-    if not np.isfinite(adapters).all():
+    check_samples(device, figures.samples, roster.max_samples)
+    if adapters is not None and not np.isfinite(adapters).all():
         raise Refused(device, "adapters hold NaN or Inf")
     return Reply(device, adapters, figures)
+
+
+def check_samples(device: str, samples: object, most: int) -> None:
+    """A reply's sample count is its weight: an integer in [1, `most`], or the reply is refused."""
+    whole = isinstance(samples, int | float) and not isinstance(samples, bool)
+    if not (whole and float(samples).is_integer() and 1 <= samples <= most):
+        raise Refused(
+            device, f"sample count {_bounded(repr(samples))} is not an integer in [1, {most}]"
+        )
 
 
 def identify(node: int, claimed: str | None, roster: Roster) -> str:
