@@ -77,6 +77,8 @@ class TaskConfig:
     source: str | None = None  # the coordinator's own samples to pretrain on (.npz/.csv folder)
     label_column: str = DEFAULT_LABEL_COLUMN  # of CSV files
     holdout: float = DEFAULT_HOLDOUT  # per class, never trained on: "accuracy before/after"
+    alert_classes: tuple[str, ...] = ()  # classes whose predictions by `fleet serve` are alarms
+    alert_rate: float = 0.01  # alarm predictions a second (a 5-minute mean) that fire AlarmClass
 
     @property
     def label(self) -> str:
@@ -97,6 +99,15 @@ class Training:
     cache: Codec = Codec.F32  # Skip2-LoRA's cache codec: f32 | int8 | int4 (shared.cache)
     accept: Accept = Accept.IF_BETTER  # new adapters become active only when not worse; or always
     max_samples: int = DEFAULT_MAX_SAMPLES  # a device trains on at most its newest this many
+
+
+@dataclass(frozen=True)
+class Serve:
+    """`fleet serve` on every device, installed and started by `fleet deploy`."""
+
+    enabled: bool = True
+    keep: bool = True  # answered spool files to spool/done (False: deleted)
+    log_max_mb: float = 10.0  # the prediction log and its one rotated copy, together
 
 
 @dataclass(frozen=True)
@@ -143,6 +154,7 @@ class FleetConfig:
     training: Training = field(default_factory=Training)
     federation: Federation = field(default_factory=Federation)
     devices: tuple[Device, ...] = ()
+    serve: Serve = field(default_factory=Serve)
     source: str = "fleet.yaml"
 
     def rank_of(self, device: Device) -> int:
@@ -276,6 +288,13 @@ def _check(config: FleetConfig) -> None:
         fail("task.data_dir", f"data folder {config.task.data_dir} does not exist")
     if not 0 < config.task.holdout < 1:
         fail("task.holdout", "must be above 0 and below 1")
+    for name in config.task.alert_classes:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+            fail("task.alert_classes", f"{name!r} is not a class name (letters, digits, _ and -)")
+    if not 0.01 <= config.serve.log_max_mb <= 10_000:
+        fail("serve.log_max_mb", "must be between 0.01 and 10000")
+    if not config.task.alert_rate > 0:
+        fail("task.alert_rate", "must be above 0 (alarm predictions a second)")
     if config.training.model not in MODELS:
         fail("training.model", f"unknown model; choose from {', '.join(MODELS)}")
     if config.training.method not in METHODS:

@@ -25,7 +25,7 @@ class Family:
 
     name: str
     help: str
-    kind: str  # gauge | counter
+    kind: str  # gauge | counter | histogram
     labels: tuple[str, ...] = ()
     samples: list[Sample] = field(default_factory=list)
 

@@ -78,6 +78,37 @@ LAST_FINETUNE_BATCH = Metric(
     LAST_FINETUNE.format(figure="train_batch_seconds"), "Time per training batch.", ("phase",)
 )
 
+# `fleet serve`, exported by the agent from the service's snapshot (`client/serving/tally.py`).
+SERVE_PREDICTIONS = Metric(
+    "skip2fleet_serve_predictions",
+    "Samples the prediction service classified, by class.",
+    ("class",),
+)
+SERVE_REJECTED = Metric(
+    "skip2fleet_serve_rejected",
+    "Requests and spool files refused: width, values (NaN/Inf), garbage, file, model (none yet).",
+    ("kind",),
+)
+SERVE_CONFIDENCE = Metric(
+    "skip2fleet_serve_confidence", "The winning class's probability, per sample."
+)
+SERVE_LATENCY = Metric(
+    "skip2fleet_serve_latency_seconds", "Time to classify one request or spool block."
+)
+SERVE_VERSION = Metric(
+    "skip2fleet_serve_version", "Adapters version serving (0: the base alone, -1: none yet)."
+)
+SERVE_ROUND = Metric("skip2fleet_serve_round", "Round whose adapters are serving (0: the base).")
+SERVE_SWITCHES = Metric("skip2fleet_serve_model_switches", "Times the service changed model.")
+SERVE_LOAD_FAILURES = Metric(
+    "skip2fleet_serve_model_load_failures",
+    "Active models that failed to load (the one before kept).",
+)
+SERVE_BACKLOG = Metric("skip2fleet_serve_spool_backlog", "Spool files waiting to be answered.")
+SERVE_UPDATED = Metric(
+    "skip2fleet_serve_snapshot_timestamp_seconds", "When the service last wrote its figures."
+)
+
 # The ServerApp's pushes: one group for the fleet, replaced after every round. The round is a
 # value, never a label: the series are the same after 1 round as after 100.
 RUN_INFO = Metric(

@@ -8,9 +8,11 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -62,7 +64,7 @@ def test_dashboard_has_every_panel_with_the_device_variable(tmp_path):
     board = json.loads((tmp_path / "grafana" / "dashboards" / "skip2fleet.json").read_text())
     assert board["templating"]["list"][0]["name"] == "device"
     queries = panel_queries(board)
-    assert len(queries) == 13 and all(queries.values())
+    assert len(queries) == 17 and all(queries.values())
     assert (
         "skip2fleet_device_active_model_accuracy_ratio"
         in queries["Active model (hold-out accuracy)"]
@@ -90,6 +92,8 @@ def test_every_panel_returns_data_from_a_real_prometheus(tmp_path):
     for device in data["devices"]:
         device.update(host="127.0.0.1", agent_port=free_port(), probe="hwmon")
     data["training"]["epochs"] = 20
+    data["task"]["alert_classes"] = ["normal", "damaged", "stopped"]  # any prediction alarms
+    data["task"]["alert_rate"] = 0.001
     (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(data))
     fleet = parse_config(data)
     write_monitoring(fleet, tmp_path / "monitoring")
@@ -132,6 +136,17 @@ def test_every_panel_returns_data_from_a_real_prometheus(tmp_path):
             30,
             "the pushed round",
         )
+        serving = tmp_path / "run" / "devices" / fleet.devices[0].name
+        processes.start("serve", ["fleet", "serve", "--state-dir", str(serving)], dict(os.environ))
+        wait_for(lambda: (serving / "spool").is_dir(), 30, "fleet serve's spool")
+        fed = time.monotonic()
+        alerts = None
+        while alerts is None and time.monotonic() - fed < 60:  # a file a second: a rate
+            sensor_file(serving / "spool", int(time.monotonic() * 1e3))
+            alerts = firing(prometheus_port, "AlarmClass")
+            time.sleep(1)
+        assert alerts and alerts[0]["labels"]["device"] == fleet.devices[0].name, alerts
+        print(f"ALARM fired {time.monotonic() - fed:.1f} s after the first spool file")
         board = json.loads((tmp_path / "monitoring/grafana/dashboards/skip2fleet.json").read_text())
         empty = []
         for title, query in panel_queries(board).items():
@@ -143,6 +158,24 @@ def test_every_panel_returns_data_from_a_real_prometheus(tmp_path):
         assert float(power[0]["value"][1]) == pytest.approx(3.0)
     finally:
         processes.stop_all()
+
+
+def sensor_file(spool: Path, name: int) -> None:
+    """What a sensor process drops: 20 samples of the generated task, written, then renamed."""
+    x = np.random.default_rng(name).normal(size=(20, 64)).astype("f4")
+    with open(spool / f"{name}.part", "wb") as out:
+        np.savez(out, x=x)
+    os.replace(spool / f"{name}.part", spool / f"{name}.npz")
+
+
+def firing(port: int, name: str) -> list[dict] | None:
+    """The alerts named `name` that Prometheus says are firing, if any."""
+    url = f"http://127.0.0.1:{port}/api/v1/alerts"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        alerts = json.load(response)["data"]["alerts"]
+    return [
+        a for a in alerts if a["labels"]["alertname"] == name and a["state"] == "firing"
+    ] or None
 
 
 def collect(collector) -> dict[str, float]:

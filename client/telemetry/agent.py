@@ -29,9 +29,9 @@ from skip2fleet.client.telemetry.power import PowerSampler
 from skip2fleet.client.telemetry.probes import ProbeError, ThermalZones, power_probe
 from skip2fleet.client.watchdog import SuperNodeWatchdog
 from skip2fleet.shared import metric_names as names
-from skip2fleet.shared.devicefile import ACTIVE, LAST_FIGURES, DeviceSettings
+from skip2fleet.shared.devicefile import ACTIVE, LAST_FIGURES, SERVE_SNAPSHOT, DeviceSettings
 from skip2fleet.shared.errors import FleetError
-from skip2fleet.shared.exposition import Family
+from skip2fleet.shared.exposition import Family, Sample
 
 
 def _family(kind: str, metric: names.Metric) -> Family:
@@ -85,6 +85,7 @@ class DeviceCollector:
         yield from self._system()
         yield from self._last_finetune()
         yield from self._active_model()
+        yield from serving_families(self.state_dir / SERVE_SNAPSHOT, self.errors)
 
     def _coordinator(self) -> Iterator[Family]:
         """The clock's offset against the front door, and the watchdog's restarts."""
@@ -166,6 +167,50 @@ class DeviceCollector:
 
     def exposition(self) -> bytes:
         return "".join(family.text() for family in self.collect()).encode()
+
+
+def _histogram(metric: names.Metric, data: dict) -> Family:
+    family = Family(metric.name, metric.help, "histogram")
+    cumulative = 0
+    for bound, count in zip([*data["bounds"], "+Inf"], data["counts"], strict=True):
+        cumulative += count
+        family.samples.append(Sample(f"{metric.name}_bucket", {"le": str(bound)}, cumulative))
+    family.samples.append(Sample(f"{metric.name}_sum", {}, data["sum"]))
+    family.samples.append(Sample(f"{metric.name}_count", {}, cumulative))
+    return family
+
+
+def serving_families(path: Path, errors: Counter[tuple[str, str]]) -> Iterator[Family]:
+    """What `fleet serve` did, from the snapshot it leaves in the state folder (none: nothing)."""
+    try:
+        snap = json.loads(path.read_text())
+        predictions = _family("counter", names.SERVE_PREDICTIONS)
+        for name, count in sorted(snap["predictions"].items()):
+            predictions.add([name], count)
+        rejected = _family("counter", names.SERVE_REJECTED)
+        for kind, count in snap["rejected"].items():
+            rejected.add([kind], count)
+        families = [
+            predictions,
+            rejected,
+            _histogram(names.SERVE_CONFIDENCE, snap["confidence"]),
+            _histogram(names.SERVE_LATENCY, snap["latency_seconds"]),
+            _family("counter", names.SERVE_SWITCHES).add([], snap["switches"]),
+            _family("counter", names.SERVE_LOAD_FAILURES).add([], snap["load_failures"]),
+        ]
+        for metric, key in (
+            (names.SERVE_VERSION, "version"),
+            (names.SERVE_ROUND, "round"),
+            (names.SERVE_BACKLOG, "spool_backlog"),
+            (names.SERVE_UPDATED, "time"),
+        ):
+            families.append(_gauge(metric.name, metric.help, float(snap[key])))
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        errors[("serve", "garbage")] += 1
+        return
+    yield from families
 
 
 class _Server(socketserver.ThreadingTCPServer):
