@@ -45,7 +45,8 @@ class Client:
         self.file = self.sock.makefile("rwb")
 
     def ask(self, line: bytes) -> dict:
-        self.file.write(line)
+        """One request line (without its newline) and its answer."""
+        self.file.write(line + b"\n")
         self.file.flush()
         return json.loads(self.file.readline())
 
@@ -53,8 +54,8 @@ class Client:
 def json_line(x: np.ndarray) -> bytes:
     """Samples as a sensor writes them: float32's 7 significant digits, not Python's 17."""
     if x.ndim == 1:
-        return ("[" + ",".join(f"{v:.7g}" for v in x) + "]\n").encode()
-    return ("[" + ",".join(json_line(row).decode().strip() for row in x) + "]\n").encode()
+        return ("[" + ",".join(f"{v:.7g}" for v in x) + "]").encode()
+    return b"[" + b",".join(json_line(row) for row in x) + b"]"
 
 
 def in_parallel(work, clients: int = CLIENTS) -> list:
