@@ -231,3 +231,15 @@ def resolve_fleet(
         data["federation"]["min_devices"] = min(data["federation"]["min_devices"], count)
     fleet = parse_config(data, str(path or "built-in example fleet"))
     return with_training(fleet, model=model, cache=cache)
+
+
+def chosen(value: str, allowed: tuple[str, ...], option: str) -> list[str]:
+    """The comma-separated names of `value`, each one of `allowed`; else one line naming them."""
+    chosen = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in allowed]
+    if unknown or not chosen:
+        raise FleetError(
+            f"{option}: unknown {', '.join(unknown) or '(none given)'}; "
+            f"choose from {', '.join(allowed)}"
+        )
+    return chosen

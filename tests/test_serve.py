@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from skip2fleet.client.serving.bench import Client
 from skip2fleet.client.serving.predlog import PredictionLog
 from skip2fleet.client.serving.requests import parse_samples
 from skip2fleet.client.store import DeviceStore
@@ -71,18 +71,6 @@ def service(tmp_path):
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-
-
-class Client:
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(str(path))
-        self.file = self.sock.makefile("rwb")
-
-    def ask(self, line: bytes) -> dict:
-        self.file.write(line + b"\n")
-        self.file.flush()
-        return json.loads(self.file.readline())
 
 
 def sample(rng: np.random.Generator, n: int | None = None) -> bytes:

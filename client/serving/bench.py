@@ -45,7 +45,8 @@ class Client:
         self.file = self.sock.makefile("rwb")
 
     def ask(self, line: bytes) -> dict:
-        self.file.write(line)
+        """One request line (without its newline) and its answer."""
+        self.file.write(line + b"\n")
         self.file.flush()
         return json.loads(self.file.readline())
 
@@ -53,8 +54,8 @@ class Client:
 def json_line(x: np.ndarray) -> bytes:
     """Samples as a sensor writes them: float32's 7 significant digits, not Python's 17."""
     if x.ndim == 1:
-        return ("[" + ",".join(f"{v:.7g}" for v in x) + "]\n").encode()
-    return ("[" + ",".join(json_line(row).decode().strip() for row in x) + "]\n").encode()
+        return ("[" + ",".join(f"{v:.7g}" for v in x) + "]").encode()
+    return b"[" + b",".join(json_line(row) for row in x) + b"]"
 
 
 def in_parallel(work, clients: int = CLIENTS) -> list:
@@ -168,6 +169,41 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def measure(state: Path, base: base_model.Model, x: np.ndarray, requests: int, seconds: float,
+            files: int) -> dict:  # fmt: skip
+    """Every figure of the bench, from a service started on a fresh state folder with `base`."""
+    lines = [json_line(row) for row in x[:256]]
+    batches = [json_line(x[k : k + BATCH]) for k in range(0, len(x) - BATCH + 1, BATCH)] or [
+        json_line(np.resize(x, (BATCH, x.shape[1])))
+    ]
+    store, versions = device_state(state, base, 4)
+    process = start_service(store.root)
+    try:
+        sock = store.root / "serve.sock"
+        typer.echo(f"one-sample requests: {CLIENTS} clients x {requests}", err=True)
+        waits = sorted(latencies(sock, lines, requests))
+        typer.echo(f"batches of {BATCH} for {seconds} s", err=True)
+        rate = batched_rate(sock, batches, seconds)
+        typer.echo(f"spool: {files} files of 1,000 samples", err=True)
+        spooled = spool_rate(store.root, np.resize(x, (1000, x.shape[1])), files)
+        typer.echo("a model switch under load", err=True)
+        errors, switch_s = switch_under_load(store, versions[1], lines)
+        rss = peak_rss_mb(process.pid)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+    return {
+        "p50_ms": round(statistics.median(waits) * 1e3, 4),
+        "p99_ms": round(waits[int(0.99 * (len(waits) - 1))] * 1e3, 4),
+        "samples_per_s": round(rate),
+        "spool_samples_per_s": round(spooled),
+        "peak_rss_mb": round(rss, 1),
+        "switch_errors": errors,
+        "switch_seconds": round(switch_s, 3),
+        "load_average": os.getloadavg()[0],
+    }
+
+
 def bench_command(
     dataset: Annotated[
         str, typer.Option(help=f"The task whose samples are sent: {', '.join(TASKS)}.")
@@ -197,41 +233,12 @@ def bench_command(
     spec = build("mlp", task.input_shape, len(task.classes))
     base = pretrain(task.pretrain.x, task.pretrain.y, len(task.classes),
                     PretrainConfig(epochs=5, seed=seed), spec=spec)  # fmt: skip
-    base = base_model.with_classes(base, task.classes)
     x = task.test.x.reshape(len(task.test.x), -1).astype(np.float32)
-    lines = [json_line(row) for row in x[:256]]
-    batches = [json_line(x[k : k + BATCH]) for k in range(0, len(x) - BATCH + 1, BATCH)] or [
-        json_line(np.resize(x, (BATCH, x.shape[1])))
-    ]
     with tempfile.TemporaryDirectory(prefix="fleet-bench-serve-") as tmp:
-        store, versions = device_state(Path(tmp) / "state", base, 4)
-        process = start_service(store.root)
-        try:
-            sock = store.root / "serve.sock"
-            typer.echo(f"one-sample requests: {CLIENTS} clients x {requests}", err=True)
-            waits = sorted(latencies(sock, lines, requests))
-            typer.echo(f"batches of {BATCH} for {seconds} s", err=True)
-            rate = batched_rate(sock, batches, seconds)
-            typer.echo(f"spool: {files} files of 1,000 samples", err=True)
-            spooled = spool_rate(store.root, np.resize(x, (1000, x.shape[1])), files)
-            typer.echo("a model switch under load", err=True)
-            errors, switch_s = switch_under_load(store, versions[1], lines)
-            rss = peak_rss_mb(process.pid)
-        finally:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=30)
-    result = {
-        "dataset": dataset,
-        "features": int(x.shape[1]),
-        "p50_ms": round(statistics.median(waits) * 1e3, 4),
-        "p99_ms": round(waits[int(0.99 * (len(waits) - 1))] * 1e3, 4),
-        "samples_per_s": round(rate),
-        "spool_samples_per_s": round(spooled),
-        "peak_rss_mb": round(rss, 1),
-        "switch_errors": errors,
-        "switch_seconds": round(switch_s, 3),
-        "load_average": os.getloadavg()[0],
-    }
+        state = Path(tmp) / "state"
+        result = {"dataset": dataset, "features": int(x.shape[1])}
+        result |= measure(state, base_model.with_classes(base, task.classes), x, requests,
+                          seconds, files)  # fmt: skip
     typer.echo(json.dumps(result, indent=2))
     if json_out is not None:
         write_text_atomic(json_out, json.dumps(result, indent=2) + "\n")

@@ -204,17 +204,6 @@ def byzantine_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _chosen(value: str, allowed: tuple[str, ...], option: str) -> list[str]:
-    chosen = [v.strip() for v in value.split(",") if v.strip()]
-    unknown = [v for v in chosen if v not in allowed]
-    if unknown or not chosen:
-        raise FleetError(
-            f"{option}: unknown {', '.join(unknown) or '(none given)'}; "
-            f"choose from {', '.join(allowed)}"
-        )
-    return chosen
-
-
 def byzantine_command(
     tasks: Annotated[str, typer.Option(help="Comma-separated tasks.")] = ",".join(TASKS),
     aggregations: Annotated[str, typer.Option(help="Comma-separated aggregations.")] = ",".join(
@@ -235,9 +224,9 @@ def byzantine_command(
     """One malicious device against each aggregation: the honest devices' accuracy after the
     rounds against a run with no attacker, whether the aggregate stayed finite, and how the
     attacker was named (Flower's Simulation Engine)."""
-    chosen_tasks = _chosen(tasks, tuple(DATASETS), "--tasks")
-    chosen_aggregations = _chosen(aggregations, ROBUST, "--aggregations")
-    chosen_attacks = _chosen(attacks, ATTACKS, "--attacks")
+    chosen_tasks = opt.chosen(tasks, tuple(DATASETS), "--tasks")
+    chosen_aggregations = opt.chosen(aggregations, ROBUST, "--aggregations")
+    chosen_attacks = opt.chosen(attacks, ATTACKS, "--attacks")
     fleets = {}
     for task in chosen_tasks:
         fleet = opt.resolve_fleet(None, devices, rounds, task, data_dir, None)
