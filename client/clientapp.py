@@ -27,7 +27,7 @@ from skip2fleet.client.telemetry.power import PowerSampler
 from skip2fleet.client.telemetry.probes import NoProbe, power_probe
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.protocol import DEVICE_NAME, ErrorCode, Figures, NodeConfig, Part, RoundPlan
-from skip2fleet.shared.records import adapters_record, figures_record, wire_bytes
+from skip2fleet.shared.records import adapters_record, figures_record, record_roster, wire_bytes
 from skip2fleet.shared.train import FineTuneConfig, FineTuneResult, finetune
 
 app = ClientApp()
@@ -42,28 +42,29 @@ def train(msg: Message, context: Context) -> Message:
         return Message(error=Error(code=int(code), reason=str(exc)), reply_to=msg)
 
 
-def identify(plan: RoundPlan, node_config: dict) -> int:
-    """This device's index in the plan: by its configured name, or its simulation partition."""
-    if NodeConfig.DEVICE in node_config:
-        name = str(node_config[NodeConfig.DEVICE])
-        if name not in plan.devices:
-            raise FleetError(f"device {name!r} is not in the fleet ({', '.join(plan.devices)})")
-        return plan.devices.index(name)
-    index = int(node_config[NodeConfig.PARTITION_ID])
-    if not 0 <= index < len(plan.devices):
-        raise FleetError(f"partition {index} has no device in the fleet")
-    return index
+def own_plan(content: RecordDict, node_config: dict) -> RoundPlan:
+    """This device's plan: addressed to it, or found in the roster an unaddressed plan comes
+    with (by its configured name, or its simulation partition)."""
+    plan = RoundPlan.from_record(content[Part.PLAN])
+    configured = node_config.get(NodeConfig.DEVICE)
+    if not plan.device:
+        try:
+            return plan.for_node(record_roster(content[Part.ROSTER]), node_config)
+        except ValueError as exc:
+            raise FleetError(str(exc)) from None
+    if configured is not None and str(configured) != plan.device:
+        raise FleetError(f"{configured}: got {plan.device}'s plan")
+    return plan
 
 
 def run_round(content: RecordDict, node_config: dict) -> RecordDict:
     """One round on this device; any refusal is raised with the device's name in front (the
     coordinator reads it there when it cannot tell the node's device otherwise)."""
-    plan = RoundPlan.from_record(content[Part.PLAN])
-    index = identify(plan, node_config)
-    name = plan.devices[index]
+    plan = own_plan(content, node_config)
+    name = plan.device
     try:
         started = perf_counter()
-        inputs = load_inputs(content, node_config, plan, index)
+        inputs = load_inputs(content, node_config, plan)
         trained = train_adapters(inputs, node_config)
         verdict = evaluate_and_accept(inputs, trained.result.tuner.theta)
         return reply(inputs, trained, verdict, perf_counter() - started)
@@ -86,21 +87,21 @@ class Trained:
 
 def train_adapters(inputs: RoundInputs, node_config: dict) -> Trained:
     """Phase two: the plan's epochs from the start adapters, sampled by the power probe."""
-    plan, index = inputs.plan, inputs.index
+    plan = inputs.plan
     config = FineTuneConfig(
         epochs=plan.epochs,
         batch_size=plan.batch_size,
         rank=inputs.layout.rank,
         lr=plan.lr,
-        seed=plan.seed + index,
+        seed=plan.seed + plan.index,
         cache=plan.cache,
     )
     probe = power_probe(
-        plan.probes[index],
+        plan.probe,
         Path(str(node_config.get(NodeConfig.SYS_ROOT, "/sys"))),
         Path(str(node_config.get(NodeConfig.PROC_ROOT, "/proc"))),
-        plan.idle_watts[index],
-        plan.full_watts[index],
+        plan.idle_watts,
+        plan.full_watts,
     )
     tune = inputs.tune
     with PowerSampler(probe or NoProbe()) as meter:

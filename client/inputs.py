@@ -35,8 +35,7 @@ class BaseMissing(FleetError):
 class RoundInputs:
     """What one round on this device trains from."""
 
-    plan: RoundPlan
-    index: int  # the device's place in the plan's per-device lists
+    plan: RoundPlan  # this device's
     store: DeviceStore
     model: base_model.Model  # the base
     layout: Layout  # of the plan's method on the base, at this device's rank
@@ -48,25 +47,25 @@ class RoundInputs:
 
     @property
     def name(self) -> str:
-        return self.plan.devices[self.index]
+        return self.plan.device
 
     @property
     def method(self) -> Method:
         return self.layout.method
 
 
-def load_inputs(content: RecordDict, node_config: dict, plan: RoundPlan, index: int) -> RoundInputs:
-    name = plan.devices[index]
+def load_inputs(content: RecordDict, node_config: dict, plan: RoundPlan) -> RoundInputs:
+    name = plan.device
     root = node_config.get(NodeConfig.STATE_DIR) or Path(plan.state_root) / name
     store = DeviceStore(Path(str(root)))
     model = _base(content, store, plan, name)
-    adapters = layout(get_method(plan.method), base_model.spec_of(model), plan.ranks[index])
-    tune, test = _data(store, model, plan, index, node_config)
+    adapters = layout(get_method(plan.method), base_model.spec_of(model), plan.rank)
+    tune, test = _data(store, model, plan, node_config)
     cache, built = None, False
     if adapters.method.cached:
         cache, built = store.cache(model, plan.base_sha256, tune.x, plan.cache)
     start = _start(content, store, plan, name, adapters)
-    return RoundInputs(plan, index, store, model, adapters, tune, test, cache, built, start)
+    return RoundInputs(plan, store, model, adapters, tune, test, cache, built, start)
 
 
 def _base(content: RecordDict, store: DeviceStore, plan: RoundPlan, name: str) -> base_model.Model:
@@ -88,11 +87,11 @@ def _base(content: RecordDict, store: DeviceStore, plan: RoundPlan, name: str) -
 
 
 def _data(
-    store: DeviceStore, model: base_model.Model, plan: RoundPlan, index: int, node_config: dict
+    store: DeviceStore, model: base_model.Model, plan: RoundPlan, node_config: dict
 ) -> tuple[Split, Split]:
     """(training, hold-out): the device's own samples, or its partition of the plan's task."""
     spec = base_model.spec_of(model)
-    own = plan.data_path(index)
+    own = plan.data_path
     if own:
         classes = base_model.classes_of(model)
         tune, test = store.own_data(
@@ -102,10 +101,10 @@ def _data(
         data_dir = node_config.get(NodeConfig.DATA_DIR) or plan.data_dir or None
         folder = Path(str(data_dir)) if data_dir else None
         options = TaskOptions(folder, plan.source_room, seed=plan.seed, form=form_of(spec))
-        tune, test = store.data(plan.dataset, plan.partitions[index], options)
+        tune, test = store.data(plan.dataset, plan.partition, options)
     if tune.x.shape[1] != spec.width:
         raise FleetError(
-            f"{plan.devices[index]}: the base takes {spec.width} values per sample, "
+            f"{plan.device}: the base takes {spec.width} values per sample, "
             f"this device's {own or plan.dataset} data has {tune.x.shape[1]}"
         )
     return tune, test

@@ -3,6 +3,7 @@ each phase on its own (load, evaluate and accept, the reply the coordinator chec
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -11,7 +12,7 @@ from flwr.app import Array, ArrayRecord, MessageType, Metadata, RecordDict
 from flwr.app.message.message import make_message
 
 from skip2fleet.client.acceptance import evaluate_and_accept, make_active
-from skip2fleet.client.clientapp import run_round
+from skip2fleet.client.clientapp import own_plan, run_round
 from skip2fleet.client.inputs import RoundInputs, load_inputs
 from skip2fleet.client.store import DeviceStore
 from skip2fleet.server.federation.validation import Roster, validate_reply
@@ -21,8 +22,22 @@ from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.layout import layout
 from skip2fleet.shared.methods import get_method
 from skip2fleet.shared.pretrain import PretrainConfig, pretrain
-from skip2fleet.shared.protocol import THETA, Figures, NodeConfig, Part, RoundPlan
-from skip2fleet.shared.records import adapters_record, model_record, plan_record, record_adapters
+from skip2fleet.shared.protocol import (
+    THETA,
+    UNADDRESSED,
+    Entry,
+    Figures,
+    NodeConfig,
+    Part,
+    RoundPlan,
+)
+from skip2fleet.shared.records import (
+    adapters_record,
+    model_record,
+    plan_record,
+    record_adapters,
+    roster_record,
+)
 from skip2fleet.shared.spec import cnn
 
 
@@ -46,18 +61,21 @@ def plan(base, round_=1, **changes) -> RoundPlan:
         data_dir="",
         source_room="silentA",
         state_root="",
-        devices=["a", "b"],
-        partitions=["0", "1"],
-        ranks=[4, 2],
-        probes=["cpu-model", "none"],
-        idle_watts=[1.0, 1.0],
-        full_watts=[3.0, 3.0],
+        **dataclasses.asdict(UNADDRESSED),
     )
     return RoundPlan(**{**values, **changes})
 
 
-def content(base, round_=1, with_base=True, **changes) -> RecordDict:
-    records = RecordDict({Part.PLAN: plan_record(plan(base, round_, **changes))})
+ENTRIES = (Entry("a", 0, "0", 4, "cpu-model", 1.0, 3.0), Entry("b", 1, "1", 2, "none", 1.0, 3.0))
+
+
+def content(base, round_=1, with_base=True, data_paths=("", ""), **changes) -> RecordDict:
+    """An unaddressed plan and the roster (a simulation's first round): each device finds
+    itself by its name; `data_paths` per device."""
+    roster = [dataclasses.replace(e, data_path=p) for e, p in zip(ENTRIES, data_paths, strict=True)]
+    records = RecordDict(
+        {Part.PLAN: plan_record(plan(base, round_, **changes)), Part.ROSTER: roster_record(roster)}
+    )
     if with_base:
         records[Part.BASE] = model_record(base)
     return records
@@ -139,7 +157,7 @@ def inputs(tmp_path, base, round_=1, with_base=True, extra=None, **changes) -> R
     records = content(base, round_, with_base, **changes)
     records.update(extra or {})
     node = {NodeConfig.DEVICE: "b", NodeConfig.STATE_DIR: str(tmp_path)}
-    return load_inputs(records, node, RoundPlan.from_record(records[Part.PLAN]), 1)
+    return load_inputs(records, node, own_plan(records, node))
 
 
 def test_load_starts_from_the_coordinators_adapters_else_its_own(tmp_path, base):

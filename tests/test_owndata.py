@@ -373,17 +373,30 @@ def test_the_agent_exports_the_active_model_and_whether_the_round_was_kept(folde
 
     root, base = folders
     node = {"device": "a", "state-dir": str(tmp_path)}
-    run_round(content(base, data_paths=[str(root / "device"), ""]), node)
     collector = DeviceCollector(None, ThermalZones(tmp_path / "none"), tmp_path / "none", tmp_path)
-    samples = {
-        (s.name, tuple(s.labels.values())): s.value
-        for family in collector.collect()
-        for s in family.samples
-    }
+
+    def scrape() -> dict:  # the figures (this test's missing /proc only counts errors)
+        return {
+            (s.name, tuple(s.labels.values())): s.value
+            for family in collector.collect()
+            for s in family.samples
+            if family.name != names.PROBE_ERRORS.name
+        }
+
+    run_round(content(base, data_paths=[str(root / "device"), ""]), node)
+    samples = scrape()
     active = DeviceStore(tmp_path).active()
-    key = (names.ACTIVE_MODEL.name, (base_model.sha256(base)[:12], "1", "1"))
-    assert samples[key] == pytest.approx(active.accuracy / 100)
+    assert samples[(names.ACTIVE_MODEL.name, ())] == pytest.approx(active.accuracy / 100)
+    assert samples[(names.ACTIVE_MODEL_ROUND.name, ())] == 1  # values, not labels
+    assert samples[(names.ACTIVE_MODEL_VERSION.name, ())] == 1
+    digest = base_model.sha256(base)
+    assert names.base_hex(samples[(names.ACTIVE_MODEL_BASE.name, ())]) == digest[:12]
     assert samples[(names.LAST_FINETUNE.format(figure="accepted"), ())] == 1
+    run_round(content(base, 2, False, data_paths=[str(root / "device"), ""]), node)
+    later = scrape()
+    assert later.keys() == samples.keys()  # a new round makes no new series
+    active = DeviceStore(tmp_path).active()
+    assert later[(names.ACTIVE_MODEL_ROUND.name, ())] == active.version.round
 
 
 def test_rollback_from_the_coordinator_names_an_unknown_device():

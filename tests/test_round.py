@@ -14,10 +14,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, MessageType, Metad
 from flwr.app.message.message import make_message
 from flwr.common.constant import ErrorCode as FlowerError
 
+from skip2fleet.client.clientapp import own_plan
 from skip2fleet.server.federation import report
 from skip2fleet.server.federation.aggregation import STRATEGIES, Aggregate
 from skip2fleet.server.federation.exchange import Exchange
-from skip2fleet.server.federation.plans import Deliveries, plan_for
+from skip2fleet.server.federation.plans import Deliveries, entries, plan_for
 from skip2fleet.server.federation.runs import RunFolder
 from skip2fleet.server.federation.screening import outliers, screen
 from skip2fleet.server.federation.serverapp import UNNAMED, downlink, open_run, play_round
@@ -28,8 +29,23 @@ from skip2fleet.shared.config import as_yaml_dict, parse_config
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.layout import layout
 from skip2fleet.shared.methods import get_method
-from skip2fleet.shared.protocol import DEVICE_NAME, THETA, ErrorCode, Figures, Part
-from skip2fleet.shared.records import adapters_record, figures_record, plan_record, record_adapters
+from skip2fleet.shared.protocol import (
+    DEVICE_NAME,
+    PLAN_JSON,
+    THETA,
+    ErrorCode,
+    Figures,
+    NodeConfig,
+    Part,
+    RoundPlan,
+)
+from skip2fleet.shared.records import (
+    adapters_record,
+    figures_record,
+    plan_record,
+    record_adapters,
+    wire_bytes,
+)
 from skip2fleet.shared.spec import mlp
 
 BASE = base_model.init_model(mlp(8, 3, hidden=8), np.random.default_rng(0))
@@ -269,8 +285,16 @@ def test_screening_moves_an_outlier_from_accepted_to_refused():
 # -- configure ----------------------------------------------------------------------------------
 
 
-def fleet(aggregation: str = "fedavg", rounds: int = 2, pushgateway: str | None = None):
-    devices = [{"name": d, "data": {"partition": str(i)}} for i, d in enumerate(DEVICES)]
+DEVICES = ["pi-1", "pi-2", "pi-3", "pi-4"]
+
+
+def fleet(
+    aggregation: str = "fedavg",
+    rounds: int = 2,
+    pushgateway: str | None = None,
+    devices: tuple[str, ...] | list[str] = tuple(DEVICES),
+):
+    devices = [{"name": d, "data": {"partition": str(i)}} for i, d in enumerate(devices)]
     return parse_config(
         {
             "training": {"epochs": 1},
@@ -281,34 +305,61 @@ def fleet(aggregation: str = "fedavg", rounds: int = 2, pushgateway: str | None 
     )
 
 
-DEVICES = ["pi-1", "pi-2", "pi-3", "pi-4"]
+def deliveries_for(devices: list[str], outgoing: dict | None = None) -> Deliveries:
+    config = fleet(devices=devices)
+    return Deliveries(BASE, {d: SIZE for d in devices}, outgoing or {}, entries=entries(config))
 
 
-def test_plans_carry_the_base_once_and_each_device_its_adapters():
+def test_plans_carry_the_base_once_and_each_device_only_its_own():
     plan = plan_for(fleet(), 2, base_model.sha256(BASE), "")
-    outgoing = {"pi-1": np.full(SIZE, 0.5, np.float32)}
-    deliveries = Deliveries(BASE, {d: SIZE for d in DEVICES}, outgoing)
-    first = deliveries.contents([11, 12], plan, {11: "pi-1"})
+    mean = np.full(SIZE, 0.5, np.float32)
+    deliveries = deliveries_for(DEVICES, {"pi-1": mean, "pi-2": mean})
+    first = deliveries.contents([11, 12, 13], plan, {11: "pi-1", 12: "pi-2"})
     assert all(Part.BASE in c and Part.PLAN in c for c in first.values())
+    assert first[11][Part.BASE] is first[12][Part.BASE]  # one record, however many nodes
+    own = RoundPlan.from_record(first[12][Part.PLAN])
+    assert (own.device, own.index, own.partition, own.rank) == ("pi-2", 1, "1", 4)
     assert record_adapters(first[11][Part.ADAPTERS], SIZE)[0] == 0.5
-    assert list(first[12][Part.ADAPTERS_BY_DEVICE]) == ["pi-1"]  # a node not yet heard from
+    assert first[11][Part.ADAPTERS] is first[12][Part.ADAPTERS]  # the shared mean: one array
+    # a node not yet heard from: an unaddressed plan, the roster to find itself in, all adapters
+    assert RoundPlan.from_record(first[13][Part.PLAN]).device == ""
+    assert list(first[13][Part.ADAPTERS_BY_DEVICE]) == ["pi-1", "pi-2"]
+    found = own_plan(first[13], {NodeConfig.PARTITION_ID: 2})
+    assert found == plan.with_entry(entries(fleet())["pi-3"])
     refused = Error(ErrorCode.BASE_MISSING, "pi-2: no base model")
     deliveries.forget_base(answers(reply(12, error=refused)))
-    second = deliveries.contents([11, 12], plan, {11: "pi-1", 12: "pi-2"})
+    second = deliveries.contents([11, 12], plan, {11: "pi-1", 12: "pi-2", 13: "pi-3"})
     assert Part.BASE not in second[11] and Part.BASE in second[12]
-    assert Part.ADAPTERS not in second[12] and Part.ADAPTERS_BY_DEVICE not in second[12]
+    with pytest.raises(FleetError, match="pi-1: got pi-2's plan"):
+        own_plan(second[12], {NodeConfig.DEVICE: "pi-1"})
     deliveries.outgoing = {"pi-1": np.zeros(SIZE + 1, np.float32)}
     with pytest.raises(ValueError, match="expected float32"):  # checked on the way out too
         deliveries.contents([11], plan, {11: "pi-1"})
 
 
+def test_a_plans_bytes_do_not_grow_with_the_fleet():
+    """A known node's message is the same size at 4 devices and at 400."""
+    sizes = []
+    for n in (4, 400):
+        devices = [f"pi-{i}" for i in range(n)]
+        plan = plan_for(fleet(devices=devices), 2, base_model.sha256(BASE), "")
+        mean = np.zeros(SIZE, np.float32)
+        deliveries = deliveries_for(devices, dict.fromkeys(devices, mean))
+        deliveries.has_base = set(range(n))
+        contents = deliveries.contents(list(range(n)), plan, dict(enumerate(devices)))
+        known: dict[int, int] = {}
+        sizes.append(max(wire_bytes(c, known) for c in contents.values()))
+    assert sizes[1] - sizes[0] <= 8, sizes  # at most the longer device name and index
+
+
 def test_a_plan_travels_with_its_enums_as_plain_names():
     plan = plan_for(fleet(), 1, "0" * 64, "")
     record = plan_record(plan)
-    assert type(record["accept"]) is str and type(record["cache"]) is str
+    sent = json.loads(record[PLAN_JSON])
+    assert type(sent["accept"]) is str and type(sent["cache"]) is str
     assert type(plan).from_record(record) == plan
     with pytest.raises(ValueError, match="'sometimes'"):
-        type(plan).from_record({**record, "accept": "sometimes"})
+        type(plan).from_record({PLAN_JSON: json.dumps(sent | {"accept": "sometimes"})})
 
 
 def test_downlink_names_devices_and_sums_unnamed_nodes():
@@ -412,7 +463,8 @@ def test_a_round_in_a_row_refuses_poisoned_replies_and_averages_the_rest(tmp_pat
     assert set(result["downlink_bytes"]) == set(DEVICES)  # the stranger was sent nothing
     outgoing = folder.outgoing(1)
     np.testing.assert_allclose(outgoing["pi-1"], 0.2, rtol=1e-6)  # equal samples: the mean
-    assert outgoing["pi-3"] is not outgoing["pi-1"] and sorted(outgoing) == DEVICES
+    assert outgoing["pi-3"] is outgoing["pi-1"] and sorted(outgoing) == DEVICES  # stored once
+    assert not outgoing["pi-1"].flags.writeable  # shared: nothing may change it in place
     fresh = initial_adapters(BASE, SKIP2, 4, run.config.training.seed)
     for refused in ("pi-2", "pi-4"):  # start the next round where they started this one
         np.testing.assert_array_equal(outgoing[refused], fresh)

@@ -37,7 +37,7 @@ from skip2fleet.shared.datasets import TASKS as DATASETS
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.layout import Layout, layout
 from skip2fleet.shared.methods import get_method
-from skip2fleet.shared.protocol import THETA, Accept, NodeConfig, Part, RoundPlan
+from skip2fleet.shared.protocol import THETA, Accept, NodeConfig, Part
 from skip2fleet.shared.services import CLIENTAPP
 from skip2fleet.shared.spec import Spec
 
@@ -95,10 +95,10 @@ def attacking_client(attack: str, attacker: int, ratio: float, spec: Spec) -> Cl
         if attack in SAMPLE_ATTACKS:
             reply.content[Part.FIGURES]["samples"] = SAMPLE_ATTACKS[attack]
         elif attack in ADAPTER_ATTACKS:
-            plan = RoundPlan.from_record(msg.content[Part.PLAN])
+            plan = real.own_plan(msg.content, context.node_config)  # the attacker's
             theta = reply.content[Part.ADAPTERS][THETA].numpy()
-            start = _start(msg, plan.devices[attacker])
-            lay = layout(get_method(plan.method), spec, plan.ranks[attacker])
+            start = _start(msg, plan.device)
+            lay = layout(get_method(plan.method), spec, plan.rank)
             bad = ADAPTER_ATTACKS[attack](theta, start, lay, ratio).astype(np.float32)
             reply.content[Part.ADAPTERS] = ArrayRecord({THETA: Array(bad)})
         return reply

@@ -1,15 +1,22 @@
-"""A round's plans (configure): what each online node is sent.
+"""A round's plans (configure): what each online node is sent, in bytes that do not grow with the
+fleet.
 
-Every node gets the round's `RoundPlan`. The first plan a node gets in a run carries the base
-model; later ones only its sha256, plus the base again for a node that said it lacks it
-(BASE_MISSING). In a fleet that aggregates, each device also gets the adapters the last round left
-for it (checked on the way out as on the way in, `shared.records`); a node not yet heard from in
-this run (in a simulation the coordinator learns a node's device from its first reply) gets every
-device's, by name.
+A node's plan is the round's settings and its own device's entry (`RoundPlan`). The first plan a
+node gets in a run carries the base model; later ones only its sha256, plus the base again for a
+node that said it lacks it (BASE_MISSING). In a fleet that aggregates, each device also gets the
+adapters the last round left for it (checked on the way out as on the way in, `shared.records`).
+
+A node whose device the coordinator does not know yet (in a simulation it learns a node's device
+from its first reply) gets an unaddressed plan, the fleet's roster to find itself in and, in a
+resumed run, every device's adapters by name: O(N) for that node, in a simulation's first round
+only. Everything several nodes get is one object, built once per round (the base once per run):
+Flower computes an object's id once and the SuperLink stores it once, however many messages
+hold it. So is the aggregate that devices share (fedavg's mean): one array, not one per device.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,11 +25,29 @@ from flwr.app import ArrayRecord, RecordDict
 from skip2fleet.server.federation.exchange import Exchange
 from skip2fleet.shared.config import FleetConfig
 from skip2fleet.shared.model import Model
-from skip2fleet.shared.protocol import THETA, ErrorCode, Part, RoundPlan
-from skip2fleet.shared.records import adapters_record, model_record, plan_record
+from skip2fleet.shared.protocol import THETA, UNADDRESSED, Entry, ErrorCode, Part, RoundPlan
+from skip2fleet.shared.records import adapters_record, model_record, plan_record, roster_record
+
+
+def entries(config: FleetConfig) -> dict[str, Entry]:
+    """Each device's entry, as its plans carry it."""
+    return {
+        d.name: Entry(
+            device=d.name,
+            index=i,
+            partition=d.data.partition,
+            rank=config.rank_of(d),
+            probe=d.probe,
+            idle_watts=d.idle_watts,
+            full_watts=d.full_watts,
+            data_path=d.data.path or "",
+        )
+        for i, d in enumerate(config.devices)
+    }
 
 
 def plan_for(config: FleetConfig, number: int, digest: str, state_root: str) -> RoundPlan:
+    """The round's plan, addressed to no device yet (`RoundPlan.with_entry` addresses it)."""
     t, task = config.training, config.task
     return RoundPlan(
         round=number,
@@ -37,17 +62,11 @@ def plan_for(config: FleetConfig, number: int, digest: str, state_root: str) -> 
         data_dir=task.data_dir or "",
         source_room=task.source_room,
         state_root=state_root,
-        devices=[d.name for d in config.devices],
-        partitions=[d.data.partition for d in config.devices],
-        ranks=[config.rank_of(d) for d in config.devices],
-        probes=[d.probe for d in config.devices],
-        idle_watts=[d.idle_watts for d in config.devices],
-        full_watts=[d.full_watts for d in config.devices],
-        data_paths=[d.data.path or "" for d in config.devices],
         label_column=task.label_column,
         holdout=task.holdout,
         accept=t.accept,
         max_samples=t.max_samples,
+        **dataclasses.asdict(UNADDRESSED),
     )
 
 
@@ -60,26 +79,64 @@ class Deliveries:
     sizes: dict[str, int]  # values in each device's packed adapters
     outgoing: dict[str, np.ndarray] = field(default_factory=dict)
     has_base: set[int] = field(default_factory=set)  # sent it, and did not refuse it since
+    entries: dict[str, Entry] = field(default_factory=dict)  # for nodes not yet heard from
+    _base_record: ArrayRecord | None = None
+
+    def __post_init__(self) -> None:
+        self._entry_values = {d: dataclasses.asdict(e) for d, e in self.entries.items()}
 
     def contents(
         self, nodes: list[int], plan: RoundPlan, device_of: dict[int, str]
     ) -> dict[int, RecordDict]:
-        """The message content for each node."""
+        """The message content for each node: its own plan, and records shared between nodes."""
+        adapters = self._adapters_by_device()
+        common = plan.values()
+        unknown: dict[str, object] = {}  # built on the first node not yet heard from
         contents = {}
         for node in nodes:
-            content = RecordDict({Part.PLAN: plan_record(plan)})
-            if node not in self.has_base:
-                content[Part.BASE] = model_record(self.base)
             device = device_of.get(node)
-            if device in self.outgoing:
-                content[Part.ADAPTERS] = adapters_record(self.outgoing[device], self.sizes[device])
-            elif device is None and self.outgoing:
-                content[Part.ADAPTERS_BY_DEVICE] = ArrayRecord(
-                    {d: adapters_record(v, self.sizes[d])[THETA] for d, v in self.outgoing.items()}
-                )
+            if device is None:
+                if not unknown:
+                    unknown = self._for_unknown(plan, adapters)
+                content = RecordDict(unknown)
+            else:
+                own = common | self._entry_values.get(device, {})
+                content = RecordDict({Part.PLAN: plan_record(own)})
+                if device in adapters:
+                    content[Part.ADAPTERS] = adapters[device]
+            if node not in self.has_base:
+                content[Part.BASE] = self.base_record()
             contents[node] = content
         self.has_base.update(nodes)
         return contents
+
+    def base_record(self) -> ArrayRecord:
+        if self._base_record is None:
+            self._base_record = model_record(self.base)
+        return self._base_record
+
+    def _adapters_by_device(self) -> dict[str, ArrayRecord]:
+        """Each device's adapters as they travel, one record per distinct array."""
+        shared: dict[tuple[int, int], ArrayRecord] = {}
+        records = {}
+        for device, theta in self.outgoing.items():
+            key = (id(theta), self.sizes[device])
+            if key not in shared:
+                shared[key] = adapters_record(theta, self.sizes[device])
+            records[device] = shared[key]
+        return records
+
+    def _for_unknown(self, plan: RoundPlan, adapters: dict[str, ArrayRecord]) -> dict[str, object]:
+        """An unaddressed plan, the roster, and every device's adapters by name."""
+        records: dict[str, object] = {
+            Part.PLAN: plan_record(plan),
+            Part.ROSTER: roster_record(list(self.entries.values())),
+        }
+        if adapters:
+            records[Part.ADAPTERS_BY_DEVICE] = ArrayRecord(
+                {device: record[THETA] for device, record in adapters.items()}
+            )
+        return records
 
     def forget_base(self, answers: Exchange) -> None:
         """Nodes that replied BASE_MISSING get the base again with their next plan."""

@@ -14,6 +14,8 @@ import typer
 
 from skip2fleet.server.charts import Chart, legend_beside, log_scale, pyplot, save_chart
 
+SHOWN = 10  # problems a round's row names in the terminal (a fleet of 1,000 may have hundreds)
+
 
 def kept_new(figures: dict) -> bool:
     """Whether the device made this round's adapters active (older run folders: yes)."""
@@ -157,7 +159,12 @@ def print_round(result: dict) -> None:
         f"{result['round']:>5}  {result['duration_s']:>6.1f} s  {len(devices):>3} ok  "
         f"acc {before:6.2f} -> {after:6.2f} %  batch {batch:.4f} ms  up {uplink:>8.0f} B"
         + (f"  svd err {svd:.3f}" if svd is not None else "")
-        + f"  {', '.join(line.split(':', 1)[0] for line in said) or '-'}"
+        + f"  {', '.join(line.split(':', 1)[0] for line in said[:SHOWN]) or '-'}"
+        + (f" and {len(said) - SHOWN} more" if len(said) > SHOWN else "")
     )
-    for line in said:
+    for line in said[:SHOWN]:
         typer.echo(f"       {line}")
+    if len(said) > SHOWN:
+        typer.echo(
+            f"       ... {len(said) - SHOWN} more: all in the run's report.md and round.json"
+        )

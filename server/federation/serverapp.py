@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -34,8 +34,8 @@ from flwr.serverapp import Grid, ServerApp
 from skip2fleet.server.federation.aggregation import STRATEGIES, Aggregate, Rule, Update, clipped
 from skip2fleet.server.federation.exchange import exchange, wait_for_nodes
 from skip2fleet.server.federation.guard import check_aggregate
-from skip2fleet.server.federation.plans import Deliveries, plan_for
-from skip2fleet.server.federation.pushes import push_rounds
+from skip2fleet.server.federation.plans import Deliveries, entries, plan_for
+from skip2fleet.server.federation.pushes import FleetPushes
 from skip2fleet.server.federation.runs import RunFolder
 from skip2fleet.server.federation.screening import screen
 from skip2fleet.server.federation.starts import fresh_starts
@@ -51,6 +51,7 @@ from skip2fleet.shared.records import wire_bytes
 from skip2fleet.shared.spec import Spec
 
 RoundListener = Callable[[dict], None]
+Lap = Callable[[str], None]  # a phase of the round has just ended
 UNNAMED = "unnamed nodes"  # downlink_bytes' key for nodes no device name is known for
 
 
@@ -89,7 +90,7 @@ class Run:
     deliveries: Deliveries
     fresh: dict[str, np.ndarray]  # each device's fresh start (`starts`)
     on_round: RoundListener
-    unpushed: list[dict] = field(default_factory=list)  # rounds the Pushgateway has not taken
+    pushes: FleetPushes | None  # None: the fleet has no Pushgateway
 
 
 def open_run(folder: RunFolder, on_round: RoundListener) -> Run:
@@ -105,9 +106,15 @@ def open_run(folder: RunFolder, on_round: RoundListener) -> Run:
     merges = config.federation.aggregation != "none"
     fresh = fresh_starts(base, method, ranks, config.training.seed, shared=merges)
     outgoing = (fresh if merges else {}) | (folder.outgoing(done[-1]) if done else {})
-    deliveries = Deliveries(base, sizes, outgoing)
+    deliveries = Deliveries(base, sizes, outgoing, entries=entries(config))
     digest = base_model.sha256(base)
-    return Run(folder, config, method, spec, digest, roster, deliveries, fresh, on_round)
+    gateway = config.coordinator.pushgateway
+    pushes = gateway and FleetPushes(
+        gateway, folder.path.name, method.name, fleet_credentials(config).pushgateway_password
+    )
+    return Run(
+        folder, config, method, spec, digest, roster, deliveries, fresh, on_round, pushes or None
+    )
 
 
 def coordinate(grid: Grid, folder: RunFolder, on_round: RoundListener) -> None:
@@ -118,8 +125,8 @@ def coordinate(grid: Grid, folder: RunFolder, on_round: RoundListener) -> None:
         play_round(grid, run, number)
 
 
-def play_round(grid: Grid, run: Run, number: int) -> None:
-    """One round, phase by phase."""
+def play_round(grid: Grid, run: Run, number: int, lap: Lap = lambda phase: None) -> None:
+    """One round, phase by phase (`lap` is told as each ends: `fleet bench coordinator`)."""
     fed, roster = run.config.federation, run.roster
     started, started_at = time.monotonic(), time.time()
     registered = set(roster.device_of) if roster.trusted else None
@@ -127,16 +134,22 @@ def play_round(grid: Grid, run: Run, number: int) -> None:
     nodes = wait_for_nodes(grid, fed.min_devices, fed.round_timeout_s, registered, door)
     plan = plan_for(run.config, number, run.digest, str(run.folder.path / "devices"))
     contents = run.deliveries.contents(nodes, plan, roster.device_of)
-    sent = {node: wire_bytes(content) for node, content in contents.items()}
+    known: dict[int, int] = {}  # sizes of the records nodes share, measured once
+    sent = {node: wire_bytes(content, known) for node, content in contents.items()}
+    lap("configure")
     answers = exchange(grid, contents, fed.round_timeout_s)
     run.deliveries.forget_base(answers)
+    lap("exchange")
     ledger = validate(answers, roster)
+    lap("validate")
     starts = run.fresh | run.deliveries.outgoing
     layouts = {d: layout(run.method, run.spec, rank) for d, rank in roster.ranks.items()}
     screen(ledger, starts, layouts, fed.max_update_ratio)
+    lap("screen")
     require_enough(ledger, number, fed.min_devices)
     aggregate = merge(run, ledger, starts, number)
     run.deliveries.outgoing = run.deliveries.outgoing | aggregate.per_device
+    lap("aggregate")
     result = ledger.summary(roster) | {
         "round": number,
         "started_at": started_at,
@@ -146,7 +159,9 @@ def play_round(grid: Grid, run: Run, number: int) -> None:
         "downlink_bytes": downlink(sent, roster.device_of),
     }
     run.folder.save_round(number, result, ledger.received(roster), run.deliveries.outgoing)
+    lap("persist")
     report(run, result)
+    lap("report")
 
 
 def require_enough(ledger: Ledger, number: int, needed: int) -> None:
@@ -205,15 +220,8 @@ def downlink(sent: dict[int, int], device_of: dict[int, str]) -> dict[str, int]:
 
 
 def report(run: Run, result: dict) -> None:
-    """The round to the Pushgateway (what it did not take is kept for the next round's push),
-    and to the caller (a row in the terminal)."""
-    pushgateway = run.config.coordinator.pushgateway
-    if pushgateway:
-        run.unpushed = push_rounds(
-            pushgateway,
-            run.folder.path.name,
-            run.method.name,
-            [*run.unpushed, result],
-            fleet_credentials(run.config).pushgateway_password,
-        )
+    """The round to the fleet's Pushgateway group (a push that fails is replaced by the next
+    round's), and to the caller (a row in the terminal)."""
+    if run.pushes is not None:
+        run.pushes.push(result)
     run.on_round(result)

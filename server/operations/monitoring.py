@@ -52,7 +52,7 @@ PANELS = (
     PanelSpec("Devices up", f'sum(up{{job="{AGENT_JOB}"}})', "devices up", "none", "stat"),
     PanelSpec("Last round", f"max({names.ROUND_NUMBER.name})", "round", "none", "stat"),
     PanelSpec("Device agents", f'up{{job="{AGENT_JOB}", {DEVICE}}}', "{{device}}", "none"),
-    PanelSpec("Round duration", names.ROUND_DURATION.name, "round {{round}}", "s"),
+    PanelSpec("Round duration", names.ROUND_DURATION.name, "last completed round", "s"),
     PanelSpec(
         "Accuracy before / after",
         f"{names.DEVICE_ACCURACY.name}{{{DEVICE}}}",
@@ -63,8 +63,15 @@ PANELS = (
     PanelSpec(
         "Active model (hold-out accuracy)",
         f"{names.ACTIVE_MODEL.name}{{{DEVICE}}}",
-        "{{device}}: base {{base_sha256}}, round {{round}}",
+        "{{device}}",
         "percentunit",
+        "bargauge",
+    ),
+    PanelSpec(
+        "Active model's round",
+        f"{names.ACTIVE_MODEL_ROUND.name}{{{DEVICE}}}",
+        "{{device}}",
+        "none",
         "bargauge",
     ),
     PanelSpec(
@@ -90,10 +97,9 @@ PANELS = (
     ),
     PanelSpec(
         "Bytes sent per round",
-        f"sum by (round) ({names.DEVICE_UPLINK.name}{{{DEVICE}}})",
-        "round {{round}}",
+        f"sum({names.DEVICE_UPLINK.name}{{{DEVICE}}})",
+        "the devices' replies",
         "bytes",
-        "bargauge",
     ),
     PanelSpec(
         "Predictions per class",
@@ -144,7 +150,7 @@ def prometheus_config(fleet: FleetConfig) -> dict:
                     for d in fleet.devices
                 ],
             },
-            # The coordinator's pushed figures carry their own device, run and round labels.
+            # The coordinator's pushed figures carry their own job and device labels.
             {
                 "job_name": PUSH_JOB,
                 "honor_labels": True,
@@ -178,12 +184,15 @@ def alert_rules(fleet: FleetConfig) -> dict:
                     },
                     {
                         "alert": "RoundRefusedReplies",
-                        # the Pushgateway keeps every round: alert on those pushed lately
-                        "expr": f"{names.ROUND_REFUSED.name} > 0 and on (run, round) "
+                        # the last round pushed, for an hour after its push; named by its run
+                        "expr": f"{names.ROUND_REFUSED.name} * on (job) group_left (run) "
+                        f"{names.RUN_INFO.name} > 0 and on (job) "
                         f"time() - push_time_seconds < {REFUSED_ALERT_S}",
                         "labels": {"severity": "info"},
                         "annotations": {
-                            "summary": "round {{ $labels.round }} of run {{ $labels.run }} "
+                            "summary": "round {{ with query "
+                            f'"max({names.ROUND_NUMBER.name})"'
+                            " }}{{ . | first | value }}{{ end }} of run {{ $labels.run }} "
                             "refused {{ $value }} replies"
                         },
                     },
