@@ -243,3 +243,14 @@ def chosen(value: str, allowed: tuple[str, ...], option: str) -> list[str]:
             f"choose from {', '.join(allowed)}"
         )
     return chosen
+
+
+def counts(value: str, option: str) -> list[int]:
+    """Comma-separated positive counts (`10,100,1000`); else one line naming the option."""
+    try:
+        numbers = [int(n) for n in value.split(",")]
+    except ValueError:
+        numbers = []
+    if not numbers or min(numbers) < 1:
+        raise FleetError(f"{option}: {value!r} is not a list of counts like 10,100")
+    return numbers

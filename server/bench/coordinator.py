@@ -240,10 +240,7 @@ def coordinator_command(
     memory, a plan's bytes and Prometheus' series after 1 and after `--rounds` rounds."""
     if model not in SHAPES:
         raise FleetError(f"--model: {model!r} is not one of {', '.join(SHAPES)}")
-    try:
-        sizes = [int(n) for n in devices.split(",")]
-    except ValueError:
-        raise FleetError(f"--devices: {devices!r} is not a list of counts like 10,100") from None
+    sizes = opt.counts(devices, "--devices")
     typer.echo(
         f"| devices | model | s per round (CPU s) | {' | '.join(PHASES)} | round 1 s | peak RSS MB "
         f"| plan B | message B | series after 1 | after {rounds} |\n"

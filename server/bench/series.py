@@ -153,10 +153,7 @@ def series_command(
 ) -> None:
     """Prometheus series after 1 round and after `--rounds`, and the push time against its
     timeout, per fleet size, on a real Pushgateway and Prometheus started and stopped here."""
-    try:
-        sizes = [int(n) for n in devices.split(",")]
-    except ValueError:
-        raise FleetError(f"--devices: {devices!r} is not a list of counts like 10,100") from None
+    sizes = opt.counts(devices, "--devices")
     typer.echo(
         f"| devices | series after 1 | after {rounds} | ratio | gateway series after {rounds} "
         f"| push s (median, max; timeout {PUSH_TIMEOUT_S:g}) | pushes taken | rounds scraped |\n"
