@@ -32,11 +32,18 @@ class PretrainConfig:
 
 
 def input_statistics(spec: Spec, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and spread of the raw inputs: per feature, or per channel over a window's length."""
-    if len(spec.input) == 2:
-        per_channel = x.reshape(len(x), *spec.input).transpose(1, 0, 2).reshape(spec.input[0], -1)
-        mean, std = per_channel.mean(axis=1), per_channel.std(axis=1)
-        mean, std = np.repeat(mean, spec.input[1]), np.repeat(std, spec.input[1])
+    """Mean and spread of the raw inputs: per feature, or per channel over a window or image."""
+    if len(spec.input) > 1:
+        channels = spec.input[0]
+        positions = spec.width // channels
+        if spec.channels_last:
+            per_channel = x.reshape(len(x), positions, channels)
+            mean, std = per_channel.mean(axis=(0, 1)), per_channel.std(axis=(0, 1))
+            mean, std = np.tile(mean, positions), np.tile(std, positions)
+        else:
+            per_channel = x.reshape(len(x), channels, positions)
+            mean, std = per_channel.mean(axis=(0, 2)), per_channel.std(axis=(0, 2))
+            mean, std = np.repeat(mean, positions), np.repeat(std, positions)
     else:
         mean, std = x.mean(axis=0), x.std(axis=0)
     return mean, np.where(std > 1e-8, std, 1.0)
