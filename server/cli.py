@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from skip2fleet.server.bench import device, federated, methods, monitoring, peft, round
+from skip2fleet.server.bench import device, federated, methods, monitoring, peft, round, tune
 from skip2fleet.server.data import check_command, import_hapt_command
 from skip2fleet.server.federation.run import run_command
 from skip2fleet.server.federation.simulate import simulate_command
@@ -24,6 +24,7 @@ bench_app = typer.Typer(no_args_is_help=True, help="Measure the methods, rounds 
 bench_app.command("timing")(methods.timing_command)
 bench_app.command("accuracy")(methods.accuracy_command)
 bench_app.command("peft")(peft.peft_command)
+bench_app.command("tune")(tune.tune_command)
 bench_app.command("round")(round.round_command)
 bench_app.command("federated")(federated.federated_command)
 bench_app.command("monitor")(monitoring.monitor_command)

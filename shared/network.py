@@ -502,6 +502,19 @@ class Network:
         else:
             self.layout = (spec.input, (0, *range(2, len(shape) + 1), 1))
 
+    def every_op(self) -> list:
+        """Every op, those inside residual paths included."""
+
+        def inside(ops: list) -> list:
+            found = []
+            for op in ops:
+                found.append(op)
+                if isinstance(op, Residual):
+                    found += [inner for path in op.paths for inner in inside(path)]
+            return found
+
+        return inside(self.ops)
+
     def forward(self, x0: np.ndarray, keep_taps: bool = False) -> np.ndarray:
         """Logits of standardised flat rows `x0`; with `keep_taps`, `self.taps` holds every
         block's input, flattened (the Skip-LoRA taps)."""

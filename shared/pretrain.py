@@ -61,9 +61,11 @@ def pretrain(
     config: PretrainConfig = PretrainConfig(),
     on_epoch: Callable[[int, float], None] | None = None,
     spec: Spec | None = None,
+    on_model: Callable[[int, Model], None] | None = None,
 ) -> Model:
     """A base model of `spec` (default the paper's MLP) trained on raw samples `x` with labels
-    `y` (Adam, shuffled mini-batches; the last incomplete batch of an epoch is dropped)."""
+    `y` (Adam, shuffled mini-batches; the last incomplete batch of an epoch is dropped);
+    `on_model` sees the model as it stands after every epoch (choosing the epochs)."""
     spec = spec or mlp(x.shape[1], n_classes)
     rng = np.random.default_rng([config.seed, 0])
     model = init_model(spec, rng)
@@ -71,7 +73,7 @@ def pretrain(
     batch = min(config.batch_size, len(y))
     tuner = pretraining_tuner(model, batch)
     tuner.attach(x, y)
-    norms = [op for op in tuner.network.ops if isinstance(op, BatchNorm)]
+    norms = [op for op in tuner.network.every_op() if isinstance(op, BatchNorm)]
     first, second = np.zeros_like(tuner.theta), np.zeros_like(tuner.theta)
     beta1, beta2, step = 0.9, 0.999, 0
     for epoch in range(config.epochs):
@@ -94,5 +96,12 @@ def pretrain(
                 op.var += BN_MOMENTUM * (var - op.var)
         if on_epoch is not None:
             on_epoch(epoch, total / max(1, len(y) // batch))
+        if on_model is not None:
+            on_model(epoch, _as_base(tuner))
+    return _as_base(tuner)
+
+
+def _as_base(tuner: FineTuner) -> Model:
+    """The pretrained arrays as a float32 base model (copies)."""
     trained = {**tuner.model, **tuner.params}
     return {k: v if k == SPEC_KEY else v.astype(np.float32) for k, v in trained.items()}

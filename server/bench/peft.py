@@ -23,7 +23,7 @@ import typer
 
 from skip2fleet.server import options as opt
 from skip2fleet.server.bench.costs import measure_memory, step_flops
-from skip2fleet.server.bench.methods import pretrained_trials, summary, task_and_spec
+from skip2fleet.server.bench.methods import names, pretrained_trials, summary, task_and_spec
 from skip2fleet.server.bench.peft_report import peft_charts, peft_markdown, variant_label
 from skip2fleet.server.progress import progress, stderr
 from skip2fleet.shared import model as base_model
@@ -139,14 +139,6 @@ def measure_pair(
     return rows
 
 
-def _names(text: str, known: tuple[str, ...] | list[str], what: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in known]
-    if unknown or not names:
-        raise typer.BadParameter(f"unknown {what} {', '.join(unknown) or '(none)'}")
-    return names
-
-
 def peft_command(
     tasks: Annotated[
         str, typer.Option(help=f"Comma-separated, of {', '.join(DATASETS)}.")
@@ -180,8 +172,8 @@ def peft_command(
 ) -> None:
     """The edge-PEFT report: accuracy, FLOPs, time and peak memory of every method, every model,
     every task; Skip2-LoRA with f32, int8 and int4 caches."""
-    task_names = _names(tasks, DATASETS, "task")
-    model_names = _names(models, MODELS, "model")
+    task_names = names(tasks, DATASETS, "task")
+    model_names = names(models, MODELS, "model")
     chosen = variants(parse_methods(methods))
     config = FineTuneConfig(batch_size=PAPER_BATCH, rank=rank, lr=lr, seed=seed)
     pairs = []
