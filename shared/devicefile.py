@@ -38,6 +38,8 @@ class DeviceSettings:
     agent_address: str  # where the agent serves its metrics
     agent_port: int
     supernode_port: int  # the SuperNode's ClientAppIo port, which the SuperExec dials
+    coordinator: str | None = None  # the front door, host:port: clock check and watchdog
+    ca_cert: str | None = None  # the fleet's CA certificate, on the device (TLS to the door)
 
     def text(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True) + "\n"

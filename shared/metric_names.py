@@ -41,6 +41,14 @@ ACTIVE_MODEL = Metric(
     "(round 0: the base alone).",
     ("base_sha256", "round", "version"),
 )
+CLOCK_OFFSET = Metric(
+    "skip2fleet_device_clock_offset_seconds",
+    "The device's clock minus the front door's (its HTTP Date), at the last check.",
+)
+SUPERNODE_RESTARTS = Metric(
+    "skip2fleet_device_supernode_restarts",
+    "SuperNodes the watchdog stopped for having no connection to the coordinator.",
+)
 LAST_FINETUNE_BATCH = Metric(
     LAST_FINETUNE.format(figure="train_batch_seconds"), "Time per training batch.", ("phase",)
 )

@@ -333,6 +333,22 @@ def test_a_systemd_device_gets_units_and_fine_tunes(tmp_path):
                 text=True,
             )
             assert units.stdout.split() == ["active", "active"]
+            shown = subprocess.run(
+                ssh_command(
+                    host,
+                    key,
+                    "systemctl",
+                    "show",
+                    "-p",
+                    "Restart,KillMode,After",
+                    "skip2fleet-supernode",
+                ),
+                capture_output=True,
+                text=True,
+            ).stdout
+            # restarted whatever its exit code, its whole group with it, after the clock's sync
+            assert "Restart=always" in shown and "KillMode=control-group" in shown, shown
+            assert "time-sync.target" in shown, shown
             result = CliRunner().invoke(
                 app, ["run", "--config", str(path), "--out", str(tmp_path / "run")]
             )

@@ -1,6 +1,7 @@
 """A real Flower deployment on loopback: SuperLink with TLS and node authentication, three
-SuperNodes, `fleet run` for two rounds; an unregistered node is refused. `loopback_deployment`
-starts every process in its own group and stops it by group, also when a test fails."""
+SuperNodes, `fleet run` for two rounds; an unregistered node is refused (at the front door).
+`loopback_deployment` starts every process in its own group and stops it by group, also when a
+test fails."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from typer.testing import CliRunner
 from skip2fleet.cli.fleet import app
 from skip2fleet.server.federation.run import credentials_for
 from skip2fleet.server.operations.certs import ensure_credentials
-from skip2fleet.server.operations.loopback import free_port, loopback_deployment
+from skip2fleet.server.operations.frontdoor import run_folder
+from skip2fleet.server.operations.loopback import free_port, loopback_deployment, wait_for
 from skip2fleet.server.operations.superlink import flower_env, flwr
 from skip2fleet.shared.config import load_config
 from skip2fleet.shared.services import supernode_command
@@ -71,7 +73,10 @@ def test_an_unregistered_node_is_refused(loopback_fleet, tmp_path):
         credentials_for(fleet).ca_cert,
         keys.node_key("intruder"),
     )
-    intruder = processes.start("intruder", command, flower_env(fleet))
-    assert intruder.wait(timeout=120) != 0
-    assert "Failed to activate SuperNode" in processes.log("intruder")
+    processes.start("intruder", command, flower_env(fleet))
+    # refused at the front door, whose allowlist holds only the fleet's registered keys
+    refused = '"POST /v1/fleet/activate-node" 403'
+    door_log = run_folder(fleet) / "nginx-access.log"
+    wait_for(lambda: refused in door_log.read_text(), 120, "the door's refusal")
+    wait_for(lambda: "'403 Forbidden' for url" in processes.log("intruder"), 30, "the 403")
     assert len(flwr(fleet, "supernode", "list", "fleet")["nodes"]) == len(DEVICES)

@@ -11,6 +11,7 @@ full disk and the oversized reply need no deployment. Every process is stopped b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -33,7 +34,7 @@ from typer.testing import CliRunner
 from skip2fleet.cli.fleet import app
 from skip2fleet.server.federation.aggregation import STRATEGIES, Update
 from skip2fleet.server.federation.exchange import Exchange
-from skip2fleet.server.federation.run import follow, start_run
+from skip2fleet.server.federation.run import follow, start_run, stop_orphaned_serverapp
 from skip2fleet.server.federation.runs import RunFolder
 from skip2fleet.server.federation.serverapp import judge
 from skip2fleet.server.operations.loopback import (
@@ -218,6 +219,8 @@ def test_late_device_killed_device_superlink_restart_and_resume(deployment):
     )
     said = processes.log("fleet-run")
     assert f"fleet run --resume {run}" in said, said[-2000:]
+    # the ServerApp the dead SuperLink started is gone before the hint is printed
+    assert RunFolder(run).holder() is None, said[-2000:]
     in_flight = max(completed) + 1
     finished = RunFolder(run).completed_rounds()
     resume = runner.invoke(app, ["run", "--resume", str(run), "--rounds", str(max(finished) + 1)])
@@ -370,3 +373,37 @@ def test_an_oversized_reply_is_refused_before_its_arrays_are_built():
         "oversized reply (100 MB): ServerApp memory beyond the received reply",
         f"{before / 1e6:.0f} MB before, {after / 1e6:.1f} MB after",
     )
+
+
+def test_fleet_run_stops_the_serverapp_that_outlived_its_superlink_and_nothing_else(tmp_path):
+    """What makes the printed resume command work the first time: the ServerApp a dead SuperLink
+    started still holds run.lock; `fleet run` stops it by the pid in run.lock, and only a
+    process that is a `flwr-serverapp` (a pid reused by anything else is left alone)."""
+    base = base_model.init_model(mlp(8, 3, hidden=8), np.random.default_rng(0))
+    folder = RunFolder.create(tmp_path / "run", {"devices": []}, base)
+    holder = (
+        "import sys, time\n"
+        "from skip2fleet.server.federation.runs import RunFolder\n"
+        "with RunFolder(sys.argv[1]).lock():\n"
+        "    print('locked', flush=True)\n"
+        "    time.sleep(300)\n"
+    )
+    for name, stopped in (("flwr-serverapp", True), ("something-else", False)):
+        script = tmp_path / name
+        script.write_text(holder)
+        process = subprocess.Popen(
+            [sys.executable, str(script), str(folder.path)],
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            assert process.stdout.readline() == "locked\n"
+            said = stop_orphaned_serverapp(folder)
+            assert (folder.holder() is None) == stopped, said
+            assert (process.poll() is not None) == stopped, said
+            assert ("was stopped" in said) == stopped and str(process.pid) in said, said
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from skip2fleet.client.telemetry.clock import ClockCheck
 from skip2fleet.client.telemetry.power import PowerSampler
 from skip2fleet.client.telemetry.probes import ProbeError, ThermalZones, power_probe
+from skip2fleet.client.watchdog import SuperNodeWatchdog
 from skip2fleet.shared import metric_names as names
 from skip2fleet.shared.devicefile import ACTIVE, LAST_FIGURES, DeviceSettings
 from skip2fleet.shared.errors import FleetError
@@ -89,6 +91,8 @@ class DeviceCollector:
         self.proc_root, self.state_dir = Path(proc_root), Path(state_dir)
         self.errors: Counter[tuple[str, str]] = Counter()
         self._cpu_previous: tuple[float, float] | None = None
+        self.clock: ClockCheck | None = None  # with a coordinator in the device file
+        self.watchdog: SuperNodeWatchdog | None = None
 
     def collect(self) -> Iterator[Family]:
         errors = _family("counter", names.PROBE_ERRORS)
@@ -108,10 +112,22 @@ class DeviceCollector:
             self.errors[("thermal", exc.kind)] += 1
         for (probe_name, kind), count in self.errors.items():
             errors.add([probe_name, kind], count)
+        if self.clock is not None:
+            for kind, count in self.clock.errors.items():
+                errors.add(["clock", kind], count)
         yield errors
+        yield from self._coordinator()
         yield from self._system()
         yield from self._last_finetune()
         yield from self._active_model()
+
+    def _coordinator(self) -> Iterator[Family]:
+        """The clock's offset against the front door, and the watchdog's restarts."""
+        if self.clock is not None and self.clock.offset is not None:
+            metric = names.CLOCK_OFFSET
+            yield _gauge(metric.name, metric.help, self.clock.offset)
+        if self.watchdog is not None:
+            yield _family("counter", names.SUPERNODE_RESTARTS).add([], self.watchdog.restarts)
 
     def _active_model(self) -> Iterator[Family]:
         """The model `fleet predict` uses, from the state folder's active.json (read as JSON
@@ -245,6 +261,10 @@ def run_agent(
         proc_root,
         Path(settings.state_dir).expanduser(),
     )
+    if settings.coordinator:
+        collector.clock = ClockCheck(settings.coordinator, settings.ca_cert).start()
+        collector.watchdog = SuperNodeWatchdog(settings.name, settings.coordinator, proc_root)
+        collector.watchdog.start()
     stop = serve(collector, settings.agent_address, settings.agent_port)
     print(
         f"agent for {settings.name}: probe {probe.source if probe else 'none'}, "

@@ -171,7 +171,7 @@ def start_device_stack(
     secret = home / "etc" / "superexec.secret"
     write_text_atomic(secret, os.urandom(32).hex(), 0o600)
     own = home / "etc" / DEVICE_FILE
-    settings = device_settings(fleet, device, home / "state", "127.0.0.1")
+    settings = device_settings(fleet, device, home / "state", "127.0.0.1", creds.ca_cert)
     write_text_atomic(own, settings.text())
     port = free_port()
     supernode = supernode_command(

@@ -3,8 +3,10 @@
 The SuperLink and the SuperNodes are long-lived services (`fleet deploy` starts them); `fleet run`
 submits one Flower run through the Control API and follows it: it prints a row per round as the
 ServerApp writes it to the run folder, and ends when Flower reports the run finished, naming the
-reason when it failed and the command that resumes it. A SuperLink that restarts meanwhile is
-waited for (status polls retry with back-off for up to a round's timeout). `--resume` refuses a
+reason when it failed and the command that resumes it (having first stopped, by its pid, a
+ServerApp of the run that outlived a crashed SuperLink, so that the resume works at once). A
+SuperLink that restarts meanwhile is waited for (status polls retry with back-off for up to a
+round's timeout). `--resume` refuses a
 folder whose ServerApp is still running and one whose completed rounds do not match their
 manifests, before anything is submitted. Ctrl-C stops the run on the SuperLink (`flwr stop`) and
 says how to resume it; Flower ends the ServerApp, and with it its hold on the folder, seconds later.
@@ -12,6 +14,9 @@ says how to resume it; Flower ends the ServerApp, and with it its hold on the fo
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Annotated
@@ -39,6 +44,7 @@ POLL_S = 1.0
 STATUS_EVERY_S = 3.0
 RETRY_MAX_S = 10.0  # the longest pause between status polls while the SuperLink is away
 STOP_TIMEOUT_S = 3.0  # Ctrl-C: for `flwr stop` to answer
+ORPHAN_GRACE_S = 10.0  # a ServerApp that outlived its run: SIGTERM, then SIGKILL after this
 
 
 def start_run(fleet: FleetConfig, folder: RunFolder, clientapp: str = CLIENTAPP) -> str:
@@ -146,4 +152,34 @@ def follow_to_the_end(fleet: FleetConfig, folder: RunFolder, run_id: str) -> Non
             raise Interrupted(f"interrupted, but the run may go on ({exc}); {resume}") from None
         raise Interrupted(f"interrupted; {resume}") from None
     except FleetError as exc:
-        raise FleetError(f"{exc}; resume with: fleet run --resume {folder.path}") from None
+        stopped = stop_orphaned_serverapp(folder)
+        raise FleetError(f"{exc}{stopped}; resume with: fleet run --resume {folder.path}") from None
+
+
+def stop_orphaned_serverapp(folder: RunFolder) -> str:
+    """After a failed run, stop the ServerApp that still holds the run folder (one whose SuperLink
+    died lives on for a while), by the pid it wrote into run.lock and only if that process is a
+    `flwr-serverapp`, so that the resume command printed next works at once. Says what it did."""
+    holder = folder.holder()
+    if holder is None:
+        return ""
+    try:
+        pid = int(holder.split()[-1])
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (ValueError, OSError):
+        return f" ({holder} still holds run.lock)"
+    if not any(part.endswith(b"flwr-serverapp") for part in command[:2]):
+        return f" ({holder} holds run.lock and is not a ServerApp; left alone)"
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + ORPHAN_GRACE_S
+        while folder.holder() is not None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if folder.holder() is not None:
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + ORPHAN_GRACE_S
+            while folder.holder() is not None and time.monotonic() < deadline:
+                time.sleep(0.2)
+    if folder.holder() is not None:
+        return f" (its ServerApp, pid {pid}, could not be stopped and still holds run.lock)"
+    return f" (its ServerApp, pid {pid}, outlived the run and was stopped)"

@@ -27,6 +27,7 @@ from skip2fleet.server.federation.exchange import Exchange, exchange
 from skip2fleet.server.federation.pushes import push_rounds
 from skip2fleet.server.federation.runs import RunFolder
 from skip2fleet.server.operations.certs import fleet_credentials
+from skip2fleet.server.operations.frontdoor import door_note
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.adapters import pack, packed_size, unpack
 from skip2fleet.shared.config import FleetConfig
@@ -102,10 +103,15 @@ def plan_for(config: FleetConfig, number: int, digest: str, state_root: str) -> 
 
 
 def wait_for_nodes(
-    grid: Grid, wanted: int, timeout: float, registered: dict[int, str]
+    grid: Grid,
+    wanted: int,
+    timeout: float,
+    registered: dict[int, str],
+    door: Callable[[], str] = lambda: "",
 ) -> list[int]:
     """The nodes online now, once `wanted` of them are there; in a deployment only the nodes whose
-    keys this coordinator registered count (a stranger's node is never sent a plan)."""
+    keys this coordinator registered count (a stranger's node is never sent a plan). Too few:
+    the message adds what `door()` says (what the front door refused lately)."""
     deadline = time.monotonic() + timeout
     while True:
         nodes = sorted(n for n in grid.get_node_ids() if not registered or n in registered)
@@ -114,7 +120,7 @@ def wait_for_nodes(
         if time.monotonic() > deadline:
             raise FleetError(
                 f"only {len(nodes)} of the {wanted} devices needed are connected to the "
-                f"SuperLink after {timeout:.0f} s"
+                f"SuperLink after {timeout:.0f} s{door()}"
             )
         time.sleep(NODE_POLL_S)
 
@@ -136,7 +142,9 @@ def coordinate(grid: Grid, folder: RunFolder, on_round: RoundListener) -> None:
     state_root = str(folder.path / "devices")
     for number in range((done[-1] if done else 0) + 1, fed.rounds + 1):
         started, started_at = time.monotonic(), time.time()
-        nodes = wait_for_nodes(grid, fed.min_devices, fed.round_timeout_s, registered)
+        nodes = wait_for_nodes(
+            grid, fed.min_devices, fed.round_timeout_s, registered, lambda: door_note(config)
+        )
         plan = plan_for(config, number, digest, state_root)
         messages = []
         for node in nodes:

@@ -22,6 +22,10 @@ from skip2fleet.shared.atomic import write_atomic
 from skip2fleet.shared.config import FleetConfig, state_dir
 
 VALID_DAYS = 3650
+# Certificates start this long before they are made: a board without a real-time clock runs
+# behind until NTP answers, and its TLS check would fail with "certificate is not yet valid"
+# before its agent could say that its clock is wrong.
+VALID_BEFORE = datetime.timedelta(days=1)
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,7 @@ def _builder(subject: x509.Name, issuer: x509.Name, public_key) -> x509.Certific
         .issuer_name(issuer)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_before(now - VALID_BEFORE)
         .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
     )
 

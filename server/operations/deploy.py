@@ -54,7 +54,8 @@ def device_etc(fleet: FleetConfig, device: Device, creds: Credentials) -> Path:
     home = Path(device.install_dir)
     folder = state_dir(fleet) / "devices" / device.name
     own = write_text_atomic(
-        folder / DEVICE_FILE, device_settings(fleet, device, home / "state").text()
+        folder / DEVICE_FILE,
+        device_settings(fleet, device, home / "state", ca_cert=home / "etc" / "ca.crt").text(),
     )
     files = {
         f"etc/{DEVICE_FILE}": own,
@@ -103,10 +104,9 @@ def pushgateway_web_config(creds: Credentials) -> str:
 def coordinator_archive(fleet: FleetConfig, creds: Credentials) -> Path:
     """The coordinator's generated files (front door, Prometheus, Grafana) as one archive."""
     out = state_dir(fleet) / "coordinator-files"
-    run_dir = state_dir(fleet) / "coordinator" / "run"
     written = [
         *write_monitoring(fleet, out),
-        write_nginx_config(fleet, creds, out / "frontdoor", run_dir),
+        write_nginx_config(fleet, creds, out / "frontdoor"),
         write_text_atomic(out / PUSHGATEWAY_WEB_CONFIG, pushgateway_web_config(creds)),
     ]
     return content_archive(
@@ -148,7 +148,6 @@ def coordinator_vars(fleet: FleetConfig, creds: Credentials) -> dict:
     state = state_dir(fleet)
     bin_dir = Path(sys.executable).parent
     superlink = superlink_command(fleet, creds)
-    run_dir = state / "coordinator" / "run"
     gateway = fleet.coordinator.pushgateway or "127.0.0.1:9091"
     return {
         "ansible_connection": "local",
@@ -157,7 +156,7 @@ def coordinator_vars(fleet: FleetConfig, creds: Credentials) -> dict:
         "coordinator_archive": str(coordinator_archive(fleet, creds)),
         "fleet_cli": f"{sys.executable} -m skip2fleet.cli",
         "superlink_argv": [str(bin_dir / superlink[0]), *superlink[1:]],
-        "frontdoor_argv": nginx_command(state / "coordinator" / "frontdoor" / CONFIG_NAME, run_dir),
+        "frontdoor_argv": nginx_command(fleet, state / "coordinator" / "frontdoor" / CONFIG_NAME),
         "pushgateway_argv": [
             "prometheus-pushgateway",
             f"--web.listen-address={gateway}",

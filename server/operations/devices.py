@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 
+from skip2fleet.server.operations.certs import fleet_credentials
 from skip2fleet.shared.atomic import write_text_atomic
 from skip2fleet.shared.config import Device, FleetConfig, load_config
 from skip2fleet.shared.devicefile import DEVICE_FILE, DeviceSettings
@@ -32,10 +33,15 @@ def data_folder(fleet: FleetConfig, device: Device) -> str | None:
 
 
 def device_settings(
-    fleet: FleetConfig, device: Device, state: Path, agent_address: str | None = None
+    fleet: FleetConfig,
+    device: Device,
+    state: Path,
+    agent_address: str | None = None,
+    ca_cert: Path | None = None,
 ) -> DeviceSettings:
     """`device`'s own file, its state folder at `state`; the agent serves on `agent_address`
-    (default: the device's host, where the coordinator's Prometheus scrapes it)."""
+    (default: the device's host, where the coordinator's Prometheus scrapes it) and checks its
+    clock against the front door with the CA certificate at `ca_cert` (on the device)."""
     return DeviceSettings(
         name=device.name,
         state_dir=str(state),
@@ -47,6 +53,8 @@ def device_settings(
         agent_address=agent_address or device.host,
         agent_port=device.agent_port,
         supernode_port=SUPERNODE_PORT,
+        coordinator=f"{fleet.coordinator.address}:{fleet.coordinator.port}",
+        ca_cert=str(ca_cert) if ca_cert is not None and fleet.coordinator.tls else None,
     )
 
 
@@ -74,7 +82,10 @@ def agent_command(
         raise FleetError(
             f"{config}: no device {device!r} ({', '.join(d.name for d in fleet.devices)})"
         )
-    settings = device_settings(fleet, entry, state_dir.expanduser(), address)
+    ca_cert = fleet_credentials(fleet).ca_cert
+    settings = device_settings(
+        fleet, entry, state_dir.expanduser(), address, ca_cert if ca_cert.is_file() else None
+    )
     if port is not None:
         settings = dataclasses.replace(settings, agent_port=port)
     state = Path(settings.state_dir)

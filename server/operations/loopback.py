@@ -22,7 +22,11 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 
 from skip2fleet.server.operations.certs import credentials_for
-from skip2fleet.server.operations.frontdoor import nginx_command, write_nginx_config
+from skip2fleet.server.operations.frontdoor import (
+    nginx_command,
+    run_folder,
+    write_nginx_config,
+)
 from skip2fleet.server.operations.superlink import (
     flower_env,
     register_nodes,
@@ -100,9 +104,7 @@ def loopback_deployment(
     names = [d.name for d in fleet.devices]
     try:
         start_superlink(processes, fleet)
-        door = folder / "frontdoor"
-        config = write_nginx_config(fleet, creds, door, door)
-        processes.start("frontdoor", nginx_command(config, door), flower_env(fleet))
+        start_frontdoor(processes, fleet, folder / "frontdoor")
         write_connection(fleet, creds)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while True:  # the Control API answers once the SuperLink is up
@@ -121,6 +123,16 @@ def loopback_deployment(
         processes.stop_all()
 
 
+def start_frontdoor(
+    processes: Processes, fleet: FleetConfig, folder: Path, name: str = "frontdoor"
+) -> subprocess.Popen:
+    """nginx with the front door's configuration in `folder`, its logs where `fleet deploy`
+    puts them (the ServerApp reads them to say why devices are missing)."""
+    run_folder(fleet).mkdir(parents=True, exist_ok=True)
+    config = write_nginx_config(fleet, credentials_for(fleet), folder)
+    return processes.start(name, nginx_command(fleet, config), flower_env(fleet))
+
+
 def start_superlink(processes: Processes, fleet: FleetConfig, name: str = "superlink") -> None:
     """The SuperLink (on loopback, behind the front door) with its database in the fleet's state
     folder (a restart with the same database keeps the registered nodes)."""
@@ -129,9 +141,15 @@ def start_superlink(processes: Processes, fleet: FleetConfig, name: str = "super
 
 
 def start_supernode(
-    processes: Processes, fleet: FleetConfig, folder: Path, device: str, name: str | None = None
+    processes: Processes,
+    fleet: FleetConfig,
+    folder: Path,
+    device: str,
+    name: str | None = None,
+    env: dict | None = None,
 ) -> subprocess.Popen:
-    """`device`'s SuperNode, its state under `folder/devices/<device>` (the same on a restart)."""
+    """`device`'s SuperNode, its state under `folder/devices/<device>` (the same on a restart),
+    in `env` (default: Flower's environment for the fleet)."""
     creds = credentials_for(fleet)
     data = next(d for d in fleet.devices if d.name == device).data
     command = supernode_command(
@@ -143,7 +161,7 @@ def start_supernode(
         creds.node_key(device),
         Path(data.data_dir) if data.data_dir else None,
     )
-    return processes.start(name or device, command, flower_env(fleet))
+    return processes.start(name or device, command, env or flower_env(fleet))
 
 
 def start_prometheus(processes: Processes, config_dir: Path, port: int) -> None:

@@ -33,6 +33,7 @@ PUSH_JOB = "skip2fleet-pushgateway"
 DATASOURCE_UID = "skip2fleet-prometheus"
 TOO_HOT_CELSIUS = 80  # Raspberry Pis start throttling between 80 and 85
 REFUSED_ALERT_S = 3600  # how long a round with refused replies stays an alert
+CLOCK_OFF_S = 4  # Flower refuses a device's signed requests from 5 s ahead (300 s behind)
 SCRAPE_INTERVAL = "5s"
 PUSH_SCRAPE_INTERVAL = "2s"  # a round's figures are queryable about this soon after it ends
 DEVICE = 'device=~"$device"'
@@ -159,9 +160,24 @@ def alert_rules() -> dict:
                             "refused {{ $value }} replies"
                         },
                     },
+                    clock_rule(),
                 ],
             }
         ]
+    }
+
+
+def clock_rule() -> dict:
+    """A device whose clock is off the front door's: Flower refuses its requests."""
+    return {
+        "alert": "DeviceClockOff",
+        "expr": f"abs({names.CLOCK_OFFSET.name}) > {CLOCK_OFF_S}",
+        "for": "1m",
+        "labels": {"severity": "warning"},
+        "annotations": {
+            "summary": "{{ $labels.device }}'s clock is {{ $value }} s off the coordinator's: "
+            "Flower refuses its requests (fleet status)"
+        },
     }
 
 

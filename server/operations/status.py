@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from skip2fleet.server import options as opt
+from skip2fleet.server.operations.monitoring import CLOCK_OFF_S
 from skip2fleet.server.operations.superlink import CONNECTION, flwr, registered_nodes
 from skip2fleet.server.progress import stderr
 from skip2fleet.shared import metric_names as names
@@ -49,7 +50,7 @@ def status_command(config: opt.ConfigPath = Path("fleet.yaml")) -> None:
         stderr.print(f"SuperLink not reachable: {exc}")
         nodes = {}
     typer.echo(
-        f"{'device':<12} {'registered':<11} {'SuperLink':<10} {'agent':<6} "
+        f"{'device':<12} {'registered':<11} {'SuperLink':<20} {'agent':<6} "
         f"{'round':>5} {'accuracy':>9}  active model (hold-out accuracy)"
     )
     for device in fleet.devices:
@@ -57,14 +58,26 @@ def status_command(config: opt.ConfigPath = Path("fleet.yaml")) -> None:
         figures = agent_figures(device)
         last = (figures or {}).get(names.LAST_FINETUNE_ROUND)
         after = (figures or {}).get(f"{names.LAST_FINETUNE_ACCURACY.name}|after")
+        seen = nodes.get(node, "-") if node is not None else "-"
         typer.echo(
             f"{device.name:<12} {'yes' if node is not None else 'no':<11} "
-            f"{nodes.get(node, '-') if node is not None else '-':<10} "
+            f"{clock_verdict(figures or {}) or seen:<20} "
             f"{'up' if figures is not None else 'down':<6} "
             f"{int(last) if last is not None else '-':>5} "
             f"{f'{after * 100:.2f} %' if after is not None else '-':>9}  "
             f"{active_model(figures or {})}"
         )
+
+
+def clock_verdict(figures: dict[str, float]) -> str | None:
+    """`clock 10 min ahead` when the device's agent sees its clock off the front door's by more
+    than Flower tolerates, which the SuperLink would only show as offline; else None."""
+    offset = figures.get(names.CLOCK_OFFSET.name)
+    if offset is None or abs(offset) <= CLOCK_OFF_S:
+        return None
+    size = abs(offset)
+    amount = f"{size / 60:.0f} min" if size >= 90 else f"{size:.0f} s"
+    return f"clock {amount} {'ahead' if offset > 0 else 'behind'}"
 
 
 def active_model(figures: dict[str, float]) -> str:
