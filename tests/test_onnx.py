@@ -14,7 +14,10 @@ from typer.testing import CliRunner
 from skip2fleet.cli.fleet import app
 from skip2fleet.client.model import load_device_model
 from skip2fleet.client.store import DeviceStore
+from skip2fleet.server.training.pretraining import fleet_base
 from skip2fleet.shared import model as base_model
+from skip2fleet.shared.config import parse_config
+from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.methods import get_method
 from skip2fleet.shared.predictor import Predictor
 from skip2fleet.shared.train import FineTuneConfig, finetune
@@ -406,3 +409,17 @@ def test_export_refuses_without_exactly_one_source_and_writes_nothing(tmp_path):
     result = fleet("model", "export", "--state-dir", str(tmp_path), "--out", str(out))
     assert result.exit_code == 2 and "no active model yet" in result.output
     assert not out.exists()
+
+
+def test_an_imported_base_needs_no_source_when_every_device_reads_its_own_samples(tmp_path):
+    """No `task.source`, every device its own folder: the base is taken as it is (each device
+    checks its samples against it); a built-in task's source is still checked against it."""
+    imported(FIXTURES / "torch_mlp.onnx", tmp_path / "base.npz")
+    device = {"name": "pi-1", "host": "10.0.0.1", "data": {"path": str(tmp_path)}}
+    config = parse_config({"task": {}, "devices": [device]})
+    assert base_model.sha256(fleet_base(config, tmp_path / "base.npz")) == base_model.sha256(
+        base_model.load(tmp_path / "base.npz")
+    )
+    config = parse_config({"task": {}, "devices": [device | {"data": {"partition": 0}}]})
+    with pytest.raises(FleetError, match="takes 64 values per sample"):
+        fleet_base(config, tmp_path / "base.npz")

@@ -59,6 +59,8 @@ def fleet_base(fleet: FleetConfig, base: Path | None = None) -> Model:
             fleet_source(fleet), training.model, training.pretrain_epochs, training.seed
         )
     model = base_model.load(base)
+    if fleet.task.source is None and all(d.data.path for d in fleet.devices):
+        return model  # own samples on every device, no source here: each checks them itself
     spec = base_model.spec_of(model)
     task = fleet_source(fleet, form_of(spec))
     if (spec.width, base_model.classes_of(model)) != (task.n_features, task.classes):
