@@ -8,6 +8,7 @@ import json
 import numpy as np
 
 from skip2fleet.server.bench.costs import MEMORY_CATEGORIES, measure_memory, step_flops
+from skip2fleet.server.bench.tune import CHOSEN
 from skip2fleet.shared.engine import FineTuner
 from skip2fleet.shared.flops import CATEGORIES, svd_flops
 from skip2fleet.shared.methods import METHODS, get_method
@@ -73,8 +74,9 @@ def test_measured_peak_holds_the_breakdown_and_little_else():
     assert f32["memory"]["optimizer"] == 0  # plain SGD keeps no state
 
 
-def test_bench_peft_writes_rows_tables_and_charts(tmp_path):
+def test_bench_peft_writes_rows_tables_and_charts(tmp_path, monkeypatch):
     out = tmp_path / "peft"
+    monkeypatch.setitem(CHOSEN, ("generated", "cnn"), (2, 2, 0.03))  # as `fleet bench tune` would
     result = fleet(
         "bench", "peft", "--tasks", "generated", "--models", "mlp,cnn", "--trials", "1",
         "--epochs", "2", "--pretrain-epochs", "2", "--out-dir", str(out),
@@ -91,6 +93,7 @@ def test_bench_peft_writes_rows_tables_and_charts(tmp_path):
         assert 0 <= row["accuracy"]["mean"] <= 100 and row["train_batch_ms"] > 0
         assert row["peak_bytes"] >= row["memory_sum"] > 0
         assert row["batch1"]["peak_bytes"] > 0
+    assert {(r["model"], r["lr"]) for r in rows} == {("mlp", 0.01), ("cnn", 0.03)}
     assert (out / "peft.md").read_text().count("## generated ·") == 2
     for chart in ("accuracy-memory", "flops"):
         assert (out / f"peft-generated-{chart}.png").read_bytes()[:4] == b"\x89PNG"

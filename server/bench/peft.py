@@ -25,6 +25,7 @@ from skip2fleet.server import options as opt
 from skip2fleet.server.bench.costs import measure_memory, step_flops
 from skip2fleet.server.bench.methods import names, pretrained_trials, summary, task_and_spec
 from skip2fleet.server.bench.peft_report import peft_charts, peft_markdown, variant_label
+from skip2fleet.server.bench.tune import CHOSEN
 from skip2fleet.server.progress import progress, stderr
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.adapters import packed_size
@@ -56,15 +57,15 @@ def variants(methods: list[Method]) -> list[Variant]:
     return [Variant(m, codec) for m in methods for codec in (CODECS if m.cached else (None,))]
 
 
-def default_epochs(task: str, model: str) -> tuple[int, int]:
-    """(fine-tuning, pretraining) epochs that let 10 trials of everything fit in an hour here.
-
-    The MLP fine-tunes 100 epochs (fleet.yaml's per round). A CNN step costs 30-100x an MLP
-    step, so the CNNs fine-tune 30 epochs on Fan (about 700 steps) and 10 on HAR (500 steps) and
-    pretrain 5 epochs on HAR's 8,323 source windows."""
+def operating_point(task: str, model: str) -> tuple[int, int, float]:
+    """(fine-tuning epochs, pretraining epochs, lr): what `fleet bench tune` chose on validation
+    splits (`tune.CHOSEN`), else the first report's: the MLP fine-tunes 100 epochs (fleet.yaml's
+    per round) from 30 of pretraining, the CNNs 30 / 30, all at lr 0.01."""
+    if (task, model) in CHOSEN:
+        return CHOSEN[(task, model)]
     if model == "mlp":
-        return 100, 30
-    return (10, 5) if task == "har" else (30, 30)
+        return 100, 30, opt.DEFAULT_LR
+    return 30, 30, opt.DEFAULT_LR
 
 
 def measure_pair(
@@ -132,6 +133,7 @@ def measure_pair(
                 "cache_bytes": cost["cache_bytes"],
                 "epochs": config.epochs,
                 "pretrain_epochs": pretrain_epochs,
+                "lr": config.lr,
                 "trials": trials,
                 "samples": {"finetune": len(task.finetune), "test": len(task.test)},
             }
@@ -159,7 +161,14 @@ def peft_command(
         typer.Option(min=1, help="Pretraining epochs for every pair (default: per model)."),
     ] = None,
     rank: opt.Rank = opt.DEFAULT_RANK,
-    lr: opt.LearningRate = opt.DEFAULT_LR,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            callback=opt.check_optional_lr,
+            help="SGD learning rate for every pair (default: per model, as `fleet bench tune` "
+            "chose it).",
+        ),
+    ] = None,
     seed: opt.Seed = 0,
     jobs: Annotated[
         int, typer.Option(min=1, help="Task-model pairs measured at once (processes).")
@@ -175,12 +184,12 @@ def peft_command(
     task_names = names(tasks, DATASETS, "task")
     model_names = names(models, MODELS, "model")
     chosen = variants(parse_methods(methods))
-    config = FineTuneConfig(batch_size=PAPER_BATCH, rank=rank, lr=lr, seed=seed)
+    config = FineTuneConfig(batch_size=PAPER_BATCH, rank=rank, seed=seed)
     pairs = []
     for task_name in task_names:
         for model in model_names:
-            tune, pre = default_epochs(task_name, model)
-            run = dataclasses.replace(config, epochs=epochs or tune)
+            tune, pre, tuned_lr = operating_point(task_name, model)
+            run = dataclasses.replace(config, epochs=epochs or tune, lr=lr or tuned_lr)
             pairs.append((task_name, model, chosen, run, trials, pretrain_epochs or pre, data_dir))
     started = perf_counter()
     rows: list[dict] = []

@@ -48,8 +48,9 @@ def peft_markdown(report: dict) -> str:
             f"## {task} · {model}",
             "",
             f"{first['samples']['finetune']} fine-tuning and {first['samples']['test']} test "
-            f"samples; {first['epochs']} epochs, base pretrained {first['pretrain_epochs']} "
-            f"epochs: before fine-tuning {before['mean']:.2f} ± {before['std']:.2f} %.",
+            f"samples; {first['epochs']} epochs at lr {first['lr']}, base pretrained "
+            f"{first['pretrain_epochs']} epochs: before fine-tuning {before['mean']:.2f} ± "
+            f"{before['std']:.2f} %.",
             "",
             "| method | accuracy % | ms | MFLOP fwd / in / wt / upd / svd = total | peak KiB "
             "b20 | held KiB w / t / g / o / a / d | peak KiB b1 | params | sent B | cache B |",
