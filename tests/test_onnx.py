@@ -18,7 +18,7 @@ from skip2fleet.server.training.pretraining import fleet_base
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.config import parse_config
 from skip2fleet.shared.errors import FleetError
-from skip2fleet.shared.methods import get_method
+from skip2fleet.shared.methods import METHODS, get_method
 from skip2fleet.shared.predictor import Predictor
 from skip2fleet.shared.train import FineTuneConfig, finetune
 from tests.conftest import tiny_model
@@ -437,3 +437,16 @@ if __name__ == "__main__":
         print("| fixture | after import | after fine-tune and export |\n|---|---:|---:|")
         for name, error_in, error_out in round_trip_errors(Path(folder)):
             print(f"| {name} | {error_in:.1e} | {error_out:.1e} |")
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_fine_tunes_an_imported_base(method, tmp_path):
+    model = imported(FIXTURES / "keras_dscnn.onnx", tmp_path / "base.npz")
+    spec = base_model.spec_of(model)
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(20, spec.width)).astype(np.float32)
+    y = rng.integers(0, spec.n_classes, 20)
+    config = FineTuneConfig(epochs=2, batch_size=10, lr=0.05, seed=0)
+    tuned = finetune(model, get_method(method), x, y, config).tuner.merged()(x)
+    assert np.all(np.isfinite(tuned))
+    assert relative_error(tuned, base_model.logits(model, x)) > 1e-4
