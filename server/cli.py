@@ -11,7 +11,6 @@ from skip2fleet.server.bench import device, federated, methods, monitoring, peft
 from skip2fleet.server.data import check_command, import_hapt_command
 from skip2fleet.server.federation.run import run_command
 from skip2fleet.server.federation.simulate import simulate_command
-from skip2fleet.server.interchange import commands as interchange
 from skip2fleet.server.operations.deploy import deploy_command
 from skip2fleet.server.operations.devices import agent_command
 from skip2fleet.server.operations.monitoring import config_command
@@ -36,14 +35,9 @@ data_app = typer.Typer(no_args_is_help=True, help="Prepare data sets, check your
 data_app.command("import-hapt")(import_hapt_command)
 data_app.command("check")(check_command)
 
-model_app = typer.Typer(no_args_is_help=True, help="Bring your own network: ONNX in and out.")
-model_app.command("import")(interchange.import_command)
-model_app.command("export")(interchange.export_command)
-
 app.add_typer(bench_app, name="bench")
 app.add_typer(monitor_app, name="monitor")
 app.add_typer(data_app, name="data")
-app.add_typer(model_app, name="model")
 app.command("pretrain")(pretrain_command)
 app.command("finetune")(finetune_command)
 app.command("simulate")(simulate_command)

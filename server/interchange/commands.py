@@ -1,5 +1,6 @@
-"""`fleet model import` and `fleet model export`: thin wiring around `onnx_import` and
-`onnx_export`."""
+"""`fleet model import`, and what `fleet model export` does once it has a model: thin wiring
+around `onnx_import` and `onnx_export` (the export command itself is `cli/model.py`'s, because
+reading a device's state folder is the device's code)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import typer
 from skip2fleet.server import options as opt
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.errors import FleetError
+from skip2fleet.shared.predictor import Predictor
 from skip2fleet.shared.spec import describe
 
 
-def _onnx():
+def require_onnx() -> None:
     try:
         import onnx  # noqa: F401
     except ImportError:
@@ -38,7 +40,7 @@ def import_command(
     ] = None,
 ) -> None:
     """Turn an ONNX classifier into a base model the fleet fine-tunes (no pretraining)."""
-    _onnx()
+    require_onnx()
     from skip2fleet.server.interchange.onnx_import import import_onnx
 
     names = [c.strip() for c in classes.split(",")] if classes else None
@@ -53,48 +55,20 @@ def import_command(
     )
 
 
-def export_command(
-    out: Annotated[
-        Path, typer.Option(callback=opt.writable_file, help="Where to write the ONNX file.")
-    ],
-    state_dir: Annotated[
-        Path | None,
-        typer.Option(help="A device's state folder: its active model (base and adapters, merged)."),
-    ] = None,
-    base: Annotated[Path | None, typer.Option(help="A base model file alone.")] = None,
-) -> None:
-    """Write a device's active model (or a base) as ONNX, for onnxruntime or any runtime."""
-    if (state_dir is None) == (base is None):
-        raise FleetError("give one of --state-dir (a device's active model) or --base")
-    _onnx()
+def base_predictor(base: Path) -> tuple[Predictor, list[str], str]:
+    """A base model file alone: its predictor, classes and a description."""
+    model = base_model.load(base)
+    predictor = Predictor(base_model.spec_of(model), model)
+    return predictor, list(base_model.classes_of(model)), f"base {base_model.sha256(model)[:12]}"
+
+
+def export(predictor: Predictor, classes: list[str], out: Path, what: str) -> None:
+    """Write `predictor` to `out` as ONNX and say what was written."""
+    require_onnx()
     from skip2fleet.server.interchange.onnx_export import export_onnx
-    from skip2fleet.shared.predictor import Predictor
 
-    if base is not None:
-        model = base_model.load(base)
-        predictor = Predictor(base_model.spec_of(model), model)
-        classes = base_model.classes_of(model)
-        what = f"base {base_model.sha256(model)[:12]}"
-    else:
-        from skip2fleet.client.model import load_device_model
-        from skip2fleet.client.predict import existing_state_dir
-
-        device = load_device_model(existing_state_dir(state_dir))
-        predictor, classes = device.predictor, list(device.classes)
-        version = device.active.version
-        adapters = (
-            f"{version.method} adapters of round {version.round} (version {version.number})"
-            if version
-            else "no adapters"
-        )
-        what = f"base {device.active.base_sha256[:12]} with {adapters}"
-    size = export_onnx(predictor, out, list(classes))
-    typer.echo(f"wrote {out} ({size:,} bytes): {what}")
-    typer.echo(
-        f"input 'input' of (batch, {', '.join(map(str, _rows(predictor)))}), output 'logits'"
-    )
-
-
-def _rows(predictor) -> tuple[int, ...]:
+    size = export_onnx(predictor, out, classes)
     spec = predictor.spec
-    return spec.engine_input if spec.channels_last else tuple(spec.input)
+    rows = spec.engine_input if spec.channels_last else tuple(spec.input)
+    typer.echo(f"wrote {out} ({size:,} bytes): {what}")
+    typer.echo(f"input 'input' of (batch, {', '.join(map(str, rows))}), output 'logits'")
