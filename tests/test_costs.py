@@ -8,11 +8,13 @@ import json
 import numpy as np
 
 from skip2fleet.server.bench.costs import MEMORY_CATEGORIES, measure_memory, step_flops
+from skip2fleet.server.bench.peft import measure_pair, variants
 from skip2fleet.server.bench.tune import CHOSEN
 from skip2fleet.shared.engine import FineTuner
 from skip2fleet.shared.flops import CATEGORIES, svd_flops
 from skip2fleet.shared.methods import METHODS, get_method
 from skip2fleet.shared.peft.galore import INTERVAL
+from skip2fleet.shared.train import FineTuneConfig
 from tests.conftest import tiny_model
 from tests.test_cli import fleet
 
@@ -102,3 +104,13 @@ def test_bench_peft_writes_rows_tables_and_charts(tmp_path, monkeypatch):
 def test_bench_peft_names_an_unknown_model(tmp_path):
     result = fleet("bench", "peft", "--models", "mlp,resnet", "--out-dir", str(tmp_path))
     assert result.exit_code == 2 and "unknown model resnet" in result.output
+
+
+def test_bench_peft_hands_over_its_rows_after_every_trial():
+    """What a long report has measured is written after each trial (a stopped run keeps it)."""
+    seen = []
+    chosen = variants([get_method("lora-all")])
+    config = FineTuneConfig(epochs=1, batch_size=20)
+    rows = measure_pair("generated", "mlp", chosen, config, 2, 1, None, on_trial=seen.append)
+    assert [[r["trials"] for r in partial] for partial in seen] == [[1], [2]]
+    assert seen[-1] == rows and len(rows[0]["accuracy"]["trials"]) == 2

@@ -77,8 +77,10 @@ def measure_pair(
     pretrain_epochs: int,
     data_dir: Path | None,
     advance: Callable[[str], None] = lambda label: None,
+    on_trial: Callable[[list[dict]], None] = lambda rows: None,
 ) -> list[dict]:
-    """One report row per variant, for one task and model."""
+    """One report row per variant, for one task and model; `on_trial` gets the rows of the
+    trials done so far after each one."""
     task, spec = task_and_spec(
         task_name, model, data_dir, opt.DEFAULT_SOURCE_ROOM, opt.DEFAULT_SUBJECTS_OPTION, 0
     )
@@ -87,6 +89,39 @@ def measure_pair(
     accuracy: dict[str, list[float]] = {v.label: [] for v in chosen}
     batch_ms: dict[str, list[float]] = {v.label: [] for v in chosen}
     costs: dict[str, dict] = {}
+
+    def rows_so_far() -> list[dict]:
+        """The report's rows for the trials done."""
+        rows = []
+        for v in chosen:
+            cost = costs[v.label]
+            memory = cost["memory_batch20"]
+            rows.append(
+                {
+                    "task": task_name,
+                    "model": model,
+                    "method": v.method.name,
+                    "cache": v.cache,
+                    "accuracy": summary(accuracy[v.label]),
+                    "before": summary(before),
+                    "flops": cost["flops"],
+                    "peak_bytes": memory["peak_bytes"],
+                    "memory": memory["memory"],
+                    "memory_sum": memory["sum"],
+                    "batch1": cost["memory_batch1"],
+                    "train_batch_ms": median(batch_ms[v.label]),
+                    "params": cost["params"],
+                    "bytes_sent": 4 * cost["params"],  # float32 on the wire (shared.adapters.pack)
+                    "cache_bytes": cost["cache_bytes"],
+                    "epochs": config.epochs,
+                    "pretrain_epochs": pretrain_epochs,
+                    "lr": config.lr,
+                    "trials": len(before),
+                    "samples": {"finetune": len(task.finetune), "test": len(task.test)},
+                }
+            )
+        return rows
+
     for trial, base, base_accuracy in pretrained_trials(
         task, spec, trials, pretrain_epochs, config.seed
     ):
@@ -110,35 +145,8 @@ def measure_pair(
                     "cache_bytes": result.cache_bytes,
                 }
             advance(f"{task_name} {model} trial {trial + 1}: {v.label}")
-    rows = []
-    for v in chosen:
-        cost = costs[v.label]
-        memory = cost["memory_batch20"]
-        rows.append(
-            {
-                "task": task_name,
-                "model": model,
-                "method": v.method.name,
-                "cache": v.cache,
-                "accuracy": summary(accuracy[v.label]),
-                "before": summary(before),
-                "flops": cost["flops"],
-                "peak_bytes": memory["peak_bytes"],
-                "memory": memory["memory"],
-                "memory_sum": memory["sum"],
-                "batch1": cost["memory_batch1"],
-                "train_batch_ms": median(batch_ms[v.label]),
-                "params": cost["params"],
-                "bytes_sent": 4 * cost["params"],  # float32 on the wire (shared.adapters.pack)
-                "cache_bytes": cost["cache_bytes"],
-                "epochs": config.epochs,
-                "pretrain_epochs": pretrain_epochs,
-                "lr": config.lr,
-                "trials": trials,
-                "samples": {"finetune": len(task.finetune), "test": len(task.test)},
-            }
-        )
-    return rows
+        on_trial(rows_so_far())
+    return rows_so_far()
 
 
 def peft_command(
@@ -193,10 +201,20 @@ def peft_command(
             pairs.append((task_name, model, chosen, run, trials, pretrain_epochs or pre, data_dir))
     started = perf_counter()
     rows: list[dict] = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def write_partial(partial: list[dict]) -> None:
+        """Everything measured so far, written after each trial: a long run stopped early
+        keeps its trials (each section states how many)."""
+        report = {"wall_seconds": perf_counter() - started, "trials": trials, "jobs": jobs}
+        report |= {"partial": True, "rows": rows + partial}
+        write_text_atomic(out_dir / "peft.md", peft_markdown(report))
+        write_text_atomic(out_dir / "peft.json", json.dumps(report, indent=2) + "\n")
+
     with progress(len(pairs) * trials * len(chosen), "peft report") as advance:
         if jobs == 1:
             for pair in pairs:
-                rows += measure_pair(*pair, advance=advance)
+                rows += measure_pair(*pair, advance=advance, on_trial=write_partial)
         else:
             with ProcessPoolExecutor(jobs) as pool:
                 futures = {pool.submit(measure_pair, *pair): pair for pair in pairs}
@@ -208,7 +226,6 @@ def peft_command(
     order = {(t, m): i for i, (t, m, *_) in enumerate(pairs)}
     rows.sort(key=lambda r: order[(r["task"], r["model"])])
     report = {"wall_seconds": wall, "trials": trials, "jobs": jobs, "rows": rows}
-    out_dir.mkdir(parents=True, exist_ok=True)
     peft_charts(rows, out_dir)
     markdown = peft_markdown(report)
     write_text_atomic(out_dir / "peft.md", markdown)
