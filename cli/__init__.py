@@ -16,7 +16,7 @@ import sys
 
 from skip2fleet.shared.process import apply_process_settings
 
-DEVICE_COMMANDS = ("predict", "rollback")  # cli/device.py's, all of them (a test checks)
+DEVICE_COMMANDS = ("predict", "rollback", "serve")  # cli/device.py's, all of them (a test checks)
 
 
 def command_of(args: list[str]) -> str | None:

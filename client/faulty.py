@@ -12,12 +12,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from skip2fleet.client.clientapp import train as real_train
-from skip2fleet.shared.protocol import ADAPTERS, PLAN, RoundPlan
-from skip2fleet.shared.records import vector_record
+from skip2fleet.shared.protocol import THETA, NodeConfig, Part, RoundPlan
 
 FAULT_FILE = "inject-fault.json"
 FAULTS = {
@@ -32,12 +31,12 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     reply = real_train(msg, context)
-    path = Path(str(context.node_config.get("state-dir", ""))) / FAULT_FILE
-    if reply.has_content() and path.is_file():
+    path = Path(str(context.node_config.get(NodeConfig.STATE_DIR, ""))) / FAULT_FILE
+    if reply.has_content() and Part.ADAPTERS in reply.content and path.is_file():
         fault = json.loads(path.read_text()).get(
-            str(RoundPlan.from_record(msg.content[PLAN]).round)
+            str(RoundPlan.from_record(msg.content[Part.PLAN]).round)
         )
         if fault:
-            vector = reply.content[ADAPTERS]["theta"].numpy()
-            reply.content[ADAPTERS] = vector_record(FAULTS[fault](vector))
+            vector = reply.content[Part.ADAPTERS][THETA].numpy()  # past the wire check, on purpose:
+            reply.content[Part.ADAPTERS] = ArrayRecord({THETA: Array(FAULTS[fault](vector))})
     return reply

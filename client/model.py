@@ -1,7 +1,8 @@
 """The device's fine-tuned model at work: the active base and adapters, merged for inference.
 
 `load_device_model(state_dir)` reads what the ClientApp made active (`client.store`), merges the
-adapters into the base once with the same predictor the rounds evaluate with, and `predict(x)`
+adapters into the base once (`shared.layout`: the same merge the rounds evaluate with, and no
+training state built), and `predict(x)`
 gives class probabilities for raw samples; `fleet predict` is this on a file or standard input.
 """
 
@@ -14,20 +15,10 @@ import numpy as np
 
 from skip2fleet.client.store import Active, DeviceStore
 from skip2fleet.shared import model as base_model
-from skip2fleet.shared.adapters import packed_size
-from skip2fleet.shared.engine import FineTuner
 from skip2fleet.shared.errors import DataError, FleetError
+from skip2fleet.shared.layout import layout
 from skip2fleet.shared.methods import get_method
 from skip2fleet.shared.predictor import Predictor
-
-
-def adapted_predictor(
-    model: base_model.Model, method: str, rank: int, theta: np.ndarray
-) -> Predictor:
-    """The base with adapters `theta` merged: one forward pass, whatever the method."""
-    tuner = FineTuner(model, get_method(method), rank=rank, batch_size=1)
-    tuner.load(theta)
-    return tuner.merged()
 
 
 @dataclass(frozen=True)
@@ -68,13 +59,13 @@ def load_device_model(state_dir: Path) -> DeviceModel:
         predictor = Predictor(base_model.spec_of(model), model)
     else:
         theta = store.version_theta(version)
-        size = packed_size(get_method(version.method), base_model.spec_of(model), version.rank)
-        if theta.shape != (size,):
+        adapters = layout(get_method(version.method), base_model.spec_of(model), version.rank)
+        if theta.shape != (adapters.size,):
             raise FleetError(
                 f"{store.root}: adapters version {version.number} hold {theta.size} values, "
-                f"{version.method} at rank {version.rank} takes {size} (saved by an older "
-                "skip2fleet with another layout); the next round makes a new version"
+                f"{version.method} at rank {version.rank} takes {adapters.size} (saved by an "
+                "older skip2fleet with another layout); the next round makes a new version"
             )
-        predictor = adapted_predictor(model, version.method, version.rank, theta)
+        predictor = adapters.predictor(model, theta.astype(np.float32))
     width = base_model.spec_of(model).width
     return DeviceModel(active, base_model.classes_of(model), width, predictor)

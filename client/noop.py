@@ -11,12 +11,12 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from skip2fleet.client.clientapp import finish_reply, identify, peak_rss_bytes
+from skip2fleet.client.clientapp import finish_reply, own_plan, peak_rss_bytes
 from skip2fleet.shared import model as base_model
-from skip2fleet.shared.adapters import packed_size
+from skip2fleet.shared.layout import layout
 from skip2fleet.shared.methods import get_method
-from skip2fleet.shared.protocol import ADAPTERS, BASE, PLAN, Figures, RoundPlan
-from skip2fleet.shared.records import record_model, vector_record
+from skip2fleet.shared.protocol import DEVICE_NAME, Figures, Part
+from skip2fleet.shared.records import adapters_record, record_model
 from skip2fleet.shared.spec import Spec
 
 app = ClientApp()
@@ -24,17 +24,16 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    plan = RoundPlan.from_record(msg.content[PLAN])
-    index = identify(plan, context.node_config)
-    if BASE in msg.content:
-        spec = base_model.spec_of(record_model(msg.content[BASE]))
+    plan = own_plan(msg.content, context.node_config)
+    if Part.BASE in msg.content:
+        spec = base_model.spec_of(record_model(msg.content[Part.BASE]))
         context.state["noop"] = ConfigRecord({"spec": spec.to_json()})
     spec = Spec.from_json(str(context.state["noop"]["spec"]))
-    size = packed_size(get_method(plan.method), spec, plan.ranks[index])
+    size = layout(get_method(plan.method), spec, plan.rank).size
     reply = RecordDict(
         {
-            ADAPTERS: vector_record(np.zeros(size, np.float32)),
-            "device": ConfigRecord({"name": plan.devices[index]}),
+            Part.ADAPTERS: adapters_record(np.zeros(size, np.float32), size),
+            Part.DEVICE: ConfigRecord({DEVICE_NAME: plan.device}),
         }
     )
     figures = Figures(
@@ -50,7 +49,7 @@ def train(msg: Message, context: Context) -> Message:
         0,
         0,
         0.0,
-        plan.ranks[index],
+        plan.rank,
         peak_rss_bytes(),
         0.0,
         0.0,

@@ -18,9 +18,8 @@ import numpy as np
 
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.atomic import write_atomic, write_text_atomic
-from skip2fleet.shared.cache import Cache, build_cache
+from skip2fleet.shared.cache import Cache, Codec, build_cache
 from skip2fleet.shared.datasets import Split, TaskOptions
-from skip2fleet.shared.datasets.federated import device_split
 from skip2fleet.shared.datasets.samples import device_samples, fingerprint, sample_files
 from skip2fleet.shared.devicefile import ACTIVE, LAST_FIGURES
 from skip2fleet.shared.errors import FleetError
@@ -72,7 +71,14 @@ class DeviceStore:
         """The device's (fine-tune, test) split, read from the data set once and kept."""
         spec = f"{dataset}|{partition}|{options.data_dir}|{options.source_room}|{options.seed}"
         spec += f"|{options.form}"
-        return self._kept_split(spec, lambda: device_split(dataset, partition, options))
+
+        def read() -> tuple[Split, Split]:
+            # imported here: the data sets' readers are needed only before the split is kept
+            from skip2fleet.shared.datasets.federated import device_split
+
+            return device_split(dataset, partition, options)
+
+        return self._kept_split(spec, read)
 
     def own_data(
         self,
@@ -111,7 +117,7 @@ class DeviceStore:
         return tune, test
 
     def cache(
-        self, model: base_model.Model, digest: str, x: np.ndarray, codec: str = "f32"
+        self, model: base_model.Model, digest: str, x: np.ndarray, codec: Codec = Codec.F32
     ) -> tuple[Cache, bool]:
         """The Skip2 cache of `x` under base `digest` by `codec`; True when built just now."""
         fingerprint = hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()

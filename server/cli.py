@@ -7,7 +7,18 @@ from __future__ import annotations
 
 import typer
 
-from skip2fleet.server.bench import device, federated, methods, monitoring, peft, round, tune
+from skip2fleet.server.bench import (
+    byzantine,
+    coordinator,
+    device,
+    federated,
+    methods,
+    monitoring,
+    peft,
+    round,
+    series,
+    tune,
+)
 from skip2fleet.server.data import check_command, import_hapt_command
 from skip2fleet.server.federation.run import run_command
 from skip2fleet.server.federation.simulate import simulate_command
@@ -29,6 +40,9 @@ bench_app.command("round")(round.round_command)
 bench_app.command("federated")(federated.federated_command)
 bench_app.command("monitor")(monitoring.monitor_command)
 bench_app.command("device")(device.device_command)
+bench_app.command("byzantine")(byzantine.byzantine_command)
+bench_app.command("series")(series.series_command)
+bench_app.command("coordinator")(coordinator.coordinator_command)
 monitor_app = typer.Typer(no_args_is_help=True, help="Prometheus and Grafana for the fleet.")
 monitor_app.command("config")(config_command)
 data_app = typer.Typer(no_args_is_help=True, help="Prepare data sets, check your own samples.")

@@ -236,3 +236,26 @@ def resolve_fleet(
         data["federation"]["min_devices"] = min(data["federation"]["min_devices"], count)
     fleet = parse_config(data, str(path or "built-in example fleet"))
     return with_training(fleet, model=model, cache=cache)
+
+
+def chosen(value: str, allowed: tuple[str, ...], option: str) -> list[str]:
+    """The comma-separated names of `value`, each one of `allowed`; else one line naming them."""
+    chosen = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in allowed]
+    if unknown or not chosen:
+        raise FleetError(
+            f"{option}: unknown {', '.join(unknown) or '(none given)'}; "
+            f"choose from {', '.join(allowed)}"
+        )
+    return chosen
+
+
+def counts(value: str, option: str) -> list[int]:
+    """Comma-separated positive counts (`10,100,1000`); else one line naming the option."""
+    try:
+        numbers = [int(n) for n in value.split(",")]
+    except ValueError:
+        numbers = []
+    if not numbers or min(numbers) < 1:
+        raise FleetError(f"{option}: {value!r} is not a list of counts like 10,100")
+    return numbers

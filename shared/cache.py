@@ -6,7 +6,7 @@ per sample `[x_0 | x_1 | ... | z_base]`; every later step of Skip2-LoRA gathers 
 never touches the base. The values come from the same network code as the engine's own forward
 pass, so training from an `f32` cache gives the same adapters as training without.
 
-Codecs (`CODECS`): `f32` keeps the rows as they are; `int8` and `int4` (two codes a byte) store
+Codecs (`Codec`): `f32` keeps the rows as they are; `int8` and `int4` (two codes a byte) store
 each tap value as `code * scale + offset`, round-to-nearest, with one scale and offset per
 **group**: per sample, per tap, in runs of at most `GROUP` values. Per sample and tap, because the
 taps live on different scales (standardised inputs, post-ReLU activations) and samples differ in
@@ -20,14 +20,25 @@ never expanded whole in memory.
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 import numpy as np
 
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.model import Model, spec_of, standardise
 from skip2fleet.shared.network import ROWS_PER_PASS, Network
 
-CODECS = ("f32", "int8", "int4")
-LEVELS = {"int8": 255, "int4": 15}
+
+class Codec(StrEnum):
+    """How a cache stores its rows (fleet.yaml's `training.cache`, a plan's `cache`)."""
+
+    F32 = "f32"
+    INT8 = "int8"
+    INT4 = "int4"
+
+
+CODECS = tuple(c.value for c in Codec)  # the names, for choices and messages
+LEVELS = {Codec.INT8: 255, Codec.INT4: 15}
 GROUP = 128
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
@@ -45,7 +56,9 @@ def groups_of(taps: list[int]) -> np.ndarray:
 class Cache:
     """The cache rows of a fine-tuning set, stored by one codec."""
 
-    def __init__(self, codec: str, taps: list[int], n_classes: int, arrays: dict[str, np.ndarray]):
+    def __init__(
+        self, codec: Codec, taps: list[int], n_classes: int, arrays: dict[str, np.ndarray]
+    ):
         self.codec, self.taps, self.n_classes = codec, taps, n_classes
         self.width = sum(taps)
         self.arrays = arrays
@@ -62,12 +75,12 @@ class Cache:
 
     def gather(self, idx: np.ndarray, out: np.ndarray) -> None:
         """Rows `idx`, dequantized into `out` (len(idx) x (taps + classes), float)."""
-        if self.codec == "f32":
+        if self.codec == Codec.F32:
             self.arrays["rows"].take(idx, axis=0, out=out, mode="clip")
             return
         taps, a = out[:, : self.width], self.arrays
         codes = a["codes"].take(idx, axis=0, mode="clip")
-        if self.codec == "int4":
+        if self.codec == Codec.INT4:
             taps[:, 0::2] = codes[:, : (self.width + 1) // 2] & 0x0F
             taps[:, 1::2] = codes[:, : self.width // 2] >> 4
         else:
@@ -86,7 +99,7 @@ class Cache:
 
     def max_error(self) -> np.ndarray:
         """Per sample and tap value, the largest possible dequantization error (half a step)."""
-        if self.codec == "f32":
+        if self.codec == Codec.F32:
             return np.zeros((len(self), self.width), np.float32)
         return self.arrays["scale"].astype(np.float32)[:, self.group] / 2
 
@@ -97,13 +110,14 @@ class Cache:
     def load(cls, path, n_classes: int) -> Cache:
         with np.load(path) as npz:
             arrays = {k: npz[k] for k in npz.files if k not in ("codec", "taps")}
-            return cls(str(npz["codec"]), [int(t) for t in npz["taps"]], n_classes, arrays)
+            return cls(Codec(str(npz["codec"])), [int(t) for t in npz["taps"]], n_classes, arrays)
 
 
-def build_cache(model: Model, x: np.ndarray, codec: str = "f32") -> Cache:
+def build_cache(model: Model, x: np.ndarray, codec: Codec | str = Codec.F32) -> Cache:
     """The cache of raw samples `x` under the frozen base `model`, stored by `codec`."""
     if codec not in CODECS:
         raise FleetError(f"unknown cache codec {codec!r}; choose from {', '.join(CODECS)}")
+    codec = Codec(codec)
     spec = spec_of(model)
     network = Network(spec, model)
     x0 = standardise(model, x)
@@ -113,14 +127,16 @@ def build_cache(model: Model, x: np.ndarray, codec: str = "f32") -> Cache:
         z = network.forward(x0[start : start + ROWS_PER_PASS], keep_taps=True)
         rows = np.hstack(network.taps)
         chunk = (
-            {"rows": np.hstack([rows, z])} if codec == "f32" else _quantize(rows, z, group, codec)
+            {"rows": np.hstack([rows, z])}
+            if codec == Codec.F32
+            else _quantize(rows, z, group, codec)
         )
         for name, array in chunk.items():
             parts.setdefault(name, []).append(array)
     return Cache(codec, taps, spec.n_classes, {k: np.vstack(v) for k, v in parts.items()})
 
 
-def _quantize(rows: np.ndarray, z: np.ndarray, group: np.ndarray, codec: str) -> dict:
+def _quantize(rows: np.ndarray, z: np.ndarray, group: np.ndarray, codec: Codec) -> dict:
     """Codes, float16 scale and offset per group, float16 logits, for a pass of rows."""
     if not np.isfinite(rows).all() or np.abs(rows).max(initial=0) > FLOAT16_MAX / 2:
         raise FleetError("the base's activations are not finite or too large for a quantized cache")
@@ -137,7 +153,7 @@ def _quantize(rows: np.ndarray, z: np.ndarray, group: np.ndarray, codec: str) ->
     step = scale.astype(np.float32)[:, group]
     codes = np.rint((rows - offset.astype(np.float32)[:, group]) / step)
     codes = np.clip(codes, 0, levels).astype(np.uint8)
-    if codec == "int4":
+    if codec == Codec.INT4:
         if codes.shape[1] % 2:
             codes = np.hstack([codes, np.zeros((len(codes), 1), np.uint8)])
         codes = codes[:, 0::2] | (codes[:, 1::2] << 4)

@@ -8,6 +8,7 @@ anything starts.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import ipaddress
 import re
 import types
@@ -18,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from skip2fleet.shared.cache import CODECS
+from skip2fleet.shared.cache import Codec
 from skip2fleet.shared.datasets import DEFAULT_SOURCE_ROOM, DEFAULT_SUBJECTS, SOURCE_ROOMS, TASKS
 from skip2fleet.shared.datasets.samples import (
     DEFAULT_HOLDOUT,
@@ -27,10 +28,11 @@ from skip2fleet.shared.datasets.samples import (
 )
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.methods import METHODS
+from skip2fleet.shared.protocol import Accept
 from skip2fleet.shared.spec import MODELS
 
-AGGREGATIONS = ("none", "fedavg", "svd")
-ACCEPT = ("if-better", "always")  # training.accept: when new adapters become active
+AGGREGATIONS = ("none", "fedavg", "svd", "median", "trimmed-mean")
+WEIGHTINGS = ("samples", "equal")
 PROBES = ("auto", "hwmon", "pi5-pmic", "rapl", "cpu-model", "none")
 # Bounds of the integer training settings, inclusive; fleet.yaml and the command line share them.
 TRAINING_LIMITS = {
@@ -75,6 +77,8 @@ class TaskConfig:
     source: str | None = None  # the coordinator's own samples to pretrain on (.npz/.csv folder)
     label_column: str = DEFAULT_LABEL_COLUMN  # of CSV files
     holdout: float = DEFAULT_HOLDOUT  # per class, never trained on: "accuracy before/after"
+    alert_classes: tuple[str, ...] = ()  # classes whose predictions by `fleet serve` are alarms
+    alert_rate: float = 0.01  # alarm predictions a second (a 5-minute mean) that fire AlarmClass
 
     @property
     def label(self) -> str:
@@ -92,9 +96,18 @@ class Training:
     batch_size: int = 20
     seed: int = 0
     pretrain_epochs: int = 30
-    cache: str = "f32"  # Skip2-LoRA's cache codec: f32 | int8 | int4 (shared.cache)
-    accept: str = "if-better"  # new adapters become active only when not worse; or "always"
+    cache: Codec = Codec.F32  # Skip2-LoRA's cache codec: f32 | int8 | int4 (shared.cache)
+    accept: Accept = Accept.IF_BETTER  # new adapters become active only when not worse; or always
     max_samples: int = DEFAULT_MAX_SAMPLES  # a device trains on at most its newest this many
+
+
+@dataclass(frozen=True)
+class Serve:
+    """`fleet serve` on every device, installed and started by `fleet deploy`."""
+
+    enabled: bool = True
+    keep: bool = True  # answered spool files to spool/done (False: deleted)
+    log_max_mb: float = 10.0  # the prediction log and its one rotated copy, together
 
 
 @dataclass(frozen=True)
@@ -103,8 +116,13 @@ class Federation:
     aggregation: str = "none"
     min_devices: int = 1
     round_timeout_s: float = 120.0
-    # a reply whose adapter norm exceeds this many times the round's median is refused
+    # a reply whose change in any block exceeds this many times the round's median is refused
     max_update_ratio: float = 10.0
+    weighting: str = "samples"  # fedavg and svd weigh a reply by its samples, or all equally
+    # no reply weighs more than this many times the equal share (1 / replies merged)
+    max_weight: float = 2.0
+    trim: float = 0.2  # trimmed-mean: the fraction cut from each end of every coordinate
+    clip: float | None = None  # clip each change's norm to this many times the round's median
 
 
 @dataclass(frozen=True)
@@ -136,6 +154,7 @@ class FleetConfig:
     training: Training = field(default_factory=Training)
     federation: Federation = field(default_factory=Federation)
     devices: tuple[Device, ...] = ()
+    serve: Serve = field(default_factory=Serve)
     source: str = "fleet.yaml"
 
     def rank_of(self, device: Device) -> int:
@@ -235,6 +254,10 @@ def _coerce(hint: Any, value: Any, source: str, where: str) -> Any:
         return _coerce(inner, value, source, where)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, source, where)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        if value not in tuple(hint):
+            raise ConfigError(f"{source}: {where}: must be one of {', '.join(map(str, hint))}")
+        return hint(value)
     if origin is tuple:
         if not isinstance(value, list):
             raise ConfigError(f"{source}: {where}: expected a list, got {value!r}")
@@ -265,12 +288,15 @@ def _check(config: FleetConfig) -> None:
         fail("task.data_dir", f"data folder {config.task.data_dir} does not exist")
     if not 0 < config.task.holdout < 1:
         fail("task.holdout", "must be above 0 and below 1")
-    if config.training.accept not in ACCEPT:
-        fail("training.accept", f"must be one of {', '.join(ACCEPT)}")
+    for name in config.task.alert_classes:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+            fail("task.alert_classes", f"{name!r} is not a class name (letters, digits, _ and -)")
+    if not 0.01 <= config.serve.log_max_mb <= 10_000:
+        fail("serve.log_max_mb", "must be between 0.01 and 10000")
+    if not config.task.alert_rate > 0:
+        fail("task.alert_rate", "must be above 0 (alarm predictions a second)")
     if config.training.model not in MODELS:
         fail("training.model", f"unknown model; choose from {', '.join(MODELS)}")
-    if config.training.cache not in CODECS:
-        fail("training.cache", f"unknown cache codec; choose from {', '.join(CODECS)}")
     if config.training.method not in METHODS:
         fail("training.method", f"unknown method; choose from {', '.join(METHODS)}")
     for name, (low, high) in TRAINING_LIMITS.items():
@@ -289,6 +315,14 @@ def _check(config: FleetConfig) -> None:
         fail("federation.round_timeout_s", "must be positive")
     if not fed.max_update_ratio > 1:
         fail("federation.max_update_ratio", "must be above 1")
+    if fed.weighting not in WEIGHTINGS:
+        fail("federation.weighting", f"must be one of {', '.join(WEIGHTINGS)}")
+    if not fed.max_weight >= 1:
+        fail("federation.max_weight", "must be at least 1 (the equal share)")
+    if not 0 <= fed.trim < 0.5:
+        fail("federation.trim", "must be at least 0 and below 0.5")
+    if fed.clip is not None and not fed.clip >= 1:
+        fail("federation.clip", "must be at least 1 (times the round's median change)")
     for key in ("port", "superlink_port", "prometheus_port"):
         if not 0 < getattr(config.coordinator, key) < 65536:
             fail(f"coordinator.{key}", "must be a TCP port, 1 to 65535")
@@ -372,6 +406,8 @@ def as_yaml_dict(config: FleetConfig) -> dict:
     """The config as plain data, to write back as YAML."""
 
     def plain(value: Any) -> Any:
+        if isinstance(value, enum.Enum):
+            return value.value
         if isinstance(value, dict):
             return {k: plain(v) for k, v in value.items()}
         return [plain(v) for v in value] if isinstance(value, list | tuple) else value

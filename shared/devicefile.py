@@ -19,6 +19,7 @@ from skip2fleet.shared.errors import FleetError
 DEVICE_FILE = "device.json"  # in the device's etc/ folder
 # In its state folder, written by the ClientApp, read by the agent (and `fleet predict`):
 LAST_FIGURES = "last-finetune.json"  # the last fine-tune's figures
+SERVE_SNAPSHOT = "serve-metrics.json"  # what `fleet serve` did, for the agent
 ACTIVE = "active.json"  # which base and adapters version predicts
 # The JSON values each field's annotation accepts (annotations are strings here).
 KINDS = {"str": str, "int": int, "float": (int, float), "str | None": (str, type(None))}

@@ -2,8 +2,9 @@
 
 At batch 20 a step costs more in NumPy calls (1-3 us each) than in arithmetic on the MLP, so:
 
-- Every trainable array is a view into one flat vector `theta` (its gradient a view into `grad`):
-  the SGD update is two calls whatever the method; the network's ops read and write these views.
+- Every trainable array is a view into one flat vector `theta` (its gradient a view into `grad`),
+  laid out by `shared.layout`: the SGD update is two calls whatever the method; the network's ops
+  read and write these views.
 - A batch lives in one contiguous buffer with columns `[x_0 | x_1 | ... | z]` (the skip taps,
   then the logits): Skip2-LoRA fills all of it from the cache (`shared.cache`: one `np.take`, or a
   dequantizing gather) and never runs the base; the other methods take `x_0` and run the network
@@ -20,15 +21,15 @@ import itertools
 
 import numpy as np
 
-from skip2fleet.shared.cache import Cache, build_cache
+from skip2fleet.shared.cache import Cache, Codec, build_cache
+from skip2fleet.shared.layout import layout
 from skip2fleet.shared.methods import Method
 from skip2fleet.shared.model import SPEC_KEY, Model, cross_entropy, spec_of, standardise
 from skip2fleet.shared.network import Network
 from skip2fleet.shared.peft import ADAPTERS, OPTIMIZERS
 from skip2fleet.shared.peft.galore import INTERVAL, SCALE
-from skip2fleet.shared.peft.skip import AdapterPair, Skip, skip_pairs
+from skip2fleet.shared.peft.skip import Skip
 from skip2fleet.shared.predictor import Predictor
-from skip2fleet.shared.spec import Spec
 
 
 class FineTuner:
@@ -40,7 +41,6 @@ class FineTuner:
         method: Method,
         *,
         rank: int = 4,
-        alpha: float | None = None,
         batch_size: int = 20,
         seed: int = 0,
         dtype: type = np.float32,
@@ -51,25 +51,22 @@ class FineTuner:
         self.spec = spec_of(model)
         self.model = {k: v if k == SPEC_KEY else v.astype(dtype) for k, v in model.items()}
         self.method, self.rank, self.batch_size = method, rank, batch_size
-        self.scaling = (rank if alpha is None else alpha) / rank
         self.galore_interval, self.galore_scale = galore_interval, galore_scale
         init = np.random.default_rng([seed, 1])
         n, C, taps = batch_size, self.spec.n_classes, self.spec.taps()
 
-        shapes = trainable_shapes(method, self.spec, rank)
-        self.theta = np.zeros(sum(int(np.prod(s)) for s in shapes.values()), dtype)
+        self.layout = layout(method, self.spec, rank)
+        self.theta = np.zeros(self.layout.size, dtype)
         self.grad = np.zeros_like(self.theta)
-        self.params = unflatten(self.theta, shapes)
-        self.grads = unflatten(self.grad, shapes)
+        self.params = self.layout.views(self.theta)
+        self.grads = self.layout.views(self.grad)
         for name, view in self.params.items():
             if name in self.model:  # a base array that trains: it lives in theta from now on
                 view[...] = self.model[name]
                 self.model[name] = view
         arrays = dict(self.model)
         self.layer_adapters = {
-            p.k: ADAPTERS[method.adapter](
-                p.k, self.params, self.grads, self.scaling, arrays[f"W{p.k}"], init
-            )
+            p.k: ADAPTERS[method.adapter](p.k, self.params, self.grads, arrays[f"W{p.k}"], init)
             for p in method.adapted(self.spec)
         }
         self.network = Network(self.spec, arrays, self.grads, self.layer_adapters, batch_stats)
@@ -85,16 +82,13 @@ class FineTuner:
         self.rows = np.zeros((n, 1), dtype)
         self.cache: Cache | None = None
 
-        self.pairs = adapter_pairs(method, self.spec, rank)
-        skips = [p for p in self.pairs if p.skip]
-        self.skip = (
-            Skip(self.params, self.grads, skips, self.scaling, self.taps, init) if skips else None
-        )
+        skips = [p for p in self.layout.pairs if p.skip]
+        self.skip = Skip(self.params, self.grads, skips, self.taps, init) if skips else None
 
     # -- data ---------------------------------------------------------------------------------
 
     def attach(
-        self, x: np.ndarray, y: np.ndarray, cache: Cache | None = None, codec: str = "f32"
+        self, x: np.ndarray, y: np.ndarray, cache: Cache | None = None, codec: Codec = Codec.F32
     ) -> None:
         """Set the fine-tuning set: raw samples and integer labels (Skip2: and its cache, built
         here with `codec` unless given)."""
@@ -162,47 +156,4 @@ class FineTuner:
 
     def merged(self) -> Predictor:
         """The fine-tuned network for inference: adapters merged into plain matrices."""
-        arrays = {name: array.copy() for name, array in self.model.items()}
-        for k, adapter in self.layer_adapters.items():
-            arrays[f"W{k}"] = adapter.merge(arrays[f"W{k}"])
-        return Predictor(self.spec, arrays, self.skip.merged() if self.skip else None)
-
-
-def trainable_shapes(method: Method, spec: Spec, rank: int) -> dict[str, tuple[int, ...]]:
-    """Name and shape of every trainable array, in their order inside `theta`."""
-    base = spec.array_shapes()
-    weights, biases = method.trained("weights", spec), method.trained("biases", spec)
-    norms = {p.k for p in spec.placed() if p.layer.op == "batchnorm"} if method.batchnorm else set()
-    adapted = {p.k: p for p in method.adapted(spec)}
-    shapes: dict[str, tuple[int, ...]] = {}
-    for p in spec.weighted():
-        k = p.k
-        names = [f"W{k}"] * (k in weights) + [f"b{k}"] * (k in biases)
-        names += [f"gamma{k}", f"beta{k}"] * (k in norms)
-        shapes.update({name: base[name] for name in names})
-        if k in adapted:
-            shapes.update(ADAPTERS[method.adapter].shapes(p, rank))
-    if method.skip:
-        taps = spec.taps()
-        shapes["A_skip"] = (sum(taps), rank)
-        shapes["B_skip"] = (len(taps) * rank, spec.n_classes)
-    return shapes
-
-
-def unflatten(flat: np.ndarray, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-    """Views into `flat`, one per named shape, in order."""
-    views, offset = {}, 0
-    for name, shape in shapes.items():
-        size = int(np.prod(shape))
-        views[name] = flat[offset : offset + size].reshape(shape)
-        offset += size
-    return views
-
-
-def adapter_pairs(method: Method, spec: Spec, rank: int) -> list[AdapterPair]:
-    """Every low-rank pair of a method: one per adapted layer, one per skip tap."""
-    full = slice(None)
-    pairs = [
-        AdapterPair(f"A{p.k}", f"B{p.k}", full, full, p.k, False) for p in method.adapted(spec)
-    ]
-    return pairs + (skip_pairs(spec.taps(), rank) if method.skip else [])
+        return self.layout.predictor(self.model, self.theta)

@@ -35,12 +35,37 @@ LAST_FINETUNE_ACCURACY = Metric(
     "Accuracy on the device's held-out data.",
     ("phase",),
 )
+# The active model's identity as values, not labels: a label per round, version or base would
+# make new series every round (or every pretraining); a value that changes makes none.
 ACTIVE_MODEL = Metric(
     "skip2fleet_device_active_model_accuracy_ratio",
-    "Hold-out accuracy of the model fleet predict uses, labelled by its base and adapters "
-    "(round 0: the base alone).",
-    ("base_sha256", "round", "version"),
+    "Hold-out accuracy of the model fleet predict uses.",
 )
+ACTIVE_MODEL_ROUND = Metric(
+    "skip2fleet_device_active_model_round",
+    "Round of the adapters fleet predict uses (0: the base alone).",
+)
+ACTIVE_MODEL_VERSION = Metric(
+    "skip2fleet_device_active_model_version",
+    "Kept version number of those adapters (0: the base alone).",
+)
+ACTIVE_MODEL_BASE = Metric(
+    "skip2fleet_device_active_model_base",
+    "The base model fleet predict uses: its sha256's first 12 hex digits as a number (exact).",
+)
+BASE_ID_HEX = 12  # 48 bits: a float64 holds them exactly
+
+
+def base_id(sha256: str) -> int:
+    """A base's identity as a metric value: the first BASE_ID_HEX hex digits of its sha256."""
+    return int(sha256[:BASE_ID_HEX], 16)
+
+
+def base_hex(value: float) -> str:
+    """The hex digits `base_id` made a number of, back."""
+    return f"{int(value):0{BASE_ID_HEX}x}"
+
+
 CLOCK_OFFSET = Metric(
     "skip2fleet_device_clock_offset_seconds",
     "The device's clock minus the front door's (its HTTP Date), at the last check.",
@@ -53,17 +78,59 @@ LAST_FINETUNE_BATCH = Metric(
     LAST_FINETUNE.format(figure="train_batch_seconds"), "Time per training batch.", ("phase",)
 )
 
-# The ServerApp's pushes, one group per run, labelled by round.
+# `fleet serve`, exported by the agent from the service's snapshot (`client/serving/tally.py`).
+SERVE_PREDICTIONS = Metric(
+    "skip2fleet_serve_predictions",
+    "Samples the prediction service classified, by class.",
+    ("class",),
+)
+SERVE_REJECTED = Metric(
+    "skip2fleet_serve_rejected",
+    "Requests and spool files refused: width, values (NaN/Inf), garbage, file, model (none yet).",
+    ("kind",),
+)
+SERVE_CONFIDENCE = Metric(
+    "skip2fleet_serve_confidence", "The winning class's probability, per sample."
+)
+SERVE_LATENCY = Metric(
+    "skip2fleet_serve_latency_seconds", "Time to classify one request or spool block."
+)
+SERVE_VERSION = Metric(
+    "skip2fleet_serve_version", "Adapters version serving (0: the base alone, -1: none yet)."
+)
+SERVE_ROUND = Metric("skip2fleet_serve_round", "Round whose adapters are serving (0: the base).")
+SERVE_SWITCHES = Metric("skip2fleet_serve_model_switches", "Times the service changed model.")
+SERVE_LOAD_FAILURES = Metric(
+    "skip2fleet_serve_model_load_failures",
+    "Active models that failed to load (the one before kept).",
+)
+SERVE_BACKLOG = Metric("skip2fleet_serve_spool_backlog", "Spool files waiting to be answered.")
+SERVE_UPDATED = Metric(
+    "skip2fleet_serve_snapshot_timestamp_seconds", "When the service last wrote its figures."
+)
+
+# The ServerApp's pushes: one group for the fleet, replaced after every round. The round is a
+# value, never a label: the series are the same after 1 round as after 100.
+RUN_INFO = Metric(
+    "skip2fleet_run_info",
+    "The run whose rounds are pushed (always 1): its folder's name, method and aggregation.",
+    ("run", "method", "aggregation"),
+)
 ROUND_NUMBER = Metric("skip2fleet_round_number", "Last completed round.")
-ROUND_DURATION = Metric("skip2fleet_round_duration_seconds", "Wall time of the round.", ("round",))
-ROUND_DEVICES = Metric("skip2fleet_round_devices", "Devices by outcome.", ("round", "outcome"))
+ROUND_DURATION = Metric(
+    "skip2fleet_round_duration_seconds", "Wall time of the last completed round."
+)
+ROUND_DEVICES = Metric(
+    "skip2fleet_round_devices", "Devices of the last completed round, by outcome.", ("outcome",)
+)
 ROUND_REFUSED = Metric(
-    "skip2fleet_round_refused_replies", "Replies refused in the round.", ("round",)
+    "skip2fleet_round_refused_replies", "Replies refused in the last completed round."
 )
 ROUND_SVD_ERROR = Metric(
-    "skip2fleet_round_svd_relative_error", "Error left by SVD re-factorisation.", ("round",)
+    "skip2fleet_round_svd_relative_error", "Error left by SVD re-factorisation, last round."
 )
-_PER_DEVICE = ("round", "device", "method")
+# A device's figures of the last completed round; a device that did not reply has none.
+_PER_DEVICE = ("device", "method")
 DEVICE_ACCURACY = Metric(
     "skip2fleet_device_accuracy_ratio",
     "Accuracy on the device's held-out data.",

@@ -1,5 +1,5 @@
 """The command lines of a device's long-lived processes: its SuperNode, the SuperExec that runs
-its ClientApps, and its agent.
+its ClientApps, its agent and its prediction service.
 
 The coordinator renders them into services (`fleet deploy`) and the loopback deployment starts
 them directly, so both run a device the same way. The agent runs as its own module, so a device
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+
+from skip2fleet.shared.protocol import NodeConfig
 
 
 def supernode_command(
@@ -25,9 +27,9 @@ def supernode_command(
     certificate and a node key are given, plain HTTP otherwise. With `superexec_secret`, the
     ClientApps run in a separate SuperExec (`superexec_command`, which may run as another user)
     that proves itself with that secret; without, the SuperNode starts its own as a child."""
-    node_config = f"device='{device}' state-dir='{state_dir}'"
+    node_config = f"{NodeConfig.DEVICE}='{device}' {NodeConfig.STATE_DIR}='{state_dir}'"
     if data_dir is not None:
-        node_config += f" data-dir='{data_dir}'"
+        node_config += f" {NodeConfig.DATA_DIR}='{data_dir}'"
     command = [
         "flower-supernode",
         "--superlink",
@@ -73,6 +75,16 @@ def agent_command(python: Path, device_file: Path) -> list[str]:
     """The device's Prometheus exporter; where it serves and what it samples are in its device
     file (`shared/devicefile.py`)."""
     return [str(python), "-m", AGENT_MODULE, "--config", str(device_file)]
+
+
+SERVE_ARGS = ("-m", "skip2fleet.cli", "serve")  # the device's prediction service
+
+
+def serve_command(python: Path, state_dir: Path, keep: bool, log_max_mb: float) -> list[str]:
+    """`fleet serve` on the device's state folder (its socket and spool live there)."""
+    keeping = "--keep" if keep else "--no-keep"
+    return [str(python), *SERVE_ARGS, "--state-dir", str(state_dir), keeping,
+            "--log-max-mb", str(log_max_mb)]  # fmt: skip
 
 
 def load_component(reference: str):

@@ -17,7 +17,7 @@ from time import perf_counter
 
 import numpy as np
 
-from skip2fleet.shared.cache import Cache
+from skip2fleet.shared.cache import Cache, Codec
 from skip2fleet.shared.engine import FineTuner
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.methods import Method
@@ -25,17 +25,16 @@ from skip2fleet.shared.model import Model
 from skip2fleet.shared.peft.galore import INTERVAL, SCALE
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FineTuneConfig:
     epochs: int = 600  # the paper's
     batch_size: int = 20
     rank: int = 4
-    alpha: float | None = None  # LoRA scaling is alpha / rank; None means alpha = rank
     lr: float = 0.01  # chosen on a validation quarter of the fine-tune splits, never the test
     seed: int = 0
     galore_interval: int = INTERVAL  # GaLore: steps between projector refreshes (SVDs)
     galore_scale: float = SCALE  # GaLore: the projected step's scale
-    cache: str = "f32"  # Skip2-LoRA: the cache's codec, f32 | int8 | int4 (shared.cache)
+    cache: Codec = Codec.F32  # Skip2-LoRA: the cache's codec (shared.cache)
 
 
 @dataclass
@@ -99,7 +98,6 @@ def fine_tuner(model: Model, method: Method, config: FineTuneConfig, samples: in
         model,
         method,
         rank=config.rank,
-        alpha=config.alpha,
         batch_size=min(config.batch_size, samples),
         seed=config.seed,
         galore_interval=config.galore_interval,

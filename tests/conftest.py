@@ -90,6 +90,15 @@ def tiny():
     return tiny_model("mlp")
 
 
+@pytest.fixture
+def task_identity(monkeypatch):
+    """What Flower sets in a ServerApp's process, for building messages in a test."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The real data sets (FLEET_DATA_DIR); tests that need them skip, saying so, without it."""

@@ -46,6 +46,14 @@ def test_the_example_fleet_loads():
         ),
         (lambda c: c["federation"].update(min_devices=5), "federation.min_devices: is 5"),
         (lambda c: c["training"].update(method="lora-first"), "training.method: unknown method"),
+        (lambda c: c["task"].update(alert_classes=["a|b"]), "task.alert_classes: 'a|b' is not"),
+        (lambda c: c["task"].update(alert_rate=0), "task.alert_rate: must be above 0"),
+        (lambda c: c["serve"].update(log_max_mb=0), "serve.log_max_mb: must be between"),
+        (lambda c: c["serve"].update(port=1), "serve.port: unknown key"),
+        (lambda c: c["federation"].update(weighting="votes"), "federation.weighting: must be"),
+        (lambda c: c["federation"].update(max_weight=0.9), "federation.max_weight: must be at"),
+        (lambda c: c["federation"].update(trim=0.5), "federation.trim: must be at least 0"),
+        (lambda c: c["federation"].update(clip=0.5), "federation.clip: must be at least 1"),
     ],
 )
 def test_mistakes_are_named(change, message):

@@ -10,6 +10,7 @@ import json
 import os
 import pwd
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -63,7 +64,25 @@ SERVICES = (
     "flower-supernode",
     "flower-superexec --runtime-api-address",
     f"{AGENT_MODULE} --config",
+    "skip2fleet.cli serve --state-dir",
 )
+
+ASK_SERVICE = (
+    "import json, socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
+    "s.sendall(json.dumps([0.5] * int(sys.argv[2])).encode() + b'\\n'); "
+    "print(s.makefile().readline(), end='')"
+)
+
+
+def serving(command: list[str], install: str, width: int = 64) -> dict:
+    """What the device's `fleet serve` answers one sample with (its version and round), asked
+    through its socket as the service's own user; {} while it has no socket yet."""
+    done = subprocess.run(
+        [*command, "sudo", "-n", "-u", "skip2fleet-app", f"{install}/venv/bin/python", "-c",
+         shlex.quote(ASK_SERVICE), f"{install}/state/serve.sock", str(width)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    return json.loads(done.stdout) if done.returncode == 0 and done.stdout.strip() else {}
 
 
 def service_processes(host: FakeHost) -> list[tuple[str, str]]:
@@ -223,6 +242,15 @@ def test_deploy_twice_then_two_rounds_across_the_devices(tmp_path):
             for device, host in zip(devices[:3], hosts, strict=False):
                 answers = predict(device, host)
                 assert {(a["base_sha256"], a["round"]) for a in answers} == {(digest, 2)}
+            finished = time.monotonic()
+            for device, host in zip(devices[:3], hosts, strict=False):
+                ssh = ssh_command(host, key)
+                answered = wait_for(
+                    lambda s=ssh, d=device: serving(s, d["install_dir"]), 30, "serve"
+                )
+                assert answered["round"] == 2 and answered["class"] in task.classes, answered
+                print(f"{device['name']}: fleet serve answers with round 2's adapters "
+                      f"{time.monotonic() - finished:.1f} s after the predictions")  # fmt: skip
             rolled = CliRunner().invoke(
                 app,
                 [
@@ -232,6 +260,10 @@ def test_deploy_twice_then_two_rounds_across_the_devices(tmp_path):
             )
             assert rolled.exit_code == 0 and "round 1" in rolled.output, rolled.output
             assert {a["round"] for a in predict(devices[0], hosts[0])} == {1}
+            rolled_at = time.monotonic()
+            ssh, install = ssh_command(hosts[0], key), devices[0]["install_dir"]
+            assert wait_for(lambda: serving(ssh, install).get("round") == 1, 10, "the rollback")
+            print(f"pi-1: fleet serve follows the rollback in {time.monotonic() - rolled_at:.1f} s")
 
             port = config["coordinator"]["prometheus_port"]
             up = 'up{job="skip2fleet-agents"} == 1'
@@ -327,12 +359,15 @@ def test_a_systemd_device_gets_units_and_fine_tunes(tmp_path):
             assert code == 0, output
             units = subprocess.run(
                 ssh_command(
-                    host, key, "systemctl", "is-active", "skip2fleet-supernode", "skip2fleet-agent"
+                    host,
+                    key,
+                    *("systemctl", "is-active", "skip2fleet-supernode", "skip2fleet-agent"),
+                    "skip2fleet-serve",
                 ),
                 capture_output=True,
                 text=True,
             )
-            assert units.stdout.split() == ["active", "active"]
+            assert units.stdout.split() == ["active", "active", "active"]
             shown = subprocess.run(
                 ssh_command(
                     host,
@@ -414,6 +449,7 @@ def test_an_emulated_pi_is_deployed_from_its_wheelhouse_and_fine_tunes_beside_x8
                 "flower-supernode": {"skip2fleet"},
                 "flower-superexec --runtime-api-address": {"skip2fleet-app"},
                 f"{AGENT_MODULE} --config": {"skip2fleet"},
+                "skip2fleet.cli serve --state-dir": {"skip2fleet-app"},
             }, processes
 
             run = tmp_path / "run"
@@ -429,6 +465,19 @@ def test_an_emulated_pi_is_deployed_from_its_wheelhouse_and_fine_tunes_beside_x8
             port = config["coordinator"]["prometheus_port"]
             up = f'up{{job="skip2fleet-agents",instance="{pi.address}:9101"}} == 1'
             assert wait_for(lambda: prometheus_query(port, up), 60, "the Pi's agent scraped")
-            print(f"emulated Pi: deploy {deploy_s:.1f} s, one round {round_s:.1f} s")
+            ssh = ssh_command(pi, key)
+            answered = wait_for(
+                lambda: serving(ssh, "/opt/skip2fleet").get("round") == 1, 30, "serve"
+            )
+            assert answered
+            serve_pid = next(
+                line.split()[0]
+                for line in on_pi("ps", "-eo", "pid,args").splitlines()
+                if "/opt/skip2fleet/venv/" in line and "skip2fleet.cli serve" in line
+            )  # its /proc is ours: qemu's memory and the emulated Python's together
+            status = Path(f"/proc/{serve_pid}/status").read_text().splitlines()
+            peak = next(line for line in status if line.startswith("VmHWM")).split()[1]
+            print(f"emulated Pi: deploy {deploy_s:.1f} s, one round {round_s:.1f} s, fleet serve "
+                  f"answers with round 1, its peak RSS {int(peak) / 1024:.1f} MB")  # fmt: skip
     finally:
         stop_coordinator_services(state)

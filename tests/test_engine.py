@@ -9,8 +9,10 @@ import pytest
 from skip2fleet.shared.engine import FineTuner
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.flops import count_flops
+from skip2fleet.shared.layout import layout
 from skip2fleet.shared.methods import METHODS, get_method
 from skip2fleet.shared.model import spec_of
+from skip2fleet.shared.records import adapters_record, record_adapters
 from tests.conftest import TINY_SPECS, tiny_model
 from tests.reference import reference_logits
 
@@ -60,7 +62,7 @@ def check_gradient(tuner: FineTuner, idx: np.ndarray) -> None:
 @pytest.mark.parametrize(("kind", "name"), PAIRS)
 def test_gradient_matches_central_differences(kind, name):
     model, x, y = tiny_model(kind)
-    tuner = FineTuner(model, get_method(name), rank=2, alpha=3.0, batch_size=6, dtype=np.float64)
+    tuner = FineTuner(model, get_method(name), rank=2, batch_size=6, dtype=np.float64)
     tuner.attach(x, y)
     _randomise(tuner, np.random.default_rng(1))
     _hold_dora_norms(tuner)
@@ -86,12 +88,8 @@ def test_training_forward_and_merged_predictor_match_the_oracle(kind, name):
     _randomise(tuner, np.random.default_rng(2))
     tuner.forward(np.arange(40))
     predictor = tuner.merged()
-    merged = {name: array for name, array in tuner.model.items()}
-    merged.update({n: a for n, a in tuner.params.items() if n in merged})
-    for k, adapter in tuner.layer_adapters.items():
-        merged[f"W{k}"] = adapter.merge(merged[f"W{k}"])
-    skips = tuner.skip.merged() if tuner.skip else []
-    oracle = reference_logits(tuner.spec, merged, x, skips)
+    arrays, skips = tuner.layout.merged(model, tuner.theta)
+    oracle = reference_logits(tuner.spec, arrays, x, skips)
     np.testing.assert_allclose(tuner.z, oracle, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(predictor(x), oracle, rtol=1e-9, atol=1e-9)
     assert np.abs(oracle - reference_logits(tuner.spec, model, x)).max() > 1e-3  # adapters count
@@ -113,7 +111,7 @@ def test_skip2_cache_gives_the_same_steps_as_skip_lora(kind):
             tuner.update(0.1)
         assert_trained(initial, tuner.adapters())
         runs[name] = tuner.theta.copy()
-    np.testing.assert_allclose(runs["skip-lora"], runs["skip2-lora"], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(runs["skip-lora"], runs["skip2-lora"])  # exactly: same sums
 
 
 @pytest.mark.parametrize("kind", TINY_SPECS)
@@ -193,16 +191,33 @@ def test_skip2_matches_skip_lora_after_a_full_har_fine_tune(data_dir):
 
 
 @pytest.mark.parametrize(("kind", "name"), PAIRS)
-def test_packing_sends_theta_and_checks_its_size(kind, name):
-    from skip2fleet.shared.adapters import pack, packed_size, unpack
-
+def test_adapters_travel_as_theta_and_the_wire_check_holds_both_ends(kind, name):
     model, _, _ = tiny_model(kind)
     tuner = FineTuner(model, get_method(name), rank=2, batch_size=4)
     _randomise(tuner, np.random.default_rng(3))
-    spec = tuner.spec
-    packed = pack(tuner.theta, tuner.method, spec, 2)
-    assert packed.dtype == np.float32
-    assert packed.size == packed_size(tuner.method, spec, 2) == tuner.theta.size
-    np.testing.assert_array_equal(unpack(packed, tuner.method, spec, 2), tuner.theta)
-    with pytest.raises(ValueError, match="packed values"):
-        unpack(packed[:-1], tuner.method, spec, 2)
+    size = layout(tuner.method, tuner.spec, 2).size
+    assert size == tuner.theta.size
+    record = adapters_record(tuner.theta, size)
+    np.testing.assert_array_equal(record_adapters(record, size), tuner.theta)
+    with pytest.raises(ValueError, match=rf"expected float32 \({size - 1},\)"):
+        adapters_record(tuner.theta, size - 1)  # the sender's side
+    with pytest.raises(ValueError, match=rf"expected float32 \({size + 1},\)"):
+        record_adapters(record, size + 1)  # the receiver's side
+
+
+@pytest.mark.parametrize(("kind", "name"), PAIRS)
+def test_merging_for_prediction_builds_no_fine_tuner(kind, name, monkeypatch):
+    """The layout merges `theta` into the base on its own: the same predictor as the trainer's,
+    with no trainer (its buffers and optimizer state) built."""
+    model, x, _ = tiny_model(kind)
+    tuner = FineTuner(model, get_method(name), rank=2, batch_size=4)
+    _randomise(tuner, np.random.default_rng(4))
+    expected = tuner.merged()(x)
+
+    def no_trainer(*args, **kwargs):
+        raise AssertionError("merging built a FineTuner")
+
+    monkeypatch.setattr(FineTuner, "__init__", no_trainer)
+    np.testing.assert_array_equal(
+        layout(tuner.method, tuner.spec, 2).predictor(model, tuner.theta)(x), expected
+    )

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from flwr.app import ConfigRecord, MessageType, Metadata, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, Metadata, RecordDict
 from flwr.app.message.message import make_message
 from typer.testing import CliRunner
 
@@ -36,7 +36,7 @@ from skip2fleet.server.federation.aggregation import STRATEGIES, Update
 from skip2fleet.server.federation.exchange import Exchange
 from skip2fleet.server.federation.run import follow, start_run, stop_orphaned_serverapp
 from skip2fleet.server.federation.runs import RunFolder
-from skip2fleet.server.federation.serverapp import judge
+from skip2fleet.server.federation.validation import Roster, validate
 from skip2fleet.server.operations.loopback import (
     free_port,
     loopback_deployment,
@@ -50,11 +50,11 @@ from skip2fleet.server.operations.loopback import (
 from skip2fleet.server.operations.superlink import CONNECTION, flower_env, flwr
 from skip2fleet.server.training.pretraining import fleet_base
 from skip2fleet.shared import model as base_model
-from skip2fleet.shared.adapters import pack, packed_size, unpack
 from skip2fleet.shared.config import as_yaml_dict, load_config
+from skip2fleet.shared.layout import layout
 from skip2fleet.shared.methods import get_method
-from skip2fleet.shared.protocol import ADAPTERS, FIGURES, Figures
-from skip2fleet.shared.records import vector_record
+from skip2fleet.shared.protocol import DEVICE_NAME, THETA, Figures, Part
+from skip2fleet.shared.records import figures_record
 from skip2fleet.shared.services import FAULTY_CLIENTAPP
 from skip2fleet.shared.spec import mlp
 
@@ -233,9 +233,10 @@ def test_late_device_killed_device_superlink_restart_and_resume(deployment):
     figure("SuperLink restart: rounds lost", f"{len(set(range(1, in_flight + 1)) - set(finished))}")
     figure("SuperLink restart: files changed in completed rounds", len(changed))
 
-    # round 1, pushed while the Pushgateway was down, reached Prometheus afterwards
-    query = 'skip2fleet_round_duration_seconds{round="1",run="run-a"}'
-    assert wait_for(lambda: prometheus_query(prometheus, query), 60, "round 1 in Prometheus")
+    # round 1's push failed (the Pushgateway was down; round 1 is in the run folder); the later
+    # rounds' pushes reached Prometheus, each replacing the fleet's one group
+    query = 'skip2fleet_round_number > 1 and on (job) skip2fleet_run_info{run="run-a"}'
+    assert wait_for(lambda: prometheus_query(prometheus, query), 60, "a later round in Prometheus")
 
 
 @pytest.fixture(scope="module")
@@ -273,20 +274,17 @@ def test_poisoned_replies_are_refused_and_left_out_of_the_aggregate(poisoned_run
     assert "expected float32" in second["refused"]["pi-2"], second["refused"]
     assert sorted(first["devices"]) == ["pi-1"] and sorted(second["devices"]) == ["pi-1", "pi-3"]
     for number, result in ((1, first), (2, second)):
-        received = {
-            p.stem: np.load(p)
-            for p in (folder.path / f"rounds/{number:03d}/received").glob("*.npy")
-        }
-        assert sorted(received) == sorted(result["devices"])
+        received = folder.received(number)
+        assert set(received) <= set(result["devices"])  # a kept model sends no adapters
         updates = [
-            Update(n, unpack(v, method, spec, rank), result["devices"][n]["samples"], rank)
+            Update(n, v, result["devices"][n]["samples"], rank)
             for n, v in sorted(received.items(), key=lambda item: DEVICES.index(item[0]))
         ]
         expected = STRATEGIES["fedavg"](updates, method, spec).per_device
-        outgoing = folder.outgoing(number)
-        assert sorted(outgoing) == sorted(expected)
+        outgoing = folder.outgoing(number)  # refused devices start where they started
+        assert sorted(outgoing) == DEVICES and set(expected) <= set(outgoing)
         for device, theta in expected.items():
-            np.testing.assert_array_equal(outgoing[device], pack(theta, method, spec, rank))
+            np.testing.assert_array_equal(outgoing[device], theta)
     figure(
         "poisoned replies refused",
         {**first["refused"], **{f"{k} (round 2)": v for k, v in second["refused"].items()}},
@@ -295,7 +293,7 @@ def test_poisoned_replies_are_refused_and_left_out_of_the_aggregate(poisoned_run
 
 @pytest.mark.parametrize(
     "damaged",
-    ["rounds/001/round.json", "rounds/002/received/pi-1.npy", "rounds/001/outgoing/pi-1.npy"],
+    ["rounds/001/round.json", "rounds/002/received.npz", "rounds/001/outgoing.npz"],
 )
 def test_a_corrupt_round_file_is_named_and_nothing_is_submitted(
     poisoned_run, deployment, tmp_path, damaged
@@ -350,24 +348,29 @@ def test_an_oversized_reply_is_refused_before_its_arrays_are_built():
     holds the reply Flower received and nothing more (the old check built the array first)."""
     base = base_model.init_model(mlp(8, 3, hidden=8), np.random.default_rng(0))
     method, spec = get_method("skip2-lora"), base_model.spec_of(base)
-    size = packed_size(method, spec, 4)
+    size = layout(method, spec, 4).size
     huge = np.ones(25_000_000, np.float32)
-    content = RecordDict({ADAPTERS: vector_record(huge), "device": ConfigRecord({"name": "pi-1"})})
-    content[FIGURES] = Figures(*([1] * len(dataclasses.fields(Figures)))).record()
+    content = RecordDict(
+        {
+            Part.ADAPTERS: ArrayRecord({THETA: Array(huge)}),
+            Part.DEVICE: ConfigRecord({DEVICE_NAME: "pi-1"}),
+        }
+    )
+    content[Part.FIGURES] = figures_record(Figures(*([1] * len(dataclasses.fields(Figures)))))
     del huge
     metadata = Metadata(1, "reply", 7, 1, "plan", "", time.time(), 60.0, MessageType.TRAIN)
     reply = make_message(metadata, content)
     answers = Exchange(replies={7: reply}, seconds={7: 1.0})
     tracemalloc.start()
     try:
-        content[ADAPTERS]["theta"].numpy()  # what refusing by shape used to cost
+        content[Part.ADAPTERS][THETA].numpy()  # what refusing by shape used to cost
         before = tracemalloc.get_traced_memory()[1]
         tracemalloc.reset_peak()
-        result, updates, _ = judge(answers, method, spec, {"pi-1": 4}, {7: "pi-1"}, trusted=True)
+        ledger = validate(answers, Roster({"pi-1": 4}, {"pi-1": size}, {7: "pi-1"}, trusted=True))
         after = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert updates == [] and f"expected float32 ({size},)" in result["refused"]["pi-1"]
+    assert ledger.accepted == {} and f"expected float32 ({size},)" in ledger.refused["pi-1"]
     assert after < 1_000_000 < 90_000_000 < before
     figure(
         "oversized reply (100 MB): ServerApp memory beyond the received reply",

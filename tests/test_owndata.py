@@ -17,7 +17,6 @@ from skip2fleet.client.model import load_device_model
 from skip2fleet.client.store import KEEP_VERSIONS, DeviceStore
 from skip2fleet.server.training.pretraining import pretrain_shown
 from skip2fleet.shared import model as base_model
-from skip2fleet.shared.adapters import packed_size
 from skip2fleet.shared.config import ConfigError, parse_config
 from skip2fleet.shared.datasets import load_task
 from skip2fleet.shared.datasets.samples import (
@@ -27,9 +26,10 @@ from skip2fleet.shared.datasets.samples import (
     source_task,
 )
 from skip2fleet.shared.errors import FleetError
+from skip2fleet.shared.layout import layout
 from skip2fleet.shared.methods import get_method
-from skip2fleet.shared.protocol import ADAPTERS, FIGURES, Figures
-from skip2fleet.shared.records import vector_record
+from skip2fleet.shared.protocol import Figures, Part
+from skip2fleet.shared.records import adapters_record
 from tests.test_device import content
 
 runner = CliRunner()
@@ -87,7 +87,7 @@ def test_a_device_trains_on_its_folder_and_predicts_with_the_active_model(folder
     node = {"device": "a", "state-dir": str(tmp_path / "state")}
     paths = [str(root / "device"), ""]
     reply = run_round(content(base, data_paths=paths), node)
-    figures = Figures.from_record(reply[FIGURES])
+    figures = Figures.from_record(reply[Part.FIGURES])
     held = holdout_mask(TASK.finetune.y, 0.25).sum()
     assert figures.samples == len(TASK.finetune) - held
     assert figures.accepted == 1 and figures.acc_after > figures.acc_before
@@ -100,7 +100,7 @@ def test_a_device_trains_on_its_folder_and_predicts_with_the_active_model(folder
 
 def bad_aggregate(base, rank: int = 4) -> np.ndarray:
     """Adapters from a "fleet aggregate" that wreck this device's predictions."""
-    size = packed_size(get_method("skip2-lora"), base_model.spec_of(base), rank)
+    size = layout(get_method("skip2-lora"), base_model.spec_of(base), rank).size
     return np.random.default_rng(3).normal(0, 5, size).astype(np.float32)
 
 
@@ -114,9 +114,12 @@ def test_worse_adapters_are_not_made_active(folders, tmp_path):
     store = DeviceStore(tmp_path)
     before = store.active()
     worse = content(base, 2, False, data_paths=paths, lr=1e-6, epochs=1)
-    worse[ADAPTERS] = vector_record(bad_aggregate(base))
-    figures = Figures.from_record(run_round(worse, node)[FIGURES])
+    bad = bad_aggregate(base)
+    worse[Part.ADAPTERS] = adapters_record(bad, bad.size)
+    reply = run_round(worse, node)
+    figures = Figures.from_record(reply[Part.FIGURES])
     assert figures.accepted == 0 and figures.acc_after < figures.acc_active
+    assert Part.ADAPTERS not in reply  # adapters its own hold-out rejected never leave it
     assert figures.acc_active == pytest.approx(before.accuracy)
     assert store.active() == before
     assert np.array_equal(
@@ -124,14 +127,14 @@ def test_worse_adapters_are_not_made_active(folders, tmp_path):
             before.base_sha256,
             "skip2-lora",
             4,
-            packed_size(get_method("skip2-lora"), base_model.spec_of(base), 4),
+            layout(get_method("skip2-lora"), base_model.spec_of(base), 4).size,
         ),
         store.version_theta(before.version),
     )  # the next round continues it
     # with accept: always, the same round is made active
     always = content(base, 3, False, data_paths=paths, lr=1e-6, epochs=1, accept="always")
-    always[ADAPTERS] = vector_record(bad_aggregate(base))
-    assert Figures.from_record(run_round(always, node)[FIGURES]).accepted == 1
+    always[Part.ADAPTERS] = adapters_record(bad, bad.size)
+    assert Figures.from_record(run_round(always, node)[Part.FIGURES]).accepted == 1
     assert store.active().version.round == 3
 
 
@@ -150,7 +153,7 @@ def test_adapters_saved_in_another_layout_are_named_and_a_round_starts_afresh(fo
     with pytest.raises(FleetError, match="adapters version 2 hold 7 values, skip2-lora at rank 4"):
         load_device_model(tmp_path)
     figures = Figures.from_record(
-        run_round(content(base, 2, False, data_paths=paths), node)[FIGURES]
+        run_round(content(base, 2, False, data_paths=paths), node)[Part.FIGURES]
     )
     assert figures.accepted == 1
     assert load_device_model(tmp_path).round == 2
@@ -174,6 +177,31 @@ def test_versions_are_kept_and_rollback_makes_an_earlier_one_active(folders, tmp
     assert load_device_model(tmp_path).round == 3
 
 
+def test_rollback_tells_versions_of_one_round_apart_and_keeps_to_the_active_base(tmp_path):
+    """Two versions per round under base X, then one under base Y: "round 1" is the newest of
+    round 1, "previous" the one just before the active one, and another base's never count."""
+    store = DeviceStore(tmp_path)
+    x, y = "x" * 64, "y" * 64
+    made = {}
+    for number, (base, round_) in enumerate([(x, 1), (x, 1), (x, 2), (x, 2), (y, 2)], 1):
+        made[number] = store.save_version(
+            np.full(3, number, np.float32), round_, base, "m", 4, number
+        )
+    assert len(made) <= KEEP_VERSIONS
+    store.activate(x, made[4], 4.0)
+    assert store.rollback(1) == made[2]  # the newest of round 1, not the oldest
+    assert store.rollback() == made[1]  # the previous one, not the oldest of the base
+    with pytest.raises(FleetError, match="no version older than the active one"):
+        store.rollback()
+    store.activate(y, made[5], 5.0)
+    assert store.rollback(2) == made[5]  # round 2 under Y: X's versions of round 2 do not count
+    with pytest.raises(FleetError, match=r"no kept version of round 1 \(kept: 2\)"):
+        store.rollback(1)
+    with pytest.raises(FleetError, match="no version older than the active one"):
+        store.rollback()
+    np.testing.assert_array_equal(store.version_theta(store.active().version), 5)
+
+
 def test_new_files_are_picked_up_by_the_next_round(folders, tmp_path):
     _, base = folders
     device = tmp_path / "device"
@@ -184,7 +212,8 @@ def test_new_files_are_picked_up_by_the_next_round(folders, tmp_path):
     np.savez(device / "2.npz", x=TASK.finetune.x[100:], y=NAMES[TASK.finetune.y[100:]])
     second = run_round(content(base, 2, False, data_paths=[str(device), ""]), node)
     assert (
-        Figures.from_record(second[FIGURES]).samples > Figures.from_record(first[FIGURES]).samples
+        Figures.from_record(second[Part.FIGURES]).samples
+        > Figures.from_record(first[Part.FIGURES]).samples
     )
 
 
@@ -270,6 +299,12 @@ def bad_folders(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     x[3, 17] = np.nan
     np.savez(d / "a.npz", x=x, y=np.zeros(5, int))
     cases["nan"] = (d, "a.npz: sample 3: NaN or Inf")
+    for name, value in (("inf", np.inf), ("minus-inf", -np.inf)):
+        d = folder(name)
+        x = np.ones((5, W))
+        x[2, 5] = value
+        write_csv(d / "a.csv", x, ["normal"] * 5)
+        cases[name] = (d, "a.csv: line 4: NaN or Inf")
     d = folder("ragged")
     write_csv(d / "a.csv", np.ones((3, W)), ["normal"] * 3)
     with open(d / "a.csv", "a") as handle:
@@ -338,17 +373,30 @@ def test_the_agent_exports_the_active_model_and_whether_the_round_was_kept(folde
 
     root, base = folders
     node = {"device": "a", "state-dir": str(tmp_path)}
-    run_round(content(base, data_paths=[str(root / "device"), ""]), node)
     collector = DeviceCollector(None, ThermalZones(tmp_path / "none"), tmp_path / "none", tmp_path)
-    samples = {
-        (s.name, tuple(s.labels.values())): s.value
-        for family in collector.collect()
-        for s in family.samples
-    }
+
+    def scrape() -> dict:  # the figures (this test's missing /proc only counts errors)
+        return {
+            (s.name, tuple(s.labels.values())): s.value
+            for family in collector.collect()
+            for s in family.samples
+            if family.name != names.PROBE_ERRORS.name
+        }
+
+    run_round(content(base, data_paths=[str(root / "device"), ""]), node)
+    samples = scrape()
     active = DeviceStore(tmp_path).active()
-    key = (names.ACTIVE_MODEL.name, (base_model.sha256(base)[:12], "1", "1"))
-    assert samples[key] == pytest.approx(active.accuracy / 100)
+    assert samples[(names.ACTIVE_MODEL.name, ())] == pytest.approx(active.accuracy / 100)
+    assert samples[(names.ACTIVE_MODEL_ROUND.name, ())] == 1  # values, not labels
+    assert samples[(names.ACTIVE_MODEL_VERSION.name, ())] == 1
+    digest = base_model.sha256(base)
+    assert names.base_hex(samples[(names.ACTIVE_MODEL_BASE.name, ())]) == digest[:12]
     assert samples[(names.LAST_FINETUNE.format(figure="accepted"), ())] == 1
+    run_round(content(base, 2, False, data_paths=[str(root / "device"), ""]), node)
+    later = scrape()
+    assert later.keys() == samples.keys()  # a new round makes no new series
+    active = DeviceStore(tmp_path).active()
+    assert later[(names.ACTIVE_MODEL_ROUND.name, ())] == active.version.round
 
 
 def test_rollback_from_the_coordinator_names_an_unknown_device():

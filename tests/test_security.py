@@ -304,15 +304,18 @@ def test_a_stranger_on_the_network_gets_nothing_but_the_fleet_api(stranger_fleet
         )
         assert not marker.exists()  # the stranger's app ran nowhere
 
-        # Device services as `skip2fleet`; keys and archives 0600.
+        # Device services as `skip2fleet`, what runs apps or reads the state as `skip2fleet-app`
+        # (which cannot read the node key); keys and archives 0600.
+        roles = ("flower-supernode", "flower-superexec", "telemetry.agent", "cli serve")
         for host in hosts[:3]:
-            users = {
-                user: command.split()[1].rsplit("/", 1)[-1]
-                for user, command in service_processes(host)
-            }
-            assert len(service_processes(host)) == 3, users
-            assert set(users) == {"skip2fleet", "skip2fleet-app"}, users
-            assert users["skip2fleet-app"] == "flower-superexec", users  # the ClientApps' user
+            found = service_processes(host)
+            owners = {role: user for user, command in found for role in roles if role in command}
+            assert len(found) == 4 and owners == {
+                "flower-supernode": "skip2fleet",
+                "flower-superexec": "skip2fleet-app",  # the ClientApps' user
+                "telemetry.agent": "skip2fleet",
+                "cli serve": "skip2fleet-app",
+            }, found
             node_key = host.folder / "opt" / "etc" / "node.key"
             assert node_key.stat().st_mode & 0o777 == 0o600
             assert node_key.owner() == "skip2fleet"

@@ -6,7 +6,7 @@ import dataclasses
 import json
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 from typer.testing import CliRunner
 
@@ -17,8 +17,7 @@ from skip2fleet.server.federation.runs import RunFolder
 from skip2fleet.server.federation.simulate import run_simulation
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.config import as_yaml_dict
-from skip2fleet.shared.protocol import ADAPTERS
-from skip2fleet.shared.records import vector_record
+from skip2fleet.shared.protocol import THETA, NodeConfig, Part
 from skip2fleet.shared.spec import mlp
 
 runner = CliRunner()
@@ -82,10 +81,11 @@ def poisoning_client(bad_partition: int) -> ClientApp:
     @client.train()
     def train(msg: Message, context: Context) -> Message:
         reply = real_train(msg, context)
-        if int(context.node_config["partition-id"]) == bad_partition and reply.has_content():
-            vector = reply.content[ADAPTERS]["theta"].numpy().copy()
+        partition = int(context.node_config[NodeConfig.PARTITION_ID])
+        if partition == bad_partition and reply.has_content():
+            vector = reply.content[Part.ADAPTERS][THETA].numpy().copy()
             vector[3] = np.nan
-            reply.content[ADAPTERS] = vector_record(vector)
+            reply.content[Part.ADAPTERS] = ArrayRecord({THETA: Array(vector)})
         return reply
 
     return client
@@ -102,9 +102,11 @@ def test_a_device_sending_nan_is_refused_and_does_not_poison_the_average(tmp_pat
     result = folder.round_result(1)
     assert result["refused"] == {"sim-2": "adapters hold NaN or Inf"}
     assert sorted(result["devices"]) == ["sim-1", "sim-3"]
-    outgoing = folder.outgoing(1)
-    assert sorted(outgoing) == ["sim-1", "sim-3"]
+    outgoing = folder.outgoing(1)  # sim-2 starts round 2 where it started round 1
+    assert sorted(outgoing) == ["sim-1", "sim-2", "sim-3"]
     assert all(np.isfinite(v).all() for v in outgoing.values())
+    assert np.array_equal(outgoing["sim-1"], outgoing["sim-3"])
+    assert not np.array_equal(outgoing["sim-1"], outgoing["sim-2"])
 
 
 def test_resume_continues_after_the_last_completed_round(tmp_path):
@@ -140,3 +142,18 @@ def test_bench_federated_names_an_unknown_aggregation(tmp_path):
     args = ["bench", "federated", "--aggregations", "none,mean", "--workdir", str(tmp_path)]
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and "unknown mean" in result.output
+
+
+def test_bench_byzantine_names_the_attacker_and_keeps_the_aggregate_finite(tmp_path):
+    """The Byzantine bench, small: 3 generated devices, 1 round, median; the last device claims
+    0 samples (NaN and the other attacks: `fleet bench byzantine`, docs/robustness.md)."""
+    out = tmp_path / "byzantine.json"
+    args = ["bench", "byzantine", "--tasks", "generated", "--aggregations", "median"]
+    args += ["--attacks", "samples-0", "--devices", "3", "--rounds", "1"]
+    result = runner.invoke(app, [*args, "--workdir", str(tmp_path / "w"), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {row["attack"]: row for row in json.loads(out.read_text())}
+    assert rows["samples-0"]["refused"] == "sample count 0 is not an integer in [1, 20000]"
+    for row in rows.values():
+        assert row["finite"] and row["completed"] and row["aggregation"] == "median"
+        assert row["honest_accuracy"] is not None and row["clean_accuracy"] is not None

@@ -8,7 +8,8 @@ counts an error by kind; the agent keeps serving.
 
 It is resident on a board with 512 MB, so it imports only the standard library (no NumPy, no
 Flower, no YAML, not even prometheus_client or http.server, which cost 10-13 MB between them): it
-reads the device's own file (`shared/devicefile.py`) and writes Prometheus' text format itself.
+reads the device's own file (`shared/devicefile.py`) and writes Prometheus' text format itself
+(`shared/exposition.py`).
 """
 
 from __future__ import annotations
@@ -21,56 +22,20 @@ import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 from skip2fleet.client.telemetry.clock import ClockCheck
 from skip2fleet.client.telemetry.power import PowerSampler
 from skip2fleet.client.telemetry.probes import ProbeError, ThermalZones, power_probe
 from skip2fleet.client.watchdog import SuperNodeWatchdog
 from skip2fleet.shared import metric_names as names
-from skip2fleet.shared.devicefile import ACTIVE, LAST_FIGURES, DeviceSettings
+from skip2fleet.shared.devicefile import ACTIVE, LAST_FIGURES, SERVE_SNAPSHOT, DeviceSettings
 from skip2fleet.shared.errors import FleetError
-
-
-class Sample(NamedTuple):
-    name: str
-    labels: dict[str, str]
-    value: float
-
-
-@dataclass
-class Family:
-    """One metric of a scrape, as Prometheus' text format (0.0.4) writes it."""
-
-    name: str
-    help: str
-    kind: str  # gauge | counter
-    labels: tuple[str, ...] = ()
-    samples: list[Sample] = field(default_factory=list)
-
-    def add(self, values: list[str], value: float) -> Family:
-        suffix = "_total" if self.kind == "counter" else ""
-        self.samples.append(
-            Sample(self.name + suffix, dict(zip(self.labels, values, strict=True)), value)
-        )
-        return self
-
-    def text(self) -> str:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
-        for sample in self.samples:
-            labels = ",".join(f'{k}="{_escape(v)}"' for k, v in sample.labels.items())
-            lines.append(f"{sample.name}{{{labels}}} {float(sample.value)!r}")
-        return "\n".join(lines) + "\n"
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n")
+from skip2fleet.shared.exposition import Family, Sample
 
 
 def _family(kind: str, metric: names.Metric) -> Family:
-    return Family(metric.name, metric.help, kind, metric.labels)
+    return Family.of(metric, kind)
 
 
 def _gauge(name: str, help_text: str, value: float) -> Family:
@@ -120,6 +85,7 @@ class DeviceCollector:
         yield from self._system()
         yield from self._last_finetune()
         yield from self._active_model()
+        yield from serving_families(self.state_dir / SERVE_SNAPSHOT, self.errors)
 
     def _coordinator(self) -> Iterator[Family]:
         """The clock's offset against the front door, and the watchdog's restarts."""
@@ -131,23 +97,25 @@ class DeviceCollector:
 
     def _active_model(self) -> Iterator[Family]:
         """The model `fleet predict` uses, from the state folder's active.json (read as JSON
-        here: the store that writes it imports NumPy)."""
+        here: the store that writes it imports NumPy): its round, version and base as values, so a
+        new one changes values and makes no series."""
         path = self.state_dir / ACTIVE
         if not path.is_file():
             return
         try:
             active = json.loads(path.read_text())
             version = active["version"] or {}
-            labels = [
-                str(active["base_sha256"])[:12],
-                str(version.get("round", 0)),
-                str(version.get("number", 0)),
-            ]
-            accuracy = float(active["accuracy"]) / 100
+            values = {
+                names.ACTIVE_MODEL: float(active["accuracy"]) / 100,
+                names.ACTIVE_MODEL_ROUND: int(version.get("round", 0)),
+                names.ACTIVE_MODEL_VERSION: int(version.get("number", 0)),
+                names.ACTIVE_MODEL_BASE: names.base_id(str(active["base_sha256"])),
+            }
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             self.errors[("state", "garbage")] += 1
             return
-        yield _family("gauge", names.ACTIVE_MODEL).add(labels, accuracy)
+        for metric, value in values.items():
+            yield _family("gauge", metric).add([], value)
 
     def _system(self) -> Iterator[Family]:
         try:
@@ -199,6 +167,50 @@ class DeviceCollector:
 
     def exposition(self) -> bytes:
         return "".join(family.text() for family in self.collect()).encode()
+
+
+def _histogram(metric: names.Metric, data: dict) -> Family:
+    family = Family(metric.name, metric.help, "histogram")
+    cumulative = 0
+    for bound, count in zip([*data["bounds"], "+Inf"], data["counts"], strict=True):
+        cumulative += count
+        family.samples.append(Sample(f"{metric.name}_bucket", {"le": str(bound)}, cumulative))
+    family.samples.append(Sample(f"{metric.name}_sum", {}, data["sum"]))
+    family.samples.append(Sample(f"{metric.name}_count", {}, cumulative))
+    return family
+
+
+def serving_families(path: Path, errors: Counter[tuple[str, str]]) -> Iterator[Family]:
+    """What `fleet serve` did, from the snapshot it leaves in the state folder (none: nothing)."""
+    try:
+        snap = json.loads(path.read_text())
+        predictions = _family("counter", names.SERVE_PREDICTIONS)
+        for name, count in sorted(snap["predictions"].items()):
+            predictions.add([name], count)
+        rejected = _family("counter", names.SERVE_REJECTED)
+        for kind, count in snap["rejected"].items():
+            rejected.add([kind], count)
+        families = [
+            predictions,
+            rejected,
+            _histogram(names.SERVE_CONFIDENCE, snap["confidence"]),
+            _histogram(names.SERVE_LATENCY, snap["latency_seconds"]),
+            _family("counter", names.SERVE_SWITCHES).add([], snap["switches"]),
+            _family("counter", names.SERVE_LOAD_FAILURES).add([], snap["load_failures"]),
+        ]
+        for metric, key in (
+            (names.SERVE_VERSION, "version"),
+            (names.SERVE_ROUND, "round"),
+            (names.SERVE_BACKLOG, "spool_backlog"),
+            (names.SERVE_UPDATED, "time"),
+        ):
+            families.append(_gauge(metric.name, metric.help, float(snap[key])))
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        errors[("serve", "garbage")] += 1
+        return
+    yield from families
 
 
 class _Server(socketserver.ThreadingTCPServer):

@@ -12,6 +12,14 @@ group's own peak
 (`memory.max_usage_in_bytes`) counts the page cache too. With `--limit-mb` the group is capped,
 swap included, and the rounds must still complete. Under qemu user mode a process's RSS holds
 the emulator too: run this natively.
+
+It also times the ClientApp's start-up, Flower's fixed cost of every round: the SuperExec starts
+a new `flwr-clientapp` process per message. Per round, from the process' start (the kernel's
+record), the figures file our ClientApp writes last and the fine-tune time it reports: the time
+from launch until our round's work starts, that work, and the time from its end until the process
+is gone, with the process' CPU time. Then, in the same interpreter, five fresh processes import
+what `flwr-clientapp` imports and then our ClientApp module, to split the import time between
+Flower's entry point and our code.
 """
 
 from __future__ import annotations
@@ -20,17 +28,20 @@ import contextlib
 import dataclasses
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
 import urllib.request
 from collections import defaultdict
 from pathlib import Path
+from statistics import median
 from typing import Annotated
 
 import typer
 
 from skip2fleet.server import options as opt
+from skip2fleet.server.bench.monitoring import cpu_seconds
 from skip2fleet.server.federation.run import follow, start_run
 from skip2fleet.server.federation.runs import RunFolder
 from skip2fleet.server.operations.certs import credentials_for
@@ -45,10 +56,11 @@ from skip2fleet.server.operations.superlink import flower_env
 from skip2fleet.server.training.pretraining import fleet_base
 from skip2fleet.shared.atomic import write_text_atomic
 from skip2fleet.shared.config import FleetConfig, as_yaml_dict
-from skip2fleet.shared.devicefile import DEVICE_FILE
+from skip2fleet.shared.devicefile import DEVICE_FILE, LAST_FIGURES
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.services import (
     AGENT_MODULE,
+    CLIENTAPP,
     agent_command,
     superexec_command,
     supernode_command,
@@ -63,6 +75,32 @@ ROLES = (
     (AGENT_MODULE, "agent"),
 )
 MB = 2**20
+STARTUP_TRIALS = 5
+# What a `flwr-clientapp` process imports before our code (its console script's module), then
+# what Flower's loader imports of ours; wall and CPU seconds of each step, as JSON.
+IMPORTS_PROBE = """
+import json, resource, time
+def now():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return time.perf_counter(), usage.ru_utime + usage.ru_stime
+marks = [now()]
+import flwr.supernode.cli
+marks.append(now())
+import {module}
+marks.append(now())
+print(json.dumps([[b[i] - a[i] for i in (0, 1)] for a, b in zip(marks, marks[1:])]))
+"""
+
+
+def process_start(pid: int) -> float:
+    """When a process started, in seconds since the epoch (to the kernel's clock tick)."""
+    ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    boot = next(
+        int(line.split()[1])
+        for line in Path("/proc/stat").read_text().splitlines()
+        if line.startswith("btime ")
+    )
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 class MemoryGroup:
@@ -111,9 +149,15 @@ class MemoryGroup:
 class Sampler(threading.Thread):
     """Reads every process of the group every `every` seconds until stopped."""
 
-    def __init__(self, group: MemoryGroup, agent_url: str, every: float = 0.05) -> None:
+    def __init__(
+        self, group: MemoryGroup, agent_url: str, figures: Path, every: float = 0.05
+    ) -> None:
         super().__init__(daemon=True)
         self.group, self.every, self.agent_url = group, every, agent_url
+        # each ClientApp process: its start, when last seen and its CPU seconds then
+        self.clientapp_runs: dict[int, dict[str, float]] = {}
+        # the figures our ClientApp writes last in a round: (round, fine-tune seconds, written)
+        self.figures, self.finetunes = figures, []
         self.scrapes = 0
         self.peak_kb: dict[str, int] = defaultdict(int)  # role -> largest VmHWM of one process
         self.stack_peak_kb = 0  # the largest sum of VmRSS over the group at one moment
@@ -122,7 +166,6 @@ class Sampler(threading.Thread):
         # processes take together, where the RSS sum counts a shared library once per process
         self.stack_peak_pss_kb = 0
         self.other: set[str] = set()
-        self.clientapps: set[int] = set()
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -151,7 +194,8 @@ class Sampler(threading.Thread):
                 pss += int(rollup.split("\nPss:")[1].split()[0])
                 role = next((r for key, r in ROLES if key in command), "other")
                 if role == "clientapp":
-                    self.clientapps.add(pid)
+                    run = self.clientapp_runs.setdefault(pid, {"start": process_start(pid)})
+                    run.update(seen=time.time(), cpu_s=cpu_seconds(pid))
                 elif role == "other":
                     self.other.add(command)
                 now[role] += rss
@@ -159,6 +203,59 @@ class Sampler(threading.Thread):
         self.stack_peak_pss_kb = max(self.stack_peak_pss_kb, pss)
         if sum(now.values()) > self.stack_peak_kb:
             self.stack_peak_kb, self.stack_peak_roles = sum(now.values()), dict(now)
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            written = self.figures.stat().st_mtime
+            if not self.finetunes or written != self.finetunes[-1][2]:
+                figures = json.loads(self.figures.read_text())
+                self.finetunes.append((figures["round"], figures["finetune_s"], written))
+
+    def startup(self) -> list[dict]:
+        """Per round: launch -> our work starts -> it ends -> the ClientApp process is gone."""
+        rows = []
+        for number, work_s, written in self.finetunes:
+            run = next(
+                (r for r in self.clientapp_runs.values() if r["start"] <= written <= r["seen"]),
+                None,
+            )
+            if run is not None:
+                rows.append(
+                    {
+                        "round": number,
+                        "launch_to_our_work_s": written - work_s - run["start"],
+                        "our_work_s": work_s,
+                        "after_our_work_s": run["seen"] - written,
+                        "clientapp_s": run["seen"] - run["start"],
+                        "clientapp_cpu_s": run["cpu_s"],
+                    }
+                )
+        return rows
+
+
+def import_split(python: str, module: str, trials: int = STARTUP_TRIALS) -> dict:
+    """Median wall and CPU seconds of a fresh `python` importing Flower's `flwr-clientapp` entry,
+    then `module` (our ClientApp), over `trials` processes; and of the whole process."""
+    steps, totals = [], []
+    for _ in range(trials):
+        started = time.perf_counter()
+        done = subprocess.run(
+            [python, "-c", IMPORTS_PROBE.format(module=module)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"},
+        )
+        totals.append(time.perf_counter() - started)
+        steps.append(json.loads(done.stdout))
+    (flower, flower_cpu), (ours, ours_cpu) = (
+        [median(trial[step][kind] for trial in steps) for kind in (0, 1)] for step in (0, 1)
+    )
+    return {
+        "process_s": median(totals),
+        "flower_imports_s": flower,
+        "flower_imports_cpu_s": flower_cpu,
+        "our_imports_s": ours,
+        "our_imports_cpu_s": ours_cpu,
+    }
 
 
 def start_device_stack(
@@ -197,7 +294,8 @@ def measure_device(fleet: FleetConfig, workdir: Path, limit_mb: int | None) -> d
     fleet = dataclasses.replace(fleet, devices=(device,))
     base = fleet_base(fleet)
     group = MemoryGroup(f"skip2fleet-bench-{os.getpid()}", limit_mb)
-    sampler = Sampler(group, f"http://127.0.0.1:{device.agent_port}/metrics")
+    figures = workdir / "device" / "state" / LAST_FIGURES
+    sampler = Sampler(group, f"http://127.0.0.1:{device.agent_port}/metrics", figures)
     try:
         with loopback_deployment(fleet, workdir, offline=[device.name]) as processes:
             start_device_stack(processes, fleet, workdir, group)
@@ -228,8 +326,10 @@ def measure_device(fleet: FleetConfig, workdir: Path, limit_mb: int | None) -> d
             "cgroup_peak_mb": group.read("memory.max_usage_in_bytes") / MB,
             "cgroup_limit_hits": group.read("memory.failcnt"),
             "oom_kills": group.oom_kills(),
-            "clientapps_seen": len(sampler.clientapps),
+            "clientapps_seen": len(sampler.clientapp_runs),
             "agent_scrapes": sampler.scrapes,
+            "clientapp_startup": sampler.startup(),
+            "clientapp_imports": import_split(sys.executable, CLIENTAPP.split(":")[0]),
         }
     finally:
         sampler.done.set()
@@ -269,6 +369,24 @@ def device_command(
             if limit_mb
             else ""
         )
+    )
+    typer.echo(
+        "\n| round | launch to our work s | our work s | after it s | ClientApp s | its CPU s |\n"
+        "|---:|---:|---:|---:|---:|---:|"
+    )
+    for row in results["clientapp_startup"]:
+        typer.echo(
+            f"| {row['round']} | {row['launch_to_our_work_s']:.2f} | {row['our_work_s']:.2f} "
+            f"| {row['after_our_work_s']:.2f} | {row['clientapp_s']:.2f} "
+            f"| {row['clientapp_cpu_s']:.2f} |"
+        )
+    imports = results["clientapp_imports"]
+    typer.echo(
+        f"imports of a fresh ClientApp process (median of {STARTUP_TRIALS}): Flower's "
+        f"`flwr-clientapp` entry {imports['flower_imports_s']:.2f} s "
+        f"({imports['flower_imports_cpu_s']:.2f} s CPU), then our ClientApp module "
+        f"{imports['our_imports_s']:.3f} s ({imports['our_imports_cpu_s']:.3f} s CPU); "
+        f"the whole process {imports['process_s']:.2f} s"
     )
     if json_out is not None:
         write_text_atomic(json_out, json.dumps(results, indent=2) + "\n")

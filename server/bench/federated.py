@@ -109,13 +109,7 @@ def federated_command(
 ) -> None:
     """Each device's accuracy before and after, mean over trials, aggregations side by side
     (Flower's Simulation Engine, a new base per trial)."""
-    chosen = [a.strip() for a in aggregations.split(",") if a.strip()]
-    unknown = [a for a in chosen if a not in AGGREGATIONS]
-    if unknown or not chosen:
-        raise FleetError(
-            f"--aggregations: unknown {', '.join(unknown) or '(none given)'}; "
-            f"choose from {', '.join(AGGREGATIONS)}"
-        )
+    chosen = opt.chosen(aggregations, AGGREGATIONS, "--aggregations")
     fleet = opt.resolve_fleet(config, devices, rounds, dataset, data_dir, None)
     results = measure_federated(fleet, chosen, trials, workdir)
     table = federated_table(results)

@@ -226,7 +226,7 @@ def accuracy_command(
     """Test accuracy before and after fine-tuning, every method, mean and std over trials."""
     chosen = parse_methods(methods)
     task, spec = task_and_spec(dataset, model, data_dir, source_room, subjects, seed)
-    config = FineTuneConfig(epochs, batch_size, rank, None, lr, seed)
+    config = FineTuneConfig(epochs=epochs, batch_size=batch_size, rank=rank, lr=lr, seed=seed)
     results = measure_accuracy(task, spec, chosen, config, trials, pretrain_epochs)
     results["model_name"] = model
     _write(results, "accuracy", out_dir, json_out)

@@ -28,10 +28,10 @@ from skip2fleet.server.bench.peft_report import peft_charts, peft_markdown, vari
 from skip2fleet.server.bench.tune import CHOSEN
 from skip2fleet.server.progress import progress, stderr
 from skip2fleet.shared import model as base_model
-from skip2fleet.shared.adapters import packed_size
 from skip2fleet.shared.atomic import write_text_atomic
-from skip2fleet.shared.cache import CODECS
+from skip2fleet.shared.cache import Codec
 from skip2fleet.shared.datasets import TASKS as DATASETS
+from skip2fleet.shared.layout import layout
 from skip2fleet.shared.methods import Method, parse_methods
 from skip2fleet.shared.spec import MODELS
 from skip2fleet.shared.train import FineTuneConfig, finetune
@@ -45,7 +45,7 @@ class Variant:
     """A method, and for Skip2-LoRA the codec of its cache."""
 
     method: Method
-    cache: str | None = None
+    cache: Codec | None = None
 
     @property
     def label(self) -> str:
@@ -54,7 +54,7 @@ class Variant:
 
 def variants(methods: list[Method]) -> list[Variant]:
     """Every method once; a cached method once per codec."""
-    return [Variant(m, codec) for m in methods for codec in (CODECS if m.cached else (None,))]
+    return [Variant(m, codec) for m in methods for codec in (tuple(Codec) if m.cached else (None,))]
 
 
 def operating_point(task: str, model: str) -> tuple[int, int, float]:
@@ -111,7 +111,7 @@ def measure_pair(
                     "batch1": cost["memory_batch1"],
                     "train_batch_ms": median(batch_ms[v.label]),
                     "params": cost["params"],
-                    "bytes_sent": 4 * cost["params"],  # float32 on the wire (shared.adapters.pack)
+                    "bytes_sent": 4 * cost["params"],  # float32 on the wire (shared.records)
                     "cache_bytes": cost["cache_bytes"],
                     "epochs": config.epochs,
                     "pretrain_epochs": pretrain_epochs,
@@ -127,7 +127,7 @@ def measure_pair(
     ):
         before.append(base_accuracy)
         for v in chosen:
-            run = dataclasses.replace(config, seed=config.seed + trial, cache=v.cache or "f32")
+            run = dataclasses.replace(config, seed=config.seed + trial, cache=v.cache or Codec.F32)
             result = finetune(base, v.method, x, y, run)
             merged = result.tuner.merged()
             accuracy[v.label].append(base_model.accuracy(merged(task.test.x), task.test.y))
@@ -141,7 +141,7 @@ def measure_pair(
                     "memory_batch1": measure_memory(
                         base, v.method, x, y, STUDY_BATCH, config.rank, run.cache
                     ),
-                    "params": packed_size(v.method, spec, config.rank),
+                    "params": layout(v.method, spec, config.rank).size,
                     "cache_bytes": result.cache_bytes,
                 }
             advance(f"{task_name} {model} trial {trial + 1}: {v.label}")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from skip2fleet.server.bench.costs import MEMORY_CATEGORIES
 from skip2fleet.server.charts import legend_beside, log_scale, pyplot, save_chart
+from skip2fleet.shared.cache import Codec
 from skip2fleet.shared.flops import CATEGORIES
 
 KIB = 1024
@@ -14,7 +15,7 @@ KIB = 1024
 
 def variant_label(method: str, cache: str | None) -> str:
     """A method's name, with the cache codec when it is not the exact one."""
-    return method + ("" if cache in (None, "f32") else f" {cache}")
+    return method + ("" if cache in (None, Codec.F32) else f" {cache}")
 
 
 def label(row: dict) -> str:

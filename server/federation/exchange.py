@@ -1,4 +1,7 @@
-"""One round's messages out and replies in, every node accounted for.
+"""One round's messages out and replies in (exchange), every node accounted for.
+
+`wait_for_nodes` says which nodes are online once enough of them are; in a deployment only nodes
+whose keys this coordinator registered count, so a stranger's node is never sent a plan.
 
 Flower's `Grid.send_and_receive` returns a list of replies: a node that never answers is simply
 absent, and the error the SuperLink makes for a node whose heartbeat stopped comes from node 1
@@ -14,14 +17,16 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from flwr.app import Message
+from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from skip2fleet.shared.errors import Interrupted
+from skip2fleet.shared.errors import FleetError, Interrupted
 
 POLL_S = 1.0
+NODE_POLL_S = 1.0
 STOP = threading.Event()  # set: exchanges end with `Interrupted`; a simulation clears it first
 
 
@@ -33,8 +38,35 @@ class Exchange:
     waited_s: float = 0.0  # from the push to the last reply or the deadline
 
 
-def exchange(grid: Grid, messages: list[Message], timeout: float) -> Exchange:
-    """Send `messages` and collect the replies until all came or `timeout` seconds passed."""
+def wait_for_nodes(
+    grid: Grid,
+    wanted: int,
+    timeout: float,
+    registered: set[int] | None = None,
+    door: Callable[[], str] = lambda: "",
+) -> list[int]:
+    """The nodes online now, once `wanted` of them are; with `registered`, only those count.
+    Too few: the message adds what `door()` says (what the front door refused lately)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(n for n in grid.get_node_ids() if registered is None or n in registered)
+        if len(nodes) >= wanted:
+            return nodes
+        if time.monotonic() > deadline:
+            raise FleetError(
+                f"only {len(nodes)} of the {wanted} devices needed are connected to the "
+                f"SuperLink after {timeout:.0f} s{door()}"
+            )
+        time.sleep(NODE_POLL_S)
+
+
+def exchange(grid: Grid, contents: dict[int, RecordDict], timeout: float) -> Exchange:
+    """Send each node its content and collect the replies until all came or `timeout` seconds
+    passed."""
+    messages = [
+        Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN)
+        for node, content in contents.items()
+    ]
     ids = list(grid.push_messages(messages))
     node_of = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages, strict=True)}
     started = time.monotonic()

@@ -1,108 +1,146 @@
-"""Each round's figures, pushed to a Prometheus Pushgateway, one group per round of a run.
+"""The coordinator's figures on a Prometheus Pushgateway: one group for the fleet, replaced after
+every round.
 
 Flower ends the ServerApp's process with the run, so nothing there can be scraped: the coordinator
-pushes after every round instead. Each round is its own group (`job`, `run`, `round`), so the
-gateway keeps every round of a run and a Prometheus that was down catches up on all of them when
-it scrapes again. Names follow Prometheus conventions: base units with unit suffixes, labels
-`device`, `method`, `round`; nothing per training step. A Pushgateway that cannot be reached costs
-one logged line per round: the round has already been written to the run folder, and the
-coordinator pushes it again after the next round.
+pushes after every round instead. A Pushgateway is meant for a job's last result, not a history,
+so the fleet has one group, the job's own (`job="skip2fleet"`), and each round's push replaces it:
+the round is a value (`skip2fleet_round_number`), a device's figures carry only `device` and
+`method`, the run is one info series. So Prometheus holds 11 series per device and 10 for the
+round, as many after 100 rounds as after one; the history is Prometheus' own storage (a sample per
+scrape) and the run folder. A run's first push deletes the job's other groups (earlier versions
+pushed one group per round of every run). The body is written in the text format directly and
+streamed: at 10,000 devices the push takes well under its timeout (`fleet bench series`).
+
+A Pushgateway that cannot be reached costs one logged line per round: the round has already been
+written to the run folder, and the next round's push replaces it anyway.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
-from prometheus_client.exposition import basic_auth_handler, default_handler
-
 from skip2fleet.shared import metric_names as names
+from skip2fleet.shared.exposition import Family
 
 log = logging.getLogger("skip2fleet")
 JOB = "skip2fleet"
 PUSH_USER = "skip2fleet"  # the Pushgateway's one basic-auth user
 PUSH_TIMEOUT_S = 3.0
+TIDY_TIMEOUT_S = 30.0  # listing a gateway that still holds every round of earlier versions
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# A device's figures: (result key, scale, metric, the extra label's value or None).
+PER_DEVICE = (
+    *(
+        (f"acc_{phase}", 1 / 100, names.DEVICE_ACCURACY, phase)  # percent -> ratio
+        for phase in ("before", "after")
+    ),
+    *(
+        (f"{phase}_ms", 1 / 1e3, names.DEVICE_TRAIN_BATCH, phase)
+        for phase in ("forward", "backward", "update")
+    ),
+    *((f"{stat}_watts", 1.0, names.DEVICE_FINETUNE_POWER, stat) for stat in ("mean", "peak")),
+    ("finetune_s", 1.0, names.DEVICE_FINETUNE_SECONDS, None),
+    ("uplink_bytes", 1.0, names.DEVICE_UPLINK, None),
+    ("energy_joules", 1.0, names.DEVICE_FINETUNE_ENERGY, None),
+    ("cache_bytes", 1.0, names.DEVICE_CACHE, None),
+)
 
 
-def round_registry(result: dict, method: str) -> CollectorRegistry:
-    registry = CollectorRegistry()
-
-    def gauge(metric: names.Metric) -> Gauge:
-        return Gauge(metric.name, metric.help, metric.labels, registry=registry)
-
-    number = str(result["round"])
-    gauge(names.ROUND_NUMBER).set(result["round"])
-    gauge(names.ROUND_DURATION).labels(number).set(result["duration_s"])
-    outcome = gauge(names.ROUND_DEVICES)
-    for name, count in (
-        ("ok", len(result["devices"])),
-        ("refused", len(result["refused"])),
-        ("missing", len(result["missing"])),
-    ):
-        outcome.labels(number, name).set(count)
-    gauge(names.ROUND_REFUSED).labels(number).set(len(result["refused"]))
+def round_families(result: dict, run: str, method: str) -> list[Family]:
+    """What a push of the round `result` (as the run folder keeps it) holds."""
+    families = [
+        Family.of(names.RUN_INFO).add([run, method, str(result.get("aggregation", ""))], 1),
+        Family.of(names.ROUND_NUMBER).add([], result["round"]),
+        Family.of(names.ROUND_DURATION).add([], result["duration_s"]),
+        Family.of(names.ROUND_REFUSED).add([], len(result["refused"])),
+    ]
+    outcomes = Family.of(names.ROUND_DEVICES)
+    for outcome in ("devices", "refused", "missing"):
+        outcomes.add(["ok" if outcome == "devices" else outcome], len(result[outcome]))
+    families.append(outcomes)
     if result.get("svd_relative_error") is not None:
-        gauge(names.ROUND_SVD_ERROR).labels(number).set(result["svd_relative_error"])
-
-    accuracy = gauge(names.DEVICE_ACCURACY)
-    batch = gauge(names.DEVICE_TRAIN_BATCH)
-    power = gauge(names.DEVICE_FINETUNE_POWER)
-    scalars = {
-        "finetune_s": gauge(names.DEVICE_FINETUNE_SECONDS),
-        "uplink_bytes": gauge(names.DEVICE_UPLINK),
-        "energy_joules": gauge(names.DEVICE_FINETUNE_ENERGY),
-        "cache_bytes": gauge(names.DEVICE_CACHE),
-    }
-    for device, figures in result["devices"].items():
-        labels = (number, device, method)
-        for phase in ("before", "after"):
-            accuracy.labels(*labels, phase).set(figures[f"acc_{phase}"] / 100)
-        for phase in ("forward", "backward", "update"):
-            batch.labels(*labels, phase).set(figures[f"{phase}_ms"] / 1e3)
-        for stat in ("mean", "peak"):
-            power.labels(*labels, stat).set(figures[f"{stat}_watts"])
-        for key, metric in scalars.items():
-            metric.labels(*labels).set(figures[key])
-    return registry
+        families.append(Family.of(names.ROUND_SVD_ERROR).add([], result["svd_relative_error"]))
+    per_device: dict[str, Family] = {}
+    for key, scale, metric, extra in PER_DEVICE:
+        family = per_device.setdefault(metric.name, Family.of(metric))
+        for device, figures in result["devices"].items():
+            labels = [device, method] if extra is None else [device, method, extra]
+            family.add(labels, figures[key] * scale)
+    return [*families, *per_device.values()]
 
 
-def push_rounds(
-    gateway: str, run: str, method: str, pending: list[dict], password_file: Path | None = None
-) -> list[dict]:
-    """Push `pending` rounds oldest first (with basic auth when the fleet has a Pushgateway
-    password); returns those the Pushgateway did not take, for the next call. An unreachable
-    gateway costs one logged line per call."""
-    handler = _handler(password_file)
-    for index, result in enumerate(pending):
+class FleetPushes:
+    """A run's pushes to the fleet's group (with basic auth when the fleet has a Pushgateway
+    password)."""
+
+    def __init__(
+        self,
+        gateway: str,
+        run: str,
+        method: str,
+        password_file: Path | None = None,
+        timeout_s: float = PUSH_TIMEOUT_S,
+    ) -> None:
+        self.url = gateway if "://" in gateway else f"http://{gateway}"
+        self.run, self.method, self.timeout_s = run, method, timeout_s
+        self.headers = {}
+        if password_file is not None and password_file.is_file():
+            secret = f"{PUSH_USER}:{password_file.read_text().strip()}".encode()
+            self.headers["Authorization"] = "Basic " + base64.b64encode(secret).decode()
+        self.tidied = False
+
+    def push(self, result: dict) -> bool:
+        """Replace the fleet's group with the round `result`; False, and one logged line, when
+        the Pushgateway did not take it. The run's first push that the gateway takes also
+        deletes the job's other groups."""
+        body = (family.text().encode() for family in round_families(result, self.run, self.method))
         try:
-            push_to_gateway(
-                gateway,
-                job=JOB,
-                grouping_key={"run": run, "round": str(result["round"])},
-                registry=round_registry(result, method),
-                timeout=PUSH_TIMEOUT_S,
-                handler=handler,
-            )
-        except OSError as exc:  # URLError and connection errors are OSErrors
+            self._request("PUT", f"/metrics/job/{JOB}", body, self.timeout_s).close()
+        except OSError as exc:  # URLError, HTTPError and connection errors are OSErrors
             log.warning(
-                "round %s: Pushgateway %s unreachable (%s); %d round(s) kept to push after the "
-                "next round; the figures are in the run folder",
-                pending[-1]["round"],
-                gateway,
+                "round %s: Pushgateway %s did not take the round's figures (%s); they are in the "
+                "run folder, and the next round's push replaces them",
+                result["round"],
+                self.url,
                 exc,
-                len(pending) - index,
             )
-            return pending[index:]
-    return []
+            return False
+        if not self.tidied:
+            self.tidied = True
+            self.delete_other_groups()
+        return True
+
+    def delete_other_groups(self) -> list[dict[str, str]]:
+        """Delete every group of the job but the fleet's own (earlier versions pushed one group
+        per round); the groups deleted. A gateway that does not answer costs one logged line."""
+        try:
+            with self._request("GET", "/api/v1/metrics", None, TIDY_TIMEOUT_S) as answer:
+                groups = [group["labels"] for group in json.load(answer)["data"]]
+            others = [g for g in groups if g.get("job") == JOB and set(g) - {"job", "instance"}]
+            for labels in others:
+                self._request("DELETE", group_path(labels), None, TIDY_TIMEOUT_S).close()
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("Pushgateway %s: earlier groups not deleted (%s)", self.url, exc)
+            return []
+        if others:
+            log.info("Pushgateway %s: deleted %d earlier groups of %s", self.url, len(others), JOB)
+        return others
+
+    def _request(self, method: str, path: str, body: Iterator[bytes] | None, timeout: float):
+        headers = {**self.headers, **({"Content-Type": CONTENT_TYPE} if body is not None else {})}
+        request = urllib.request.Request(self.url + path, body, headers, method=method)
+        return urllib.request.urlopen(request, timeout=timeout)
 
 
-def _handler(password_file: Path | None):
-    if password_file is None or not password_file.is_file():
-        return default_handler
-    password = password_file.read_text().strip()
-
-    def handler(url, method, timeout, headers, data):
-        return basic_auth_handler(url, method, timeout, headers, data, PUSH_USER, password)
-
-    return handler
+def group_path(labels: dict[str, str]) -> str:
+    """The Pushgateway's URL path of a group, every value base64-encoded (a value may hold '/')."""
+    path = f"/metrics/job/{labels['job']}"
+    for name, value in labels.items():
+        if name != "job":
+            path += f"/{name}@base64/{base64.urlsafe_b64encode(value.encode()).decode() or '='}"
+    return path

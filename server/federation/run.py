@@ -43,7 +43,7 @@ from skip2fleet.shared.services import CLIENTAPP
 POLL_S = 1.0
 STATUS_EVERY_S = 3.0
 RETRY_MAX_S = 10.0  # the longest pause between status polls while the SuperLink is away
-STOP_TIMEOUT_S = 3.0  # Ctrl-C: for `flwr stop` to answer
+STOP_TIMEOUT_S = 4.0  # Ctrl-C: for `flwr stop` to answer (the exit stays within 5 s)
 ORPHAN_GRACE_S = 10.0  # a ServerApp that outlived its run: SIGTERM, then SIGKILL after this
 
 

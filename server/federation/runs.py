@@ -8,9 +8,14 @@
                           when that process dies, so a crashed run never blocks a resume
     failure.txt           why the run stopped early (removed when a resume starts)
     rounds/NNN/round.json the round's figures: per device, refused replies, missing devices
-    rounds/NNN/received/  each device's packed adapters as it sent them
-    rounds/NNN/outgoing/  what each device starts the next round from (when the fleet aggregates)
+    rounds/NNN/received.npz   each device's packed adapters as it sent them, one member each
+    rounds/NNN/outgoing.npz   what each device starts the next round from (when the fleet
+                          aggregates): each distinct array once (fedavg's mean is one for the
+                          fleet), and which device starts from which (OUTGOING_INDEX, JSON)
     rounds/NNN/manifest.json  sha256 of every other file of the round, written with it
+
+A round is four files whatever the fleet's size (earlier versions wrote two per device; their
+`outgoing/` folders are still read).
 
 A round's folder appears whole (written aside, fsynced, then renamed), so the last complete round
 is the highest-numbered folder, and `--resume` continues after it once every completed round
@@ -38,6 +43,8 @@ from skip2fleet.shared.config import FleetConfig, load_config, parse_config
 from skip2fleet.shared.errors import FleetError
 
 MANIFEST = "manifest.json"
+RECEIVED, OUTGOING = "received.npz", "outgoing.npz"
+OUTGOING_INDEX = "by-device"  # outgoing.npz's member: {device: member} as JSON bytes
 
 
 class RunFolder:
@@ -171,11 +178,24 @@ class RunFolder:
         return json.loads((self.path / "rounds" / f"{number:03d}" / "round.json").read_text())
 
     def outgoing(self, number: int) -> dict[str, np.ndarray]:
-        """What round `number` left for each device to start the next round from."""
-        folder = self.path / "rounds" / f"{number:03d}" / "outgoing"
-        if not folder.is_dir():
+        """What round `number` left for each device to start the next round from (devices that
+        start from the same array share one, read-only)."""
+        folder = self.path / "rounds" / f"{number:03d}"
+        if (folder / "outgoing").is_dir():  # written by an earlier version
+            return {p.stem: np.load(p) for p in sorted((folder / "outgoing").glob("*.npy"))}
+        if not (folder / OUTGOING).is_file():
             return {}
-        return {p.stem: np.load(p) for p in sorted(folder.glob("*.npy"))}
+        with np.load(folder / OUTGOING) as archive:
+            members = json.loads(archive[OUTGOING_INDEX].tobytes())
+            arrays = {member: archive[member] for member in set(members.values())}
+        for array in arrays.values():
+            array.flags.writeable = False  # shared by devices: nothing may change it in place
+        return {device: arrays[member] for device, member in members.items()}
+
+    def received(self, number: int) -> dict[str, np.ndarray]:
+        """Each device's adapters of round `number`, as it sent them."""
+        with np.load(self.path / "rounds" / f"{number:03d}" / RECEIVED) as archive:
+            return {device: archive[device] for device in archive.files}
 
     def save_round(
         self,
@@ -185,20 +205,16 @@ class RunFolder:
         outgoing: dict[str, np.ndarray],
     ) -> None:
         """Write the round aside with its manifest, then rename it into place."""
-        files = {f"received/{d}.npy": _npy(a) for d, a in received.items()}
-        files |= {f"outgoing/{d}.npy": _npy(a) for d, a in outgoing.items()}
-        files["round.json"] = (json.dumps(result, indent=2) + "\n").encode()
-        manifest = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
-        files[MANIFEST] = (json.dumps(manifest, indent=2) + "\n").encode()
+        files = {RECEIVED: received, "round.json": (json.dumps(result, indent=2) + "\n").encode()}
+        if outgoing:
+            files[OUTGOING] = _distinct(outgoing)
         rounds = self.path / "rounds"
         staging = None
         try:
             rounds.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(dir=rounds, prefix=f".{number:03d}-"))
-            for kind in ("received", "outgoing"):
-                (staging / kind).mkdir()
-            for name, data in files.items():
-                _write_synced(staging / name, data)
+            manifest = {name: _write_synced(staging / name, data) for name, data in files.items()}
+            _write_synced(staging / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
             final = rounds / f"{number:03d}"
             if final.exists():
                 shutil.rmtree(final)
@@ -213,20 +229,46 @@ class RunFolder:
             ) from None
 
 
-def _npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
+def _distinct(outgoing: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """outgoing.npz's members: each distinct array once, and the index of who starts from which."""
+    members: dict[int, str] = {}
+    arrays: dict[str, np.ndarray] = {}
+    for theta in outgoing.values():
+        if id(theta) not in members:
+            members[id(theta)] = f"theta-{len(members)}"
+            arrays[members[id(theta)]] = theta
+    index = json.dumps({device: members[id(theta)] for device, theta in outgoing.items()})
+    return arrays | {OUTGOING_INDEX: np.frombuffer(index.encode(), np.uint8)}
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    """Write and fsync, so a full disk fails here with its errno and the file's name (NumPy's own
-    writer reports only "N requested and M written")."""
+class _Hashing(io.RawIOBase):
+    """A file that hashes what is written through it (zipfile writes an .npz in pieces)."""
+
+    def __init__(self, handle) -> None:
+        self.handle, self.digest = handle, hashlib.sha256()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.handle.write(data)
+
+
+def _write_synced(path: Path, data: bytes | dict[str, np.ndarray]) -> str:
+    """Write (bytes, or arrays as an uncompressed .npz) and fsync, so a full disk fails here with
+    its errno and the file's name (NumPy's own writer reports only "N requested and M written");
+    the sha256 of what was written."""
     try:
         with path.open("wb") as handle:
-            handle.write(data)
+            hashing = _Hashing(handle)
+            if isinstance(data, dict):
+                np.savez(hashing, **data)
+            else:
+                hashing.write(data)
             handle.flush()
             os.fsync(handle.fileno())
     except OSError as exc:
         exc.filename = exc.filename or str(path)
         raise
+    return hashing.digest.hexdigest()

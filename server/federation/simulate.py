@@ -33,18 +33,18 @@ from skip2fleet.server.federation.serverapp import make_server_app
 from skip2fleet.server.progress import stderr
 from skip2fleet.server.training.pretraining import fleet_base
 from skip2fleet.shared import model as base_model
-from skip2fleet.shared.adapters import packed_size
 from skip2fleet.shared.atomic import write_text_atomic
 from skip2fleet.shared.config import (
     as_yaml_dict,
 )
 from skip2fleet.shared.errors import FleetError, Interrupted
+from skip2fleet.shared.layout import layout
 from skip2fleet.shared.methods import get_method
-from skip2fleet.shared.records import model_record, vector_record, wire_bytes
+from skip2fleet.shared.records import adapters_record, model_record, wire_bytes
 from skip2fleet.shared.services import CLIENTAPP, load_component
 
 Rounds = Annotated[int | None, typer.Option(min=1, help="Federated rounds.")]
-Aggregation = Annotated[str | None, typer.Option(help="none, fedavg or svd.")]
+Aggregation = Annotated[str | None, typer.Option(help="none, fedavg, svd, median or trimmed-mean.")]
 
 
 def simulate_command(
@@ -114,7 +114,7 @@ def run_summary(folder: RunFolder, wall: float) -> dict:
     """What the run's report shows: the fleet, the bytes of a model and of adapters, the rounds."""
     fleet, base = folder.config(), folder.base()
     method, rank = get_method(fleet.training.method), fleet.training.rank
-    adapters = np.zeros(packed_size(method, base_model.spec_of(base), rank))
+    size = layout(method, base_model.spec_of(base), rank).size
     return {
         "dataset": fleet.task.label,
         "method": fleet.training.method,
@@ -122,7 +122,7 @@ def run_summary(folder: RunFolder, wall: float) -> dict:
         "devices": len(fleet.devices),
         "wall_s": wall,
         "full_model_bytes": wire_bytes(model_record(base)),
-        "adapter_bytes": wire_bytes(vector_record(adapters)),
+        "adapter_bytes": wire_bytes(adapters_record(np.zeros(size), size)),
         "rounds": [folder.round_result(n) for n in folder.completed_rounds()],
     }
 

@@ -36,7 +36,12 @@ from skip2fleet.shared.config import Device, FleetConfig, load_config, state_dir
 from skip2fleet.shared.devicefile import DEVICE_FILE
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.process import PROCESS_SETTINGS
-from skip2fleet.shared.services import agent_command, superexec_command, supernode_command
+from skip2fleet.shared.services import (
+    agent_command,
+    serve_command,
+    superexec_command,
+    supernode_command,
+)
 
 # Package data (a folder without __init__.py, so that it never shadows Ansible's own `ansible`).
 ANSIBLE_DIR = wheelhouse.package_root("ansible")
@@ -141,7 +146,17 @@ def device_vars(fleet: FleetConfig, device: Device, creds: Credentials) -> dict:
         "supernode_argv": [str(home / "venv" / "bin" / supernode[0]), *supernode[1:]],
         "superexec_argv": [str(home / "venv" / "bin" / superexec[0]), *superexec[1:]],
         "agent_argv": agent_command(home / "venv" / "bin" / "python", home / "etc" / DEVICE_FILE),
+        "serve_argv": serve_argv(fleet, home),
     }
+
+
+def serve_argv(fleet: FleetConfig, home: Path) -> list[str]:
+    """`fleet serve` as the device's service; none when fleet.yaml turns it off."""
+    serve = fleet.serve
+    if not serve.enabled:
+        return []
+    return serve_command(home / "venv" / "bin" / "python", home / "state", serve.keep,
+                         serve.log_max_mb)  # fmt: skip
 
 
 def coordinator_vars(fleet: FleetConfig, creds: Credentials) -> dict:

@@ -52,7 +52,7 @@ PANELS = (
     PanelSpec("Devices up", f'sum(up{{job="{AGENT_JOB}"}})', "devices up", "none", "stat"),
     PanelSpec("Last round", f"max({names.ROUND_NUMBER.name})", "round", "none", "stat"),
     PanelSpec("Device agents", f'up{{job="{AGENT_JOB}", {DEVICE}}}', "{{device}}", "none"),
-    PanelSpec("Round duration", names.ROUND_DURATION.name, "round {{round}}", "s"),
+    PanelSpec("Round duration", names.ROUND_DURATION.name, "last completed round", "s"),
     PanelSpec(
         "Accuracy before / after",
         f"{names.DEVICE_ACCURACY.name}{{{DEVICE}}}",
@@ -63,8 +63,15 @@ PANELS = (
     PanelSpec(
         "Active model (hold-out accuracy)",
         f"{names.ACTIVE_MODEL.name}{{{DEVICE}}}",
-        "{{device}}: base {{base_sha256}}, round {{round}}",
+        "{{device}}",
         "percentunit",
+        "bargauge",
+    ),
+    PanelSpec(
+        "Active model's round",
+        f"{names.ACTIVE_MODEL_ROUND.name}{{{DEVICE}}}",
+        "{{device}}",
+        "none",
         "bargauge",
     ),
     PanelSpec(
@@ -90,12 +97,38 @@ PANELS = (
     ),
     PanelSpec(
         "Bytes sent per round",
-        f"sum by (round) ({names.DEVICE_UPLINK.name}{{{DEVICE}}})",
-        "round {{round}}",
+        f"sum({names.DEVICE_UPLINK.name}{{{DEVICE}}})",
+        "the devices' replies",
         "bytes",
-        "bargauge",
+    ),
+    PanelSpec(
+        "Predictions per class",
+        f"sum by (device, class) (rate({names.SERVE_PREDICTIONS.name}_total{{{DEVICE}}}[5m]))",
+        "{{device}} {{class}}",
+        "reqps",
+    ),
+    PanelSpec(
+        "Prediction confidence (median)",
+        "histogram_quantile(0.5, sum by (device, le) "
+        f"(rate({names.SERVE_CONFIDENCE.name}_bucket{{{DEVICE}}}[5m])))",
+        "{{device}}",
+        "percentunit",
+    ),
+    PanelSpec(
+        "Adapters version serving", f"{names.SERVE_VERSION.name}{{{DEVICE}}}", "{{device}}", "none"
     ),
 )
+
+
+def alarm_panels(fleet: FleetConfig) -> tuple[PanelSpec, ...]:
+    if not fleet.task.alert_classes:
+        return ()
+    title = "Alarms (" + ", ".join(fleet.task.alert_classes) + ") a second"
+    return (
+        PanelSpec(
+            title, alarm_expr(fleet).replace("{class", f"{{{DEVICE}, class"), "{{device}}", "reqps"
+        ),
+    )
 
 
 def prometheus_config(fleet: FleetConfig) -> dict:
@@ -117,7 +150,7 @@ def prometheus_config(fleet: FleetConfig) -> dict:
                     for d in fleet.devices
                 ],
             },
-            # The coordinator's pushed figures carry their own device, run and round labels.
+            # The coordinator's pushed figures carry their own job and device labels.
             {
                 "job_name": PUSH_JOB,
                 "honor_labels": True,
@@ -129,7 +162,7 @@ def prometheus_config(fleet: FleetConfig) -> dict:
     }
 
 
-def alert_rules() -> dict:
+def alert_rules(fleet: FleetConfig) -> dict:
     return {
         "groups": [
             {
@@ -151,16 +184,20 @@ def alert_rules() -> dict:
                     },
                     {
                         "alert": "RoundRefusedReplies",
-                        # the Pushgateway keeps every round: alert on those pushed lately
-                        "expr": f"{names.ROUND_REFUSED.name} > 0 and on (run, round) "
+                        # the last round pushed, for an hour after its push; named by its run
+                        "expr": f"{names.ROUND_REFUSED.name} * on (job) group_left (run) "
+                        f"{names.RUN_INFO.name} > 0 and on (job) "
                         f"time() - push_time_seconds < {REFUSED_ALERT_S}",
                         "labels": {"severity": "info"},
                         "annotations": {
-                            "summary": "round {{ $labels.round }} of run {{ $labels.run }} "
+                            "summary": "round {{ with query "
+                            f'"max({names.ROUND_NUMBER.name})"'
+                            " }}{{ . | first | value }}{{ end }} of run {{ $labels.run }} "
                             "refused {{ $value }} replies"
                         },
                     },
                     clock_rule(),
+                    *alarm_rules(fleet),
                 ],
             }
         ]
@@ -179,6 +216,30 @@ def clock_rule() -> dict:
             "Flower refuses its requests (fleet status)"
         },
     }
+
+
+def alarm_expr(fleet: FleetConfig) -> str:
+    """Alarm-class predictions a second per device, the mean over 5 minutes."""
+    classes = "|".join(fleet.task.alert_classes)
+    return f'sum by (device) (rate({names.SERVE_PREDICTIONS.name}_total{{class=~"{classes}"}}[5m]))'
+
+
+def alarm_rules(fleet: FleetConfig) -> list[dict]:
+    """A device whose service keeps seeing an alarm class (task.alert_classes), if any."""
+    if not fleet.task.alert_classes:
+        return []
+    return [
+        {
+            "alert": "AlarmClass",
+            "expr": f"{alarm_expr(fleet)} > {fleet.task.alert_rate}",
+            "labels": {"severity": "critical"},
+            "annotations": {
+                "summary": "{{ $labels.device }} sees "
+                + " or ".join(fleet.task.alert_classes)
+                + ': {{ $value | printf "%.3f" }} a second'
+            },
+        }
+    ]
 
 
 def dashboard(fleet: FleetConfig) -> dict:
@@ -212,8 +273,9 @@ def dashboard(fleet: FleetConfig) -> dict:
         .time("now-1h", "now")
         .with_variable(devices)
     )
-    stats = [p for p in PANELS if p.kind == "stat"]
-    others = [p for p in PANELS if p.kind != "stat"]
+    panels = PANELS + alarm_panels(fleet)
+    stats = [p for p in panels if p.kind == "stat"]
+    others = [p for p in panels if p.kind != "stat"]
     places = [GridPos(h=4, w=6, x=6 * i, y=0) for i in range(len(stats))]
     places += [GridPos(h=8, w=12, x=12 * (i % 2), y=4 + 8 * (i // 2)) for i in range(len(others))]
     for spec, place in zip(stats + others, places, strict=True):
@@ -238,7 +300,9 @@ def write_monitoring(fleet: FleetConfig, out: Path) -> list[Path]:
     prometheus_url = f"http://127.0.0.1:{fleet.coordinator.prometheus_port}"
     files = {
         "prometheus/prometheus.yml": yaml.safe_dump(prometheus_config(fleet), sort_keys=False),
-        "prometheus/alerts.yml": yaml.safe_dump(alert_rules(), sort_keys=False, allow_unicode=True),
+        "prometheus/alerts.yml": yaml.safe_dump(
+            alert_rules(fleet), sort_keys=False, allow_unicode=True
+        ),
         "grafana/provisioning/datasources/skip2fleet.yml": yaml.safe_dump(
             {
                 "apiVersion": 1,

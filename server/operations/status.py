@@ -81,11 +81,12 @@ def clock_verdict(figures: dict[str, float]) -> str | None:
 
 
 def active_model(figures: dict[str, float]) -> str:
-    """`base 1a2b3c4d5e6f + round 3 (91.20 %)` from the agent's active-model metric."""
-    prefix = names.ACTIVE_MODEL.name + "|"
-    for key, value in figures.items():
-        if key.startswith(prefix):
-            base, round_, _ = key[len(prefix) :].split("|")
-            adapters = f"round {round_}" if round_ != "0" else "no adapters"
-            return f"base {base} + {adapters} ({value * 100:.2f} %)"
-    return "-"
+    """`base 1a2b3c4d5e6f + round 3 (91.20 %)` from the agent's active-model metrics."""
+    accuracy = figures.get(names.ACTIVE_MODEL.name)
+    if accuracy is None:
+        return "-"
+    base_value = figures.get(names.ACTIVE_MODEL_BASE.name)
+    base = "?" if base_value is None else names.base_hex(base_value)
+    round_ = int(figures.get(names.ACTIVE_MODEL_ROUND.name, 0))
+    adapters = f"round {round_}" if round_ else "no adapters"
+    return f"base {base} + {adapters} ({accuracy * 100:.2f} %)"

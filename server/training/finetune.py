@@ -12,8 +12,8 @@ from skip2fleet.server import options as opt
 from skip2fleet.server.progress import progress
 from skip2fleet.server.training.pretraining import pretrain_shown
 from skip2fleet.shared import model as base_model
-from skip2fleet.shared.adapters import save_adapters
 from skip2fleet.shared.atomic import write_text_atomic
+from skip2fleet.shared.cache import Codec
 from skip2fleet.shared.datasets import Task, load_task, samples
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.methods import METHODS, get_method
@@ -52,7 +52,7 @@ def finetune_command(
     batch_size: opt.BatchSize = opt.DEFAULT_BATCH,
     rank: opt.Rank = opt.DEFAULT_RANK,
     lr: opt.LearningRate = opt.DEFAULT_LR,
-    cache: opt.CacheCodec = "f32",
+    cache: opt.CacheCodec = Codec.F32.value,
     seed: opt.Seed = 0,
     source_room: opt.SourceRoom = opt.DEFAULT_SOURCE_ROOM,
     subjects: opt.Subjects = opt.DEFAULT_SUBJECTS_OPTION,
@@ -88,7 +88,9 @@ def finetune_command(
             f"{base}: the base takes {base_model.spec_of(model).width} values per sample, "
             f"{dataset} has {task.n_features}"
         )
-    config = FineTuneConfig(epochs, batch_size, rank, None, lr, seed, cache=cache)
+    config = FineTuneConfig(
+        epochs=epochs, batch_size=batch_size, rank=rank, lr=lr, seed=seed, cache=Codec(cache)
+    )
     with progress(epochs, f"fine-tuning {method}") as advance:
         result = finetune(
             model,
@@ -128,7 +130,7 @@ def finetune_command(
         f"{result.prepare_seconds:.3f} s; cache {result.cache_bytes} bytes"
     )
     if out is not None:
-        save_adapters(out, result.tuner.adapters(), method, rank, base_model.sha256(model))
+        result.tuner.layout.save(out, result.tuner.theta, base_model.sha256(model))
         typer.echo(f"wrote {out}")
     if json_out is not None:
         write_text_atomic(json_out, json.dumps(figures, indent=2) + "\n")

@@ -1,6 +1,7 @@
 """The parts methods are made of, registered by name: adapters beside a weighted layer, the skip
-adapters into the logits, and optimizers. `shared.methods` refers to them by these names; the
-engine looks them up here and never asks which method it runs."""
+adapters into the logits, and optimizers. A method (`shared.methods`) names its adapter and its
+optimizer; the engine and the layout look them up here. They follow what a method declares (what
+it trains, its adapter, skip adapters, the cache), never its name."""
 
 from skip2fleet.shared.peft.dora import DoRA
 from skip2fleet.shared.peft.galore import GaLore

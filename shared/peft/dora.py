@@ -1,4 +1,4 @@
-"""DoRA: `W' = m * V / ||V||_c` with `V = W + s * A @ B`, one magnitude per output channel.
+"""DoRA: `W' = m * V / ||V||_c` with `V = W + A @ B`, one magnitude per output channel.
 
 The norm is over each output channel's column (C_in and the kernel), `m` starts at `||W||_c`, so
 training starts at the base. As the DoRA paper (section 4.3) and PEFT do, the norm is treated as a
@@ -29,18 +29,16 @@ class DoRA:
         k: int,
         params: dict[str, np.ndarray],
         grads: dict[str, np.ndarray],
-        scaling: float,
         base: np.ndarray,
         rng: np.random.Generator,
     ) -> None:
-        self.lora = LoRA(k, params, grads, scaling, base, rng)
+        self.lora = LoRA(k, params, grads, base, rng)
         self.m, self.gm = params[f"m{k}"], grads[f"m{k}"]
         self.m[...] = np.linalg.norm(base, axis=0)
         self.held_norm: np.ndarray | None = None  # tests: hold ||V|| fixed to check gradients
 
     def weight(self, base: np.ndarray) -> np.ndarray:
-        lora = self.lora
-        self.V = base + lora.scaling * matmul(lora.A, lora.B)
+        self.V = base + matmul(self.lora.A, self.lora.B)
         norm = np.linalg.norm(self.V, axis=0) if self.held_norm is None else self.held_norm
         self.inv_norm = 1.0 / norm
         self.per_norm = self.m * self.inv_norm
@@ -57,9 +55,12 @@ class DoRA:
         np.add.reduce(dweight * self.V, axis=0, out=self.gm)
         self.gm *= self.inv_norm
         dV = dweight * self.per_norm
-        dV *= lora.scaling
         matmul(dV, lora.B.T, out=lora.gA, kind=WEIGHT_GRAD)
         matmul(lora.A.T, dV, out=lora.gB, kind=WEIGHT_GRAD)
 
-    def merge(self, base: np.ndarray) -> np.ndarray:
-        return self.weight(base)
+    @staticmethod
+    def merge(weight: np.ndarray, views: dict[str, np.ndarray], k: int) -> np.ndarray:
+        """Layer k's weight `m * V / ||V||_c` from its adapter `views`, for inference (the same
+        arithmetic as `weight`, with the norm of V as it is)."""
+        direction = weight + views[f"A{k}"] @ views[f"B{k}"]
+        return direction * (views[f"m{k}"] * (1.0 / np.linalg.norm(direction, axis=0)))

@@ -1,8 +1,10 @@
-"""LoRA beside a linear or conv1d layer, as HF PEFT does it: `out += s * (cols @ A) @ B`.
+"""LoRA beside a linear or conv1d layer, as HF PEFT does it: `out += (cols @ A) @ B`.
 
 On a convolution, `cols` are the layer's im2col rows, so A is a convolution from C_in to r with the
-layer's kernel and B a 1x1 convolution from r to C_out. `s = alpha / r`; B starts at zero, so
-training starts at the base model. Merged for inference into `W + s * A @ B`.
+layer's kernel and B a 1x1 convolution from r to C_out. B starts at zero, so training starts at the
+base model. PEFT's scaling alpha / r is 1 here (alpha = r, as PEFT's defaults have it): the
+product A @ B is the whole update, on the wire and in aggregation (`shared.layout`). Merged for
+inference into `W + A @ B`.
 """
 
 from __future__ import annotations
@@ -32,13 +34,11 @@ class LoRA:
         k: int,
         params: dict[str, np.ndarray],
         grads: dict[str, np.ndarray],
-        scaling: float,
         base: np.ndarray,
         rng: np.random.Generator,
     ) -> None:
         self.A, self.B = params[f"A{k}"], params[f"B{k}"]
         self.gA, self.gB = grads[f"A{k}"], grads[f"B{k}"]
-        self.scaling = scaling
         self.A[...] = kaiming_uniform(rng, self.A.shape)
 
     def weight(self, base: np.ndarray) -> np.ndarray:
@@ -46,18 +46,17 @@ class LoRA:
 
     def add(self, cols: np.ndarray, out: np.ndarray) -> None:
         self.u = matmul(cols, self.A)
-        v = matmul(self.u, self.B)
-        v *= self.scaling
-        out += v
+        out += matmul(self.u, self.B)
 
     def backward(
         self, cols: np.ndarray, dout: np.ndarray, dweight: None, need_dx: bool
     ) -> np.ndarray | None:
-        dv = dout * self.scaling
-        matmul(self.u.T, dv, out=self.gB, kind=WEIGHT_GRAD)
-        du = matmul(dv, self.B.T, kind=WEIGHT_GRAD)
+        matmul(self.u.T, dout, out=self.gB, kind=WEIGHT_GRAD)
+        du = matmul(dout, self.B.T, kind=WEIGHT_GRAD)
         matmul(cols.T, du, out=self.gA, kind=WEIGHT_GRAD)
         return matmul(du, self.A.T, kind=INPUT_GRAD) if need_dx else None
 
-    def merge(self, base: np.ndarray) -> np.ndarray:
-        return base + self.scaling * (self.A @ self.B)
+    @staticmethod
+    def merge(weight: np.ndarray, views: dict[str, np.ndarray], k: int) -> np.ndarray:
+        """Layer k's weight with its adapter `views` (A{k}, B{k}) folded in, for inference."""
+        return weight + views[f"A{k}"] @ views[f"B{k}"]

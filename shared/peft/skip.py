@@ -1,12 +1,13 @@
 """Skip-LoRA's adapters: from every block's input straight into the logits.
 
-`z += sum_t (x_t A_t) B_t * alpha/r` over the taps x_t (the network's input, then each inner
+`z += sum_t (x_t A_t) B_t` over the taps x_t (the network's input, then each inner
 block's output, flattened: on a CNN a block's whole (length x channels) map, so an adapter sees
 where in the window a feature fired, as the MLP's adapters see every unit). The A_t are stacked
 in one array `A_skip` (tap t's rows, r columns each: every A_t and its gradient contiguous) and
 the B_t in `B_skip` (tap t's r rows), so every value of both is a parameter and both travel as
-they are; the products with the B_t are one product with the stacked B. Merged for inference
-into one matrix `A_t B_t * alpha/r` per tap.
+they are; the products with the B_t are one product with the stacked B. As with LoRA there is no
+alpha / r scaling (`shared.peft.lora`). Merged for inference into one matrix `A_t B_t` per tap
+(`shared.layout`).
 """
 
 from __future__ import annotations
@@ -52,12 +53,10 @@ class Skip:
         params: dict[str, np.ndarray],
         grads: dict[str, np.ndarray],
         pairs: list[AdapterPair],
-        scaling: float,
         taps: list[np.ndarray],
         rng: np.random.Generator,
     ) -> None:
         self.A, self.B, self.gB = params["A_skip"], params["B_skip"], grads["B_skip"]
-        self.pairs, self.scaling = pairs, scaling
         self.A[...] = np.concatenate([kaiming_uniform(rng, self.A[p.a_rows].shape) for p in pairs])
         self.H = np.zeros((len(taps[0]), self.B.shape[0]), self.A.dtype)
         self.dH = np.zeros_like(self.H)
@@ -76,17 +75,11 @@ class Skip:
     def forward(self, z: np.ndarray) -> None:
         for x, a, _, h, _ in self.blocks:
             matmul(x, a, out=h)
-        self.H *= self.scaling  # H holds (x A) * alpha/r, so B's gradient needs no rescaling
         matmul(self.H, self.B, out=self.V)
         z += self.V
 
     def backward(self, dz: np.ndarray) -> None:
         matmul(self.H.T, dz, out=self.gB, kind=WEIGHT_GRAD)
         matmul(dz, self.B.T, out=self.dH, kind=WEIGHT_GRAD)
-        self.dH *= self.scaling
         for x, _, ga, _, dh in self.blocks:
             matmul(x.T, dh, out=ga, kind=WEIGHT_GRAD)
-
-    def merged(self) -> list[tuple[int, np.ndarray]]:
-        """(tap, matrix from the tap straight into the logits) per adapter."""
-        return [(p.layer, self.scaling * (self.A[p.a_rows] @ self.B[p.b_rows])) for p in self.pairs]
