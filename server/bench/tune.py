@@ -47,7 +47,11 @@ BATCH = 20
 
 # (task, model) -> (fine-tuning epochs, pretraining epochs, learning rate), as `fleet bench tune
 # --tasks ... --models ...` chose them (docs/results/tune/tune.md); the edge-PEFT report's defaults.
-CHOSEN: dict[tuple[str, str], tuple[int, int, float]] = {}
+CHOSEN: dict[tuple[str, str], tuple[int, int, float]] = {
+    ("digits", "cnn2d"): (40, 30, 0.03),
+    ("digits", "dscnn2d"): (40, 40, 0.03),
+    ("digits", "resnet2d"): (40, 20, 0.03),
+}
 
 
 def validation_split(split: Split) -> tuple[Split, Split]:
