@@ -17,6 +17,7 @@ from skip2fleet.server.bench import (
     peft,
     round,
     series,
+    tune,
 )
 from skip2fleet.server.data import check_command, import_hapt_command
 from skip2fleet.server.federation.run import run_command
@@ -34,6 +35,7 @@ bench_app = typer.Typer(no_args_is_help=True, help="Measure the methods, rounds 
 bench_app.command("timing")(methods.timing_command)
 bench_app.command("accuracy")(methods.accuracy_command)
 bench_app.command("peft")(peft.peft_command)
+bench_app.command("tune")(tune.tune_command)
 bench_app.command("round")(round.round_command)
 bench_app.command("federated")(federated.federated_command)
 bench_app.command("monitor")(monitoring.monitor_command)

@@ -60,6 +60,11 @@ def _check_lr(value: float) -> float:
     return value
 
 
+def check_optional_lr(value: float | None) -> float | None:
+    """`--lr` where leaving it out means a per-model default."""
+    return None if value is None else _check_lr(value)
+
+
 Subjects = Annotated[
     str, typer.Option(help="HAR: the target group of subjects, fine-tuned and tested on.")
 ]

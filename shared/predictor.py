@@ -13,7 +13,7 @@ import numpy as np
 
 from skip2fleet.shared.flops import matmul
 from skip2fleet.shared.network import BN_EPS, ROWS_PER_PASS, Arrays, Network
-from skip2fleet.shared.spec import Spec
+from skip2fleet.shared.spec import Layer, Spec
 
 
 def fold_batchnorm(spec: Spec, arrays: Arrays) -> tuple[Spec, Arrays]:
@@ -26,14 +26,27 @@ def fold_batchnorm(spec: Spec, arrays: Arrays) -> tuple[Spec, Arrays]:
             scale = arrays[f"gamma{k}"] / np.sqrt(arrays[f"var{k}"] + BN_EPS)
             folded[f"W{k}"] = arrays[f"W{k}"] * scale
             folded[f"b{k}"] = (arrays[f"b{k}"] - arrays[f"mean{k}"]) * scale + arrays[f"beta{k}"]
-    blocks = tuple(tuple(x for x in block if x.op != "batchnorm") for block in spec.blocks)
+    blocks = tuple(_without_batchnorm(block) for block in spec.blocks)
     return dataclasses.replace(spec, blocks=blocks), folded
+
+
+def _without_batchnorm(layers: tuple[Layer, ...]) -> tuple[Layer, ...]:
+    return tuple(
+        dataclasses.replace(
+            layer,
+            branch=_without_batchnorm(layer.branch),
+            shortcut=_without_batchnorm(layer.shortcut),
+        )
+        for layer in layers
+        if layer.op != "batchnorm"
+    )
 
 
 class Predictor:
     def __init__(
         self, spec: Spec, arrays: Arrays, skips: list[tuple[int, np.ndarray]] | None = None
     ) -> None:
+        self.spec, self.arrays = spec, arrays  # as given (ONNX export writes them so)
         folded_spec, folded = fold_batchnorm(spec, arrays)
         self.in_mean, self.in_std = arrays["in_mean"], arrays["in_std"]
         self.dtype = arrays["W0"].dtype

@@ -32,11 +32,18 @@ class PretrainConfig:
 
 
 def input_statistics(spec: Spec, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and spread of the raw inputs: per feature, or per channel over a window's length."""
-    if len(spec.input) == 2:
-        per_channel = x.reshape(len(x), *spec.input).transpose(1, 0, 2).reshape(spec.input[0], -1)
-        mean, std = per_channel.mean(axis=1), per_channel.std(axis=1)
-        mean, std = np.repeat(mean, spec.input[1]), np.repeat(std, spec.input[1])
+    """Mean and spread of the raw inputs: per feature, or per channel over a window or image."""
+    if len(spec.input) > 1:
+        channels = spec.input[0]
+        positions = spec.width // channels
+        if spec.channels_last:
+            per_channel = x.reshape(len(x), positions, channels)
+            mean, std = per_channel.mean(axis=(0, 1)), per_channel.std(axis=(0, 1))
+            mean, std = np.tile(mean, positions), np.tile(std, positions)
+        else:
+            per_channel = x.reshape(len(x), channels, positions)
+            mean, std = per_channel.mean(axis=(0, 2)), per_channel.std(axis=(0, 2))
+            mean, std = np.repeat(mean, positions), np.repeat(std, positions)
     else:
         mean, std = x.mean(axis=0), x.std(axis=0)
     return mean, np.where(std > 1e-8, std, 1.0)
@@ -54,9 +61,11 @@ def pretrain(
     config: PretrainConfig = PretrainConfig(),
     on_epoch: Callable[[int, float], None] | None = None,
     spec: Spec | None = None,
+    on_model: Callable[[int, Model], None] | None = None,
 ) -> Model:
     """A base model of `spec` (default the paper's MLP) trained on raw samples `x` with labels
-    `y` (Adam, shuffled mini-batches; the last incomplete batch of an epoch is dropped)."""
+    `y` (Adam, shuffled mini-batches; the last incomplete batch of an epoch is dropped);
+    `on_model` sees the model as it stands after every epoch (choosing the epochs)."""
     spec = spec or mlp(x.shape[1], n_classes)
     rng = np.random.default_rng([config.seed, 0])
     model = init_model(spec, rng)
@@ -64,7 +73,7 @@ def pretrain(
     batch = min(config.batch_size, len(y))
     tuner = pretraining_tuner(model, batch)
     tuner.attach(x, y)
-    norms = [op for op in tuner.network.ops if isinstance(op, BatchNorm)]
+    norms = [op for op in tuner.network.every_op() if isinstance(op, BatchNorm)]
     first, second = np.zeros_like(tuner.theta), np.zeros_like(tuner.theta)
     beta1, beta2, step = 0.9, 0.999, 0
     for epoch in range(config.epochs):
@@ -87,5 +96,12 @@ def pretrain(
                 op.var += BN_MOMENTUM * (var - op.var)
         if on_epoch is not None:
             on_epoch(epoch, total / max(1, len(y) // batch))
+        if on_model is not None:
+            on_model(epoch, _as_base(tuner))
+    return _as_base(tuner)
+
+
+def _as_base(tuner: FineTuner) -> Model:
+    """The pretrained arrays as a float32 base model (copies)."""
     trained = {**tuner.model, **tuner.params}
     return {k: v if k == SPEC_KEY else v.astype(np.float32) for k, v in trained.items()}

@@ -81,16 +81,7 @@ def finetune(
 ) -> FineTuneResult:
     """Fine-tune `method` from the base `model` on raw features `x` and labels `y`; `start`
     continues from earlier trainable values (a flat `theta`) instead of a fresh init."""
-    batch = min(config.batch_size, len(y))
-    tuner = FineTuner(
-        model,
-        method,
-        rank=config.rank,
-        batch_size=batch,
-        seed=config.seed,
-        galore_interval=config.galore_interval,
-        galore_scale=config.galore_scale,
-    )
+    tuner = fine_tuner(model, method, config, len(y))
     if start is not None:
         tuner.load(start)
     started = perf_counter()
@@ -99,6 +90,19 @@ def finetune(
     train_epochs(result, config.epochs, config.lr, config.seed, on_epoch)
     result.train_seconds = perf_counter() - started - result.prepare_seconds
     return result
+
+
+def fine_tuner(model: Model, method: Method, config: FineTuneConfig, samples: int) -> FineTuner:
+    """The engine set up as `config` says, for a set of `samples`."""
+    return FineTuner(
+        model,
+        method,
+        rank=config.rank,
+        batch_size=min(config.batch_size, samples),
+        seed=config.seed,
+        galore_interval=config.galore_interval,
+        galore_scale=config.galore_scale,
+    )
 
 
 def train_epochs(

@@ -17,12 +17,50 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from skip2fleet.shared.model import init_model  # noqa: E402
-from skip2fleet.shared.spec import cnn, dscnn, mlp  # noqa: E402
+from skip2fleet.shared.spec import (  # noqa: E402
+    Layer,
+    Spec,
+    cnn,
+    cnn2d,
+    dscnn,
+    dscnn2d,
+    mlp,
+    resnet2d,
+)
+
+
+def _zoo2d() -> Spec:
+    """Every 2-D option the built-ins leave out, as imported graphs may have them: a grouped
+    convolution, a depthwise one with a channel multiplier, strides, uneven pads, overlapping
+    padded max pooling, average pooling, ReLU6, a flatten, and channels-last input rows."""
+    conv = Layer("conv2d", 4, window=(3, 3), pads=(1, 1, 1, 1), groups=2)
+    pool = Layer("maxpool2d", window=(3, 3), stride=(2, 2), pads=(1, 1, 1, 1))
+    depthwise = Layer("conv2d", 8, window=(3, 2), stride=(2, 1), pads=(1, 0, 0, 1), groups=4)
+    branch = (
+        Layer("conv2d", 8, window=(1, 1)),
+        Layer("batchnorm"),
+        Layer("relu"),
+        Layer("conv2d", 8, window=(3, 3), pads=(1, 1, 1, 1)),
+    )
+    return Spec(
+        (4, 7, 6),
+        (
+            (conv, Layer("batchnorm"), Layer("relu6"), pool),
+            (depthwise, Layer("relu"), Layer("residual", branch=branch)),
+            (Layer("avgpool2d", window=(2, 1)), Layer("flatten"), Layer("linear", 3)),
+        ),
+        channels_last=True,
+    )
+
 
 TINY_SPECS = {
     "mlp": mlp(7, 3, hidden=5),
     "cnn": cnn(2, 12, 3, widths=(3, 4, 5)),
     "dscnn": dscnn(2, 12, 3, widths=(3, 4, 5)),
+    "cnn2d": cnn2d(2, 8, 8, 3, widths=(3, 4, 5)),
+    "dscnn2d": dscnn2d(2, 8, 8, 3, widths=(3, 4, 5)),
+    "resnet2d": resnet2d(2, 6, 6, 3, widths=(3, 4)),
+    "zoo2d": _zoo2d(),
 }
 
 
@@ -31,9 +69,10 @@ def tiny_model(kind: str, seed: int = 7):
     spec = TINY_SPECS[kind]
     rng = np.random.default_rng(seed)
     model = init_model(spec, rng)
+    bound = 0.5 if kind.endswith("2d") else 1.0  # 3x3 kernels add 9 taps a channel: logits O(1)
     for name, array in model.items():
         if name[0] == "W" and name != "W0":  # Kaiming keeps small layers' logits tiny
-            model[name] = rng.uniform(-1, 1, array.shape).astype(np.float32)
+            model[name] = rng.uniform(-bound, bound, array.shape).astype(np.float32)
         elif name.startswith(("gamma", "var")):
             model[name] = rng.uniform(0.5, 1.5, array.shape).astype(np.float32)
         elif name.startswith(("beta", "mean", "b")):

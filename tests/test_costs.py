@@ -8,10 +8,13 @@ import json
 import numpy as np
 
 from skip2fleet.server.bench.costs import MEMORY_CATEGORIES, measure_memory, step_flops
+from skip2fleet.server.bench.peft import measure_pair, variants
+from skip2fleet.server.bench.tune import CHOSEN
 from skip2fleet.shared.engine import FineTuner
 from skip2fleet.shared.flops import CATEGORIES, svd_flops
 from skip2fleet.shared.methods import METHODS, get_method
 from skip2fleet.shared.peft.galore import INTERVAL
+from skip2fleet.shared.train import FineTuneConfig
 from tests.conftest import tiny_model
 from tests.test_cli import fleet
 
@@ -73,8 +76,9 @@ def test_measured_peak_holds_the_breakdown_and_little_else():
     assert f32["memory"]["optimizer"] == 0  # plain SGD keeps no state
 
 
-def test_bench_peft_writes_rows_tables_and_charts(tmp_path):
+def test_bench_peft_writes_rows_tables_and_charts(tmp_path, monkeypatch):
     out = tmp_path / "peft"
+    monkeypatch.setitem(CHOSEN, ("generated", "cnn"), (2, 2, 0.03))  # as `fleet bench tune` would
     result = fleet(
         "bench", "peft", "--tasks", "generated", "--models", "mlp,cnn", "--trials", "1",
         "--epochs", "2", "--pretrain-epochs", "2", "--out-dir", str(out),
@@ -91,6 +95,7 @@ def test_bench_peft_writes_rows_tables_and_charts(tmp_path):
         assert 0 <= row["accuracy"]["mean"] <= 100 and row["train_batch_ms"] > 0
         assert row["peak_bytes"] >= row["memory_sum"] > 0
         assert row["batch1"]["peak_bytes"] > 0
+    assert {(r["model"], r["lr"]) for r in rows} == {("mlp", 0.01), ("cnn", 0.03)}
     assert (out / "peft.md").read_text().count("## generated ·") == 2
     for chart in ("accuracy-memory", "flops"):
         assert (out / f"peft-generated-{chart}.png").read_bytes()[:4] == b"\x89PNG"
@@ -99,3 +104,13 @@ def test_bench_peft_writes_rows_tables_and_charts(tmp_path):
 def test_bench_peft_names_an_unknown_model(tmp_path):
     result = fleet("bench", "peft", "--models", "mlp,resnet", "--out-dir", str(tmp_path))
     assert result.exit_code == 2 and "unknown model resnet" in result.output
+
+
+def test_bench_peft_hands_over_its_rows_after_every_trial():
+    """What a long report has measured is written after each trial (a stopped run keeps it)."""
+    seen = []
+    chosen = variants([get_method("lora-all")])
+    config = FineTuneConfig(epochs=1, batch_size=20)
+    rows = measure_pair("generated", "mlp", chosen, config, 2, 1, None, on_trial=seen.append)
+    assert [[r["trials"] for r in partial] for partial in seen] == [[1], [2]]
+    assert seen[-1] == rows and len(rows[0]["accuracy"]["trials"]) == 2

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from skip2fleet.cli.fleet import app
 from skip2fleet.shared.datasets import TaskOptions, load_task, parse_subjects
+from skip2fleet.shared.datasets.digits import thicker_pen
 from skip2fleet.shared.datasets.fan import read_recording, stopped_from
 from skip2fleet.shared.datasets.har import read_uci_layout, split_by_subject
 from skip2fleet.shared.datasets.har_features import N_FEATURES, window_features
@@ -218,10 +219,11 @@ def test_real_data_as_windows_are_the_same_samples(data_dir):
     assert np.abs(body).max() < 0.01 and np.linalg.norm(total) > 0.8  # gravity (g) left the body
 
 
-def test_windows_need_the_raw_har_signals(tmp_path):
+@pytest.mark.parametrize("form", ["windows", "images"])
+def test_windows_and_images_need_the_raw_har_signals(tmp_path, form):
     write_uci(tmp_path)
-    with pytest.raises(DataError, match="raw HAR windows need the raw signals"):
-        load_task("har", TaskOptions(tmp_path, subjects=(2,), form="windows"))
+    with pytest.raises(DataError, match=f"HAR {form} need the raw signals"):
+        load_task("har", TaskOptions(tmp_path, subjects=(2,), form=form))
 
 
 def test_hapt_import_rebuilds_the_archive_from_ucis_raw_layout(tmp_path, data_dir):
@@ -256,3 +258,34 @@ def test_hapt_import_rebuilds_the_archive_from_ucis_raw_layout(tmp_path, data_di
     result = CliRunner().invoke(app, ["data", "import-hapt", str(raw), "--out", str(out)])
     assert result.exit_code == 2
     assert "labels.txt: 4 columns, expected 5" in result.output
+
+
+def test_har_images_are_log_spectrograms_of_the_same_windows(data_dir):
+    """The images form: each window's 9 channels as 17 frequencies x 13 frames of log power,
+    the same samples, labels and splits; a frame's power is its 32 samples' Hann-windowed FFT."""
+    windows = load_task("har", TaskOptions(data_dir, form="windows"))
+    images = load_task("har", TaskOptions(data_dir, form="images"))
+    assert images.input_shape == (9, 17, 13)
+    for split in ("pretrain", "finetune", "test"):
+        np.testing.assert_array_equal(getattr(images, split).y, getattr(windows, split).y)
+    raw = windows.test.x[5].reshape(9, 128)
+    image = images.test.x[5].reshape(9, 17, 13)
+    frame = raw[4, 3 * 8 : 3 * 8 + 32] * np.hanning(32)  # channel 4, frame 3
+    power = np.abs(np.fft.rfft(frame)) ** 2
+    np.testing.assert_allclose(image[4, :, 3], np.log(power + 1e-6), rtol=1e-4, atol=1e-4)
+
+
+def test_digits_target_domain_is_a_thicker_pen_one_pixel_lower():
+    """scikit-learn's digits: half the images as they are (source), half drawn synthetically
+    with another pen (target); the feature and image forms hold the same values."""
+    features = load_task("digits")
+    images = load_task("digits", TaskOptions(form="images"))
+    assert images.input_shape == (1, 8, 8) and features.input_shape == (64,)
+    np.testing.assert_array_equal(features.finetune.x, images.finetune.x)
+    assert len(features.pretrain) == 898 and len(features.finetune) + len(features.test) == 899
+    square = np.zeros((1, 64), np.float32)
+    square[0, 8 * 2 + 3] = 16  # one dot at row 2, column 3
+    shifted = thicker_pen(square).reshape(8, 8)
+    assert set(zip(*np.nonzero(shifted), strict=True)) == {(3, 3), (3, 4)}
+    with pytest.raises(FleetError, match="fan-damage1 has no images form; images: har, digits"):
+        load_task("fan-damage1", TaskOptions(form="images"))

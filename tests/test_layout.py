@@ -15,6 +15,7 @@ import pytest
 from skip2fleet.cli import DEVICE_COMMANDS, command_of
 from skip2fleet.cli import device as device_cli
 from skip2fleet.cli import fleet as fleet_cli
+from skip2fleet.cli import model as model_cli
 from skip2fleet.server import cli as coordinator_cli
 from skip2fleet.server.operations import wheelhouse
 
@@ -89,9 +90,10 @@ def test_fleet_is_the_coordinator_s_commands_and_the_device_s_each_once():
     device, coordinator = names(device_cli.commands), names(coordinator_cli.app)
     assert sorted(device) == sorted(DEVICE_COMMANDS)  # the dispatch knows every device command
     assert not set(device) & set(coordinator)
-    merged = [
-        name for group in fleet_cli.app.registered_groups for name in names(group.typer_instance)
-    ]
+    groups = [(g.name, names(g.typer_instance)) for g in fleet_cli.app.registered_groups]
+    assert ("model", names(model_cli.app)) in groups  # cli/model.py: where both sides meet
+    assert "model" not in device + coordinator
+    merged = [name for group, listed in groups if group != "model" for name in listed]
     assert sorted(merged) == sorted(device + coordinator)
 
 

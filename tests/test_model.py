@@ -22,6 +22,17 @@ def test_pretrain_gradients_match_central_differences(kind):
     check_gradient(tuner, np.arange(9))
 
 
+@pytest.mark.parametrize("kind", ["resnet2d", "zoo2d"])
+def test_pretraining_updates_the_running_statistics_inside_residual_paths(kind):
+    _, x, y = tiny_model(kind)
+    spec = TINY_SPECS[kind]
+    model = pretrain(x, y, 3, PretrainConfig(epochs=1, batch_size=8), spec=spec)
+    norms = [p.k for p in spec.placed() if p.layer.op == "batchnorm"]
+    assert any(p.parent >= 0 and p.layer.op == "batchnorm" for p in spec.placed())
+    for k in norms:
+        assert np.abs(model[f"mean{k}"]).min() > 0 and np.abs(model[f"var{k}"] - 1).min() > 0, k
+
+
 def test_pretraining_learns_the_source_domain():
     task = load_task("generated")
     model = pretrain(task.pretrain.x, task.pretrain.y, 3, PretrainConfig(epochs=10))

@@ -87,7 +87,7 @@ def memory_breakdown(tuner: FineTuner) -> dict:
         *(held(tuner.skip) if tuner.skip else []),
         *(held(tuner.cache) if tuner.cache else []),
     ]
-    kept = [a for op in tuner.network.ops for a in held(op)]
+    kept = [a for op in tuner.network.every_op() for a in held(op)]
     kept += [a for adapter in tuner.layer_adapters.values() for a in held(adapter)]
     optimizer = held(tuner.optimizer) + list(getattr(tuner.optimizer, "projectors", []))
     data = [tuner.labels, *(tuner.cache.arrays.values() if tuner.cache else [tuner.inputs])]

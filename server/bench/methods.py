@@ -165,6 +165,15 @@ def _write(results: dict, kind: str, out_dir: Path, json_out: Path | None) -> No
     typer.echo(f"wrote {out_dir / stem}.md and .png" + (f", {json_out}" if json_out else ""))
 
 
+def names(text: str, known: tuple[str, ...] | list[str], what: str) -> list[str]:
+    """Comma-separated names, each one of `known`."""
+    found = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in found if n not in known]
+    if unknown or not found:
+        raise typer.BadParameter(f"unknown {what} {', '.join(unknown) or '(none)'}")
+    return found
+
+
 def task_and_spec(
     dataset: str, model: str, data_dir: Path | None, source_room: str, subjects: str, seed: int
 ) -> tuple[Task, Spec]:

@@ -23,8 +23,9 @@ import typer
 
 from skip2fleet.server import options as opt
 from skip2fleet.server.bench.costs import measure_memory, step_flops
-from skip2fleet.server.bench.methods import pretrained_trials, summary, task_and_spec
+from skip2fleet.server.bench.methods import names, pretrained_trials, summary, task_and_spec
 from skip2fleet.server.bench.peft_report import peft_charts, peft_markdown, variant_label
+from skip2fleet.server.bench.tune import CHOSEN
 from skip2fleet.server.progress import progress, stderr
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.atomic import write_text_atomic
@@ -56,15 +57,15 @@ def variants(methods: list[Method]) -> list[Variant]:
     return [Variant(m, codec) for m in methods for codec in (tuple(Codec) if m.cached else (None,))]
 
 
-def default_epochs(task: str, model: str) -> tuple[int, int]:
-    """(fine-tuning, pretraining) epochs that let 10 trials of everything fit in an hour here.
-
-    The MLP fine-tunes 100 epochs (fleet.yaml's per round). A CNN step costs 30-100x an MLP
-    step, so the CNNs fine-tune 30 epochs on Fan (about 700 steps) and 10 on HAR (500 steps) and
-    pretrain 5 epochs on HAR's 8,323 source windows."""
+def operating_point(task: str, model: str) -> tuple[int, int, float]:
+    """(fine-tuning epochs, pretraining epochs, lr): what `fleet bench tune` chose on validation
+    splits (`tune.CHOSEN`), else the first report's: the MLP fine-tunes 100 epochs (fleet.yaml's
+    per round) from 30 of pretraining, the CNNs 30 / 30, all at lr 0.01."""
+    if (task, model) in CHOSEN:
+        return CHOSEN[(task, model)]
     if model == "mlp":
-        return 100, 30
-    return (10, 5) if task == "har" else (30, 30)
+        return 100, 30, opt.DEFAULT_LR
+    return 30, 30, opt.DEFAULT_LR
 
 
 def measure_pair(
@@ -76,8 +77,10 @@ def measure_pair(
     pretrain_epochs: int,
     data_dir: Path | None,
     advance: Callable[[str], None] = lambda label: None,
+    on_trial: Callable[[list[dict]], None] = lambda rows: None,
 ) -> list[dict]:
-    """One report row per variant, for one task and model."""
+    """One report row per variant, for one task and model; `on_trial` gets the rows of the
+    trials done so far after each one."""
     task, spec = task_and_spec(
         task_name, model, data_dir, opt.DEFAULT_SOURCE_ROOM, opt.DEFAULT_SUBJECTS_OPTION, 0
     )
@@ -86,6 +89,39 @@ def measure_pair(
     accuracy: dict[str, list[float]] = {v.label: [] for v in chosen}
     batch_ms: dict[str, list[float]] = {v.label: [] for v in chosen}
     costs: dict[str, dict] = {}
+
+    def rows_so_far() -> list[dict]:
+        """The report's rows for the trials done."""
+        rows = []
+        for v in chosen:
+            cost = costs[v.label]
+            memory = cost["memory_batch20"]
+            rows.append(
+                {
+                    "task": task_name,
+                    "model": model,
+                    "method": v.method.name,
+                    "cache": v.cache,
+                    "accuracy": summary(accuracy[v.label]),
+                    "before": summary(before),
+                    "flops": cost["flops"],
+                    "peak_bytes": memory["peak_bytes"],
+                    "memory": memory["memory"],
+                    "memory_sum": memory["sum"],
+                    "batch1": cost["memory_batch1"],
+                    "train_batch_ms": median(batch_ms[v.label]),
+                    "params": cost["params"],
+                    "bytes_sent": 4 * cost["params"],  # float32 on the wire (shared.records)
+                    "cache_bytes": cost["cache_bytes"],
+                    "epochs": config.epochs,
+                    "pretrain_epochs": pretrain_epochs,
+                    "lr": config.lr,
+                    "trials": len(before),
+                    "samples": {"finetune": len(task.finetune), "test": len(task.test)},
+                }
+            )
+        return rows
+
     for trial, base, base_accuracy in pretrained_trials(
         task, spec, trials, pretrain_epochs, config.seed
     ):
@@ -109,42 +145,8 @@ def measure_pair(
                     "cache_bytes": result.cache_bytes,
                 }
             advance(f"{task_name} {model} trial {trial + 1}: {v.label}")
-    rows = []
-    for v in chosen:
-        cost = costs[v.label]
-        memory = cost["memory_batch20"]
-        rows.append(
-            {
-                "task": task_name,
-                "model": model,
-                "method": v.method.name,
-                "cache": v.cache,
-                "accuracy": summary(accuracy[v.label]),
-                "before": summary(before),
-                "flops": cost["flops"],
-                "peak_bytes": memory["peak_bytes"],
-                "memory": memory["memory"],
-                "memory_sum": memory["sum"],
-                "batch1": cost["memory_batch1"],
-                "train_batch_ms": median(batch_ms[v.label]),
-                "params": cost["params"],
-                "bytes_sent": 4 * cost["params"],  # float32 on the wire (shared.records)
-                "cache_bytes": cost["cache_bytes"],
-                "epochs": config.epochs,
-                "pretrain_epochs": pretrain_epochs,
-                "trials": trials,
-                "samples": {"finetune": len(task.finetune), "test": len(task.test)},
-            }
-        )
-    return rows
-
-
-def _names(text: str, known: tuple[str, ...] | list[str], what: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in known]
-    if unknown or not names:
-        raise typer.BadParameter(f"unknown {what} {', '.join(unknown) or '(none)'}")
-    return names
+        on_trial(rows_so_far())
+    return rows_so_far()
 
 
 def peft_command(
@@ -167,7 +169,14 @@ def peft_command(
         typer.Option(min=1, help="Pretraining epochs for every pair (default: per model)."),
     ] = None,
     rank: opt.Rank = opt.DEFAULT_RANK,
-    lr: opt.LearningRate = opt.DEFAULT_LR,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            callback=opt.check_optional_lr,
+            help="SGD learning rate for every pair (default: per model, as `fleet bench tune` "
+            "chose it).",
+        ),
+    ] = None,
     seed: opt.Seed = 0,
     jobs: Annotated[
         int, typer.Option(min=1, help="Task-model pairs measured at once (processes).")
@@ -180,22 +189,32 @@ def peft_command(
 ) -> None:
     """The edge-PEFT report: accuracy, FLOPs, time and peak memory of every method, every model,
     every task; Skip2-LoRA with f32, int8 and int4 caches."""
-    task_names = _names(tasks, DATASETS, "task")
-    model_names = _names(models, MODELS, "model")
+    task_names = names(tasks, DATASETS, "task")
+    model_names = names(models, MODELS, "model")
     chosen = variants(parse_methods(methods))
-    config = FineTuneConfig(batch_size=PAPER_BATCH, rank=rank, lr=lr, seed=seed)
+    config = FineTuneConfig(batch_size=PAPER_BATCH, rank=rank, seed=seed)
     pairs = []
     for task_name in task_names:
         for model in model_names:
-            tune, pre = default_epochs(task_name, model)
-            run = dataclasses.replace(config, epochs=epochs or tune)
+            tune, pre, tuned_lr = operating_point(task_name, model)
+            run = dataclasses.replace(config, epochs=epochs or tune, lr=lr or tuned_lr)
             pairs.append((task_name, model, chosen, run, trials, pretrain_epochs or pre, data_dir))
     started = perf_counter()
     rows: list[dict] = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def write_partial(partial: list[dict]) -> None:
+        """Everything measured so far, written after each trial: a long run stopped early
+        keeps its trials (each section states how many)."""
+        report = {"wall_seconds": perf_counter() - started, "trials": trials, "jobs": jobs}
+        report |= {"partial": True, "rows": rows + partial}
+        write_text_atomic(out_dir / "peft.md", peft_markdown(report))
+        write_text_atomic(out_dir / "peft.json", json.dumps(report, indent=2) + "\n")
+
     with progress(len(pairs) * trials * len(chosen), "peft report") as advance:
         if jobs == 1:
             for pair in pairs:
-                rows += measure_pair(*pair, advance=advance)
+                rows += measure_pair(*pair, advance=advance, on_trial=write_partial)
         else:
             with ProcessPoolExecutor(jobs) as pool:
                 futures = {pool.submit(measure_pair, *pair): pair for pair in pairs}
@@ -207,7 +226,6 @@ def peft_command(
     order = {(t, m): i for i, (t, m, *_) in enumerate(pairs)}
     rows.sort(key=lambda r: order[(r["task"], r["model"])])
     report = {"wall_seconds": wall, "trials": trials, "jobs": jobs, "rows": rows}
-    out_dir.mkdir(parents=True, exist_ok=True)
     peft_charts(rows, out_dir)
     markdown = peft_markdown(report)
     write_text_atomic(out_dir / "peft.md", markdown)

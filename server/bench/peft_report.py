@@ -40,6 +40,12 @@ def peft_markdown(report: dict) -> str:
         "optimizer / activations / data or cache. **Sent**: bytes of adapters a device sends per "
         "round (float32).",
     ]
+    if report.get("partial"):
+        lines += [
+            "",
+            "**Partial**: written after each trial while the run went on; each section "
+            "states the trials it holds.",
+        ]
     for (task, model), group in _pairs(report["rows"]):
         group = list(group)
         first = group[0]
@@ -48,9 +54,10 @@ def peft_markdown(report: dict) -> str:
             "",
             f"## {task} · {model}",
             "",
-            f"{first['samples']['finetune']} fine-tuning and {first['samples']['test']} test "
-            f"samples; {first['epochs']} epochs, base pretrained {first['pretrain_epochs']} "
-            f"epochs: before fine-tuning {before['mean']:.2f} ± {before['std']:.2f} %.",
+            f"{first['trials']} trials; {first['samples']['finetune']} fine-tuning and "
+            f"{first['samples']['test']} test samples; {first['epochs']} epochs at lr "
+            f"{first['lr']}, base pretrained {first['pretrain_epochs']} epochs: before "
+            f"fine-tuning {before['mean']:.2f} ± {before['std']:.2f} %.",
             "",
             "| method | accuracy % | ms | MFLOP fwd / in / wt / upd / svd = total | peak KiB "
             "b20 | held KiB w / t / g / o / a / d | peak KiB b1 | params | sent B | cache B |",

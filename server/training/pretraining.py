@@ -38,11 +38,11 @@ def pretrain_shown(task: Task, model: str, epochs: int, seed: int) -> Model:
     return base_model.with_classes(trained, task.classes)
 
 
-def fleet_source(fleet: FleetConfig) -> Task:
-    """The coordinator's source data for the fleet's task, in its model's form."""
+def fleet_source(fleet: FleetConfig, form: str | None = None) -> Task:
+    """The coordinator's source data for the fleet's task, in `form` (default its model's)."""
     task, training = fleet.task, fleet.training
     data_dir = Path(task.data_dir) if task.data_dir else None
-    form = input_form(training.model)
+    form = form or input_form(training.model)
     if task.source is not None:
         return samples.source_task(Path(task.source), task.label_column, task.holdout, form)
     options = TaskOptions(data_dir, task.source_room, task.subjects, training.seed, form)
@@ -50,21 +50,19 @@ def fleet_source(fleet: FleetConfig) -> Task:
 
 
 def fleet_base(fleet: FleetConfig, base: Path | None = None) -> Model:
-    """The base model for the fleet's task and model: the file `base` (from `fleet pretrain`),
-    checked to take the fleet's samples and name its classes, else pretrained now."""
+    """The base model for the fleet's task and model: the file `base` (from `fleet pretrain` or
+    `fleet model import`: its own spec, whatever training.model says), checked to take the
+    fleet's samples and name its classes, else pretrained now."""
     training = fleet.training
     if base is None:
         return pretrain_shown(
             fleet_source(fleet), training.model, training.pretrain_epochs, training.seed
         )
     model = base_model.load(base)
+    if fleet.task.source is None and all(d.data.path for d in fleet.devices):
+        return model  # own samples on every device, no source here: each checks them itself
     spec = base_model.spec_of(model)
-    if form_of(spec) != input_form(training.model):
-        raise FleetError(
-            f"{base}: a model of {form_of(spec)}; the fleet's model {training.model} reads "
-            f"{input_form(training.model)} (choose it with --model)"
-        )
-    task = fleet_source(fleet)
+    task = fleet_source(fleet, form_of(spec))
     if (spec.width, base_model.classes_of(model)) != (task.n_features, task.classes):
         raise FleetError(
             f"{base}: takes {spec.width} values per sample and knows the classes "

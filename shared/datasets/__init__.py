@@ -1,9 +1,10 @@
 """Tasks: a source domain to pretrain on, and a drifted target domain to fine-tune and test on.
 
-Every task comes as three labelled splits of raw sample rows, in one of two forms: `features`
-(what the MLP reads: HAR's window features, a fan spectrum as 256 features) or `windows` (what a
-CNN reads: HAR's raw 9 x 128 windows, a fan spectrum as one channel of 256), always the same
-samples, subjects and splits, so results of the two kinds of model compare. The registry maps a
+Every task comes as three labelled splits of raw sample rows, in one of three forms: `features`
+(what the MLP reads: HAR's window features, a fan spectrum as 256 features), `windows` (what a
+1-D CNN reads: HAR's raw 9 x 128 windows, a fan spectrum as one channel of 256) or `images` (what
+a 2-D CNN reads: HAR's windows as 9 x 17 x 13 log-spectrograms, a digit as 1 x 8 x 8), always the
+same samples, subjects and splits, so results of the kinds of model compare. The registry maps a
 task name to its loader; `load_task` resolves the data folder and turns any problem into a
 `DataError` that names the file and what is wrong with it.
 """
@@ -22,8 +23,14 @@ from skip2fleet.shared.errors import DataError, FleetError
 
 DEFAULT_SUBJECTS = (9, 14, 16, 19, 25)
 SOURCE_ROOMS = ("silentA", "silentB")
-FORMS = ("features", "windows")
+FORMS = ("features", "windows", "images")
 DEFAULT_SOURCE_ROOM = SOURCE_ROOMS[0]
+ONE_CHANNEL = ("fan-damage1", "fan-damage2", "generated")  # spectra: as windows, one channel
+FORM_TASKS = {
+    "features": ("har", "fan-damage1", "fan-damage2", "digits", "generated"),
+    "windows": ("har", *ONE_CHANNEL),
+    "images": ("har", "digits"),
+}
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,7 @@ class Task:
     pretrain: Split  # source domain
     finetune: Split  # target domain, what a device trains on
     test: Split  # target domain, held out
-    shape: tuple[int, ...] = ()  # of a sample: (channels, length) for windows; () for features
+    shape: tuple[int, ...] = ()  # of a sample: (channels, length) or (channels, height, width)
 
     @property
     def n_features(self) -> int:
@@ -58,7 +65,7 @@ class Task:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        """(features,) or (channels, length): what a model spec takes."""
+        """(features,), (channels, length) or (channels, height, width): what a spec takes."""
         return self.shape or (self.n_features,)
 
 
@@ -86,6 +93,12 @@ def _har(options: TaskOptions) -> Task:
     return load_har_task(dataset_dir(options, "hapt"), options.subjects, options.form)
 
 
+def _digits(options: TaskOptions) -> Task:
+    from skip2fleet.shared.datasets.digits import load_digits_task
+
+    return load_digits_task(options.form)
+
+
 def _generated(options: TaskOptions) -> Task:
     from skip2fleet.shared.datasets.generated import generated_task
 
@@ -96,6 +109,7 @@ TASKS: dict[str, Callable[[TaskOptions], Task]] = {
     "fan-damage1": _fan("damage1"),
     "fan-damage2": _fan("damage2"),
     "har": _har,
+    "digits": _digits,
     "generated": _generated,
 }
 
@@ -110,8 +124,11 @@ def load_task(name: str, options: TaskOptions = TaskOptions()) -> Task:
         )
     if options.form not in FORMS:
         raise FleetError(f"unknown data form {options.form!r}; choose from {', '.join(FORMS)}")
+    form = options.form
+    if name not in FORM_TASKS[form]:
+        raise FleetError(f"{name} has no {form} form; {form}: {', '.join(FORM_TASKS[form])}")
     task = TASKS[name](options)
-    if options.form == "windows" and not task.shape:  # a spectrum is a one-channel window
+    if options.form == "windows" and name in ONE_CHANNEL:  # a spectrum is a one-channel window
         task = dataclasses.replace(task, shape=(1, task.n_features))
     for split in ("pretrain", "finetune", "test"):
         getattr(task, split).check(f"{name} {split} split")

@@ -5,7 +5,8 @@ A device is a partition of the task's target domain:
 - `har`: partition s is subject s (its 60/40 split, as in the central task); the base is
   pretrained on every subject outside `task.subjects`;
 - `fan-damage1`, `fan-damage2`: partition `damage1` or `damage2`, that damage type near the
-  ventilation fan; the base is pretrained on the silent room with both damage types.
+  ventilation fan; the base is pretrained on the silent room with both damage types;
+- `digits`: every device holds the (synthetically shifted) target split.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def device_split(dataset: str, partition: str, options: TaskOptions) -> tuple[Sp
                 f"fan partition {partition!r}: choose one of {', '.join(FAN_PARTITIONS)}"
             )
         task = load_task(f"fan-{partition}", options)
+        return task.finetune, task.test
+    if dataset == "digits":  # every device draws with the same synthetic pen
+        task = load_task(dataset, options)
         return task.finetune, task.test
     raise FleetError(f"unknown dataset {dataset!r}")
 

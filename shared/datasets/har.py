@@ -8,7 +8,8 @@ Two formats are read:
   "Inertial Signals" channels: body acceleration x, y, z, total acceleration x, y, z (g), gyroscope
   x, y, z (rad/s), channel by channel in a row. Body acceleration is the total minus gravity, and
   gravity is the total low-passed at 0.3 Hz (UCI's cut-off; here an ideal filter, by FFT over each
-  whole recording, as UCI filtered whole recordings before windowing);
+  whole recording, as UCI filtered whole recordings before windowing); or (form `images`) those 9
+  channels as log-spectrograms, 9 x 17 frequencies x 13 frames (`log_spectrogram`);
 - the published UCI HAR layout (`train/X_train.txt`, `y_train.txt`, `subject_train.txt` and the
   same under `test/`), its 561 features as they are.
 
@@ -40,6 +41,9 @@ SKIP_BYTES = 1 << 20
 CHUNK = 64  # windows featurised at once: 1 MB per float64 temporary (256: +14 MB peak)
 CHANNELS = 9  # of a raw window: body acc xyz, total acc xyz, gyro xyz
 GRAVITY_HZ = 0.3
+STFT_FRAME, STFT_HOP = 32, 8  # the images form: 0.64 s frames every 0.16 s
+FREQUENCIES, FRAMES = STFT_FRAME // 2 + 1, (WINDOW - STFT_FRAME) // STFT_HOP + 1
+POWER_FLOOR = 1e-6  # (g or rad/s)^2: keeps the log finite where a channel is flat
 
 
 def load_har_task(folder: Path, subjects: tuple[int, ...], form: str = "features") -> Task:
@@ -52,7 +56,8 @@ def load_har_subject(folder: Path, subject: int, form: str = "features") -> Task
 
 
 def _shaped(task: Task, form: str) -> Task:
-    return dataclasses.replace(task, shape=(CHANNELS, WINDOW)) if form == "windows" else task
+    shapes = {"windows": (CHANNELS, WINDOW), "images": (CHANNELS, FREQUENCIES, FRAMES)}
+    return dataclasses.replace(task, shape=shapes[form]) if form in shapes else task
 
 
 def har_windows(
@@ -63,8 +68,8 @@ def har_windows(
     The UCI layout does not say which recording a window is from: each subject counts as one."""
     if (folder / RAW_FILE).is_file():
         return raw_windows(folder / RAW_FILE, only, form)
-    if form == "windows":
-        raise DataError(f"{folder}: raw HAR windows need the raw signals, {RAW_FILE}")
+    if form != "features":
+        raise DataError(f"{folder}: HAR {form} need the raw signals, {RAW_FILE}")
     if (folder / "train" / "X_train.txt").is_file():
         features, labels, subject = read_uci_layout(folder)
         keep = np.isin(subject, only) if only is not None else slice(None)
@@ -117,6 +122,12 @@ def raw_windows(
         channels = inertial_channels(signals, np.r_[0, bounds, n])
         windows = np.lib.stride_tricks.sliding_window_view(channels, WINDOW, axis=0)
         features = windows[starts].reshape(len(starts), -1).astype(np.float32)
+    elif form == "images":
+        channels = inertial_channels(signals, np.r_[0, bounds, n])
+        windows = np.lib.stride_tricks.sliding_window_view(channels, WINDOW, axis=0)
+        features = np.concatenate(
+            [log_spectrogram(windows[starts[i : i + CHUNK]]) for i in range(0, len(starts), CHUNK)]
+        )
     else:
         windows = np.lib.stride_tricks.sliding_window_view(signals, WINDOW, axis=0)
         features = np.concatenate(
@@ -131,6 +142,18 @@ def raw_windows(
         subject[starts].astype(np.int64),
         recording[starts].astype(np.int64),
     )
+
+
+def log_spectrogram(windows: np.ndarray) -> np.ndarray:
+    """(N, 9, 128) windows -> (N, 9 * 17 * 13) rows: per channel, the log power of a short-time
+    Fourier transform (Hann frames of 32 samples every 8: 17 frequencies from 0 to 25 Hz by
+    13 frames in time), channel-major, frequency before time."""
+    frames = np.lib.stride_tricks.sliding_window_view(windows, STFT_FRAME, axis=2)[
+        ..., ::STFT_HOP, :
+    ]
+    spectrum = np.fft.rfft(frames * np.hanning(STFT_FRAME), axis=-1)
+    power = np.log(np.abs(spectrum) ** 2 + POWER_FLOOR)  # (N, 9, frames, frequencies)
+    return power.transpose(0, 1, 3, 2).reshape(len(windows), -1).astype(np.float32)
 
 
 def inertial_channels(signals: np.ndarray, edges: np.ndarray) -> np.ndarray:

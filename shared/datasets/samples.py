@@ -137,10 +137,10 @@ def _npz_blocks(file: Path, rows: int, labelled: bool) -> Iterator[Block]:
         with archive.open("x.npy") as xs, archive.open("y.npy") as ys:
             x_shape, x_dtype = _npy_header(xs, file, "x")
             y_shape, y_dtype = _npy_header(ys, file, "y")
-            if len(x_shape) not in (2, 3):
+            if len(x_shape) not in (2, 3, 4):
                 raise DataError(
-                    f"{file}: x is {_shape(x_shape)}; expected samples x features "
-                    "or samples x channels x length"
+                    f"{file}: x is {_shape(x_shape)}; expected samples x features, "
+                    "samples x channels x length or samples x channels x height x width"
                 )
             if len(y_shape) != 1 or y_shape[0] != x_shape[0]:
                 raise DataError(f"{file}: x has {x_shape[0]} samples but y is {_shape(y_shape)}")
@@ -160,7 +160,7 @@ def _npz_blocks(file: Path, rows: int, labelled: bool) -> Iterator[Block]:
 def _unlabelled(archive: zipfile.ZipFile, file: Path, rows: int) -> Iterator[Block]:
     with archive.open("x.npy") as xs:
         shape, dtype = _npy_header(xs, file, "x")
-        if len(shape) not in (2, 3) or dtype.kind not in "fiu":
+        if len(shape) not in (2, 3, 4) or dtype.kind not in "fiu":
             raise DataError(f"{file}: x is {dtype} {_shape(shape)}; expected samples of numbers")
         width = int(np.prod(shape[1:]))
         for first in range(0, shape[0], rows):
@@ -355,11 +355,13 @@ def source_task(path: Path, label_column: str, fraction: float, form: str) -> Ta
     classes = source_classes(path, label_column)
     train, held = device_samples(path, classes, label_column, fraction, sys.maxsize)
     first = next(read_blocks(path, label_column)).shape
-    shape = first if len(first) == 2 else ()
+    shape = first if len(first) > 1 else ()
     if form == "windows" and not shape:
         shape = (1, train.x.shape[1])
     elif form == "features":
         shape = ()
+    if form == "images" and len(shape) != 3:
+        raise DataError(f"{path}: samples of {_shape(first)}; an image model reads C x H x W")
     return Task(str(path), classes, train, train, held, shape)
 
 
