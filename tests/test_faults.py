@@ -53,7 +53,7 @@ from skip2fleet.shared import model as base_model
 from skip2fleet.shared.config import as_yaml_dict, load_config
 from skip2fleet.shared.layout import layout
 from skip2fleet.shared.methods import get_method
-from skip2fleet.shared.protocol import DEVICE_NAME, THETA, Figures, Part
+from skip2fleet.shared.protocol import DEVICE_NAME, THETA, Accept, Figures, Part
 from skip2fleet.shared.records import figures_record
 from skip2fleet.shared.services import FAULTY_CLIENTAPP
 from skip2fleet.shared.spec import mlp
@@ -249,7 +249,13 @@ def poisoned_run(deployment) -> RunFolder:
     for device, rounds in faults.items():
         (root / "devices" / device).mkdir(parents=True, exist_ok=True)
         (root / "devices" / device / "inject-fault.json").write_text(json.dumps(rounds))
-    fleet = dataclasses.replace(fleet, federation=dataclasses.replace(fleet.federation, rounds=2))
+    # Every round's adapters are sent (accept: always): after run-a the devices' active models are
+    # better than one round from a fresh start, and a device that keeps its model sends nothing.
+    fleet = dataclasses.replace(
+        fleet,
+        federation=dataclasses.replace(fleet.federation, rounds=2),
+        training=dataclasses.replace(fleet.training, accept=Accept.ALWAYS),
+    )
     wait_for(lambda: len(online(fleet)) == 3, 120, "three devices online")
     folder = RunFolder.create(root / "run-b", as_yaml_dict(fleet), fleet_base(fleet))
     try:
