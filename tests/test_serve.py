@@ -221,3 +221,23 @@ def test_the_alarm_rule_fires_for_an_alarm_class_only(tmp_path):
         ["promtool", "test", "rules", "alarm_test.yml"], cwd=folder, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_batch_larger_than_the_log_keeps_whole_lines_within_the_cap(tmp_path):
+    log = PredictionLog(tmp_path / "p.ndjson", 2000)
+    log.append("socket:1", CLASSES, np.zeros(100, int), np.full(100, 0.5), 1)
+    log.close()
+    text = (tmp_path / "p.ndjson").read_text()
+    assert 0 < len(text) <= 1000 and all(json.loads(line) for line in text.splitlines())
+
+
+def test_a_spool_file_over_the_cap_is_rejected_unread(tmp_path, monkeypatch):
+    from skip2fleet.client.serving import spool as spooling
+
+    monkeypatch.setattr(spooling, "MAX_FILE_BYTES", 100)
+    spool = spooling.Spool(tmp_path / "spool", keep=True)
+    np.savez(spool.folder / "big.npz", x=np.zeros((10, WIDTH)))
+    answered = []
+    reason = spool.answer_one(spool.folder / "big.npz", lambda where, x: answered.append(x))
+    assert answered == [] and "larger than" in reason
+    assert (spool.folder / "rejected" / "big.npz").exists()

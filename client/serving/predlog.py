@@ -31,7 +31,10 @@ class PredictionLog:
         with self.lock:
             if self.file.tell() + len(lines) > self.half:
                 self._rotate()
-            self.file.write(lines[: self.half])  # a line longer than the cap is cut, not kept
+            if len(lines) > self.half:  # a batch larger than the cap: its newest whole lines
+                tail = lines[-self.half :]
+                lines = tail[tail.find(b"\n") + 1 :]
+            self.file.write(lines)
             self.file.flush()
 
     def _rotate(self) -> None:

@@ -16,6 +16,8 @@ import numpy as np
 from skip2fleet.shared.datasets.samples import SUFFIXES, read_blocks
 from skip2fleet.shared.errors import DataError
 
+MAX_FILE_BYTES = 64 << 20  # about 65,000 fan spectra
+
 Answer = Callable[[str, np.ndarray], None]  # (where the samples came from, samples)
 
 
@@ -34,8 +36,12 @@ class Spool:
         return [self.folder / name for name in names]
 
     def answer_one(self, path: Path, answer: Answer) -> str | None:
-        """Answer every sample of one file, then file it away; the reason it was rejected, if."""
+        """Answer every sample of one file, then file it away; the reason it was rejected, if.
+        A file is read whole before any answer (none for a file that turns out bad), so its size
+        is capped."""
         try:
+            if path.stat().st_size > MAX_FILE_BYTES:
+                raise DataError(f"larger than {MAX_FILE_BYTES >> 20} MiB; drop smaller files")
             blocks = [
                 (b.where(0), b.x) for b in read_blocks(path, self.label_column, labelled=False)
             ]
