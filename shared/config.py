@@ -122,7 +122,10 @@ class Federation:
     # no reply weighs more than this many times the equal share (1 / replies merged)
     max_weight: float = 2.0
     trim: float = 0.2  # trimmed-mean: the fraction cut from each end of every coordinate
-    clip: float | None = None  # clip each change's norm to this many times the round's median
+    # each change's norm clipped to this many times the round's median before merging: an
+    # in-bounds but bold update (up to max_update_ratio x) then moves the mean no more than an
+    # honest one twice as large (None: off)
+    clip: float | None = 2.0
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from skip2fleet.server.progress import stderr
 from skip2fleet.server.training.pretraining import fleet_base
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.atomic import write_text_atomic
-from skip2fleet.shared.config import FleetConfig, as_yaml_dict
+from skip2fleet.shared.config import Federation, FleetConfig, as_yaml_dict
 from skip2fleet.shared.datasets import TASKS as DATASETS
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.layout import Layout, layout
@@ -213,8 +213,9 @@ def byzantine_command(
     devices: Annotated[int, typer.Option(min=3, help="Devices; the last is the attacker.")] = 5,
     rounds: Annotated[int, typer.Option(min=1, help="Federated rounds per run.")] = 3,
     clip: Annotated[
-        float | None, typer.Option(min=1, help="federation.clip: times the median change.")
-    ] = None,
+        float,
+        typer.Option(help="federation.clip: times the median change; 0 turns clipping off."),
+    ] = Federation.clip,
     data_dir: opt.DataDir = None,
     workdir: Annotated[
         Path, typer.Option(callback=opt.fresh_workdir, help="Folder for the run folders.")
@@ -233,7 +234,9 @@ def byzantine_command(
         fleets[task] = dataclasses.replace(
             fleet,
             training=dataclasses.replace(fleet.training, accept=Accept.ALWAYS),
-            federation=dataclasses.replace(fleet.federation, min_devices=devices - 1, clip=clip),
+            federation=dataclasses.replace(
+                fleet.federation, min_devices=devices - 1, clip=clip or None
+            ),
         )
 
     def save(rows: list[dict]) -> None:
