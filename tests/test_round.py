@@ -413,6 +413,26 @@ def test_the_report_shows_the_active_models_accuracy_marks_it_kept_and_says_why(
     assert "- round 1: 2 unnamed node(s): not a node this coordinator registered" in markdown
 
 
+def test_the_terminal_report_of_a_large_fleet_lists_its_worst_devices_and_says_where_the_rest_are():
+    new = {**vars(FIGURES), "acc_before": 60.0, "accepted": 1}
+    devices = {f"pi-{i}": {**new, "acc_after": (999 - i) / 10} for i in range(1000)}
+    missing = [f"gone-{i}" for i in range(30)]
+    result = {**round_result(), "devices": devices, "refused": {}, "missing": missing}
+    summary = {
+        "dataset": "generated", "method": "skip2-lora", "aggregation": "none", "devices": 1030,
+        "wall_s": 2.0, "full_model_bytes": 20000, "adapter_bytes": 500, "rounds": [result],
+    }  # fmt: skip
+    full, _ = report.federated_report(summary)
+    shown, _ = report.federated_report(summary, shown=report.SHOWN)
+    assert sum(line.startswith("| pi-") for line in full.splitlines()) == 1000
+    rows = [line.split(" | ")[0][2:] for line in shown.splitlines() if line.startswith("| pi-")]
+    assert rows == [f"pi-{999 - i}" for i in range(report.SHOWN)]  # the lowest after
+    assert f"| ... {1000 - report.SHOWN} more (the {report.SHOWN} lowest" in shown
+    assert "median after 50.00 %, best 99.90 %" in shown
+    assert sum(line.startswith("- round 1: gone-") for line in shown.splitlines()) == report.SHOWN
+    assert f"- ... {30 + 1 - report.SHOWN} more in the run's report.md" in shown  # + 2 unnamed
+
+
 # -- every phase in a row -----------------------------------------------------------------------
 
 

@@ -43,8 +43,10 @@ def problems(result: dict) -> list[str]:
     return lines
 
 
-def federated_report(summary: dict) -> tuple[str, Chart]:
-    """Per device: accuracy before and after (last round); per round: time, bytes, problems."""
+def federated_report(summary: dict, shown: int | None = None) -> tuple[str, Chart]:
+    """Per device: accuracy before and after (last round); per round: time, bytes, problems.
+    With `shown` (the terminal's copy), at most that many devices and problems are listed: the
+    devices with the lowest accuracy after, then how many more and where they all are."""
     rounds = summary["rounds"]
     ratio = summary["full_model_bytes"] / summary["adapter_bytes"]
     lines = [
@@ -55,27 +57,40 @@ def federated_report(summary: dict) -> tuple[str, Chart]:
         f"{summary['adapter_bytes']} bytes (1/{ratio:.1f} of the model). "
         f"Wall {summary['wall_s']:.1f} s.",
         "",
-        *_device_table(rounds[-1]["devices"]),
+        *_device_table(rounds[-1]["devices"], shown),
         "",
         *_round_table(rounds),
     ]
-    said = [(r["round"], line) for r in rounds for line in problems(r)]
+    said = [f"- round {r['round']}: {line}" for r in rounds for line in problems(r)]
     if said:
-        lines += ["", "Problems:", "", *(f"- round {n}: {line}" for n, line in said)]
+        lines += ["", "Problems:", "", *said[:shown]]
+        if shown is not None and len(said) > shown:
+            lines.append(f"- ... {len(said) - shown} more in the run's report.md")
     return "\n".join(lines) + "\n", lambda path: _chart(summary, path)
 
 
-def _device_table(last: dict) -> list[str]:
+def _device_table(last: dict, shown: int | None = None) -> list[str]:
     lines = [
         "| device | accuracy before % | after % (active model) | active | train batch ms "
         "| uplink bytes |",
         "|---|---:|---:|---|---:|---:|",
     ]
-    for name, d in last.items():
+    listed = list(last)
+    if shown is not None and len(listed) > shown:
+        listed = sorted(listed, key=lambda name: active_accuracy(last[name]))[:shown]
+    for name in listed:
+        d = last[name]
         active = "new" if kept_new(d) else f"kept (this round's {d['acc_after']:.2f} %)"
         lines.append(
             f"| {name} | {d['acc_before']:.2f} | {active_accuracy(d):.2f} | {active} "
             f"| {d['train_batch_ms']:.4f} | {d['uplink_bytes']:.0f} |"
+        )
+    if len(listed) < len(last):
+        after = sorted(active_accuracy(d) for d in last.values())
+        lines.append(
+            f"| ... {len(last) - len(listed)} more (the {len(listed)} lowest are above; median "
+            f"after {after[len(after) // 2]:.2f} %, best {after[-1]:.2f} %): all in report.md "
+            "| | | | | |"
         )
     return lines
 

@@ -27,7 +27,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from skip2fleet.server import options as opt
 from skip2fleet.server.federation.exchange import STOP
-from skip2fleet.server.federation.report import federated_report, print_round, print_round_header
+from skip2fleet.server.federation.report import (
+    SHOWN,
+    federated_report,
+    print_round,
+    print_round_header,
+)
 from skip2fleet.server.federation.runs import RunFolder
 from skip2fleet.server.federation.serverapp import make_server_app
 from skip2fleet.server.progress import stderr
@@ -75,10 +80,11 @@ def simulate_command(
     markdown, chart = federated_report(summary)
     chart(folder.path / "report.png")
     write_text_atomic(folder.path / "report.md", markdown)
+    shown, _ = federated_report(summary, shown=SHOWN)
     for path in (folder.path / "result.json", json_out):
         if path is not None:
             write_text_atomic(path, json.dumps(summary, indent=2) + "\n")
-    typer.echo(markdown)
+    typer.echo(shown)
     typer.echo(f"wall {wall:.1f} s; report in {folder.path}/report.md and report.png")
 
 
