@@ -25,6 +25,7 @@ from skip2fleet.client.acceptance import Verdict, evaluate_and_accept, sends_ada
 from skip2fleet.client.inputs import BaseMissing, RoundInputs, load_inputs
 from skip2fleet.client.telemetry.power import PowerSampler
 from skip2fleet.client.telemetry.probes import NoProbe, power_probe
+from skip2fleet.client.untrained import record_trained, seen_files
 from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.protocol import DEVICE_NAME, ErrorCode, Figures, NodeConfig, Part, RoundPlan
 from skip2fleet.shared.records import adapters_record, figures_record, record_roster, wire_bytes
@@ -64,9 +65,11 @@ def run_round(content: RecordDict, node_config: dict) -> RecordDict:
     name = plan.device
     try:
         started = perf_counter()
+        seen = seen_files(Path(plan.data_path) if plan.data_path else None)
         inputs = load_inputs(content, node_config, plan)
         trained = train_adapters(inputs, node_config)
         verdict = evaluate_and_accept(inputs, trained.result.tuner.theta)
+        record_trained(inputs.store.root, seen)
         return reply(inputs, trained, verdict, perf_counter() - started)
     except (FleetError, ValueError, KeyError) as exc:
         message = str(exc)

@@ -86,11 +86,12 @@ def write(parts: dict[str, tuple[np.ndarray, np.ndarray]], out: Path) -> None:
 
 
 def fleet_file(root: Path) -> dict:
-    """The fleet of five devices, each on its own folder, pretraining on the source."""
+    """The fleet of five devices, each on its own folder, pretraining on the source; deployed,
+    it fine-tunes every morning when every fan has new samples, and a damaged fan is an alarm."""
     return {
-        "task": {"source": str(root / "source")},
+        "task": {"source": str(root / "source"), "alert_classes": ["damaged"]},
         "training": {"epochs": 100},
-        "federation": {"rounds": 3, "min_devices": DEVICES},
+        "federation": {"rounds": 3, "min_devices": DEVICES, "schedule": "*-*-* 06:00"},
         "devices": [
             {"name": f"pi-{d + 1}", "data": {"path": str(root / "devices" / f"pi-{d + 1}")}}
             for d in range(DEVICES)

@@ -22,6 +22,7 @@ from skip2fleet.server.bench import (
 from skip2fleet.server.data import check_command, import_hapt_command
 from skip2fleet.server.federation.run import run_command
 from skip2fleet.server.federation.simulate import simulate_command
+from skip2fleet.server.operations import schedule
 from skip2fleet.server.operations.deploy import deploy_command
 from skip2fleet.server.operations.devices import agent_command
 from skip2fleet.server.operations.monitoring import config_command
@@ -49,7 +50,14 @@ data_app = typer.Typer(no_args_is_help=True, help="Prepare data sets, check your
 data_app.command("import-hapt")(import_hapt_command)
 data_app.command("check")(check_command)
 
+schedule_app = typer.Typer(
+    no_args_is_help=True, help="Rounds by themselves, at the times federation.schedule names."
+)
+schedule_app.command("run")(schedule.run_command)
+schedule_app.command("wait")(schedule.wait_command)
+
 app.add_typer(bench_app, name="bench")
+app.add_typer(schedule_app, name="schedule")
 app.add_typer(monitor_app, name="monitor")
 app.add_typer(data_app, name="data")
 app.command("pretrain")(pretrain_command)

@@ -44,6 +44,9 @@ TRAINING_LIMITS = {
 }
 # Values that end up in shells, paths and templates: only these shapes get through.
 DEVICE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+# What a calendar expression is made of (systemd reads it fully, at deploy and at each elapse):
+# one printable line, no quotes or shell characters, since it goes into a unit file.
+SCHEDULE = re.compile(r"[A-Za-z0-9 *,.:/~+-]{1,120}")
 HOST_NAME = re.compile(
     r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
 )
@@ -126,6 +129,9 @@ class Federation:
     # in-bounds but bold update (up to max_update_ratio x) then moves the mean no more than an
     # honest one twice as large (None: off)
     clip: float | None = 2.0
+    # systemd calendar syntax (OnCalendar=, e.g. "daily" or "*:0/30"): `fleet deploy` makes the
+    # coordinator run the rounds then, by itself (server/operations/schedule.py); None: only by hand
+    schedule: str | None = None
 
 
 @dataclass(frozen=True)
@@ -326,6 +332,8 @@ def _check(config: FleetConfig) -> None:
         fail("federation.trim", "must be at least 0 and below 0.5")
     if fed.clip is not None and not fed.clip >= 1:
         fail("federation.clip", "must be at least 1 (times the round's median change)")
+    if fed.schedule is not None and not SCHEDULE.fullmatch(fed.schedule):
+        fail("federation.schedule", "must be a systemd calendar expression, e.g. daily or *:0/30")
     for key in ("port", "superlink_port", "prometheus_port"):
         if not 0 < getattr(config.coordinator, key) < 65536:
             fail(f"coordinator.{key}", "must be a TCP port, 1 to 65535")

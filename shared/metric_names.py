@@ -66,6 +66,11 @@ def base_hex(value: float) -> str:
     return f"{int(value):0{BASE_ID_HEX}x}"
 
 
+UNTRAINED_SAMPLES = Metric(
+    "skip2fleet_device_untrained_samples",
+    "Samples in the device's own folder no round has trained on (0 on a built-in partition "
+    "once trained; absent before).",
+)
 CLOCK_OFFSET = Metric(
     "skip2fleet_device_clock_offset_seconds",
     "The device's clock minus the front door's (its HTTP Date), at the last check.",
@@ -107,6 +112,25 @@ SERVE_LOAD_FAILURES = Metric(
 SERVE_BACKLOG = Metric("skip2fleet_serve_spool_backlog", "Spool files waiting to be answered.")
 SERVE_UPDATED = Metric(
     "skip2fleet_serve_snapshot_timestamp_seconds", "When the service last wrote its figures."
+)
+
+# `fleet schedule`'s pushes (its own group, replaced by every scheduled run): the outcome is a
+# label of four values, the time and rounds are values.
+SCHEDULE_LAST_RUN = Metric(
+    "skip2fleet_schedule_last_run_timestamp_seconds", "When the last scheduled run started."
+)
+SCHEDULE_LAST_ROUNDS = Metric(
+    "skip2fleet_schedule_last_run_rounds", "Rounds the last scheduled run completed."
+)
+SCHEDULE_OUTCOME = Metric(
+    "skip2fleet_schedule_last_outcome",
+    "1 for the last scheduled run's outcome: completed, failed, skipped-overlap (a run was "
+    "going), skipped-no-new-samples (fewer than min_devices devices had new samples).",
+    ("outcome",),
+)
+SCHEDULE_NEW_SAMPLES = Metric(
+    "skip2fleet_schedule_devices_with_new_samples",
+    "Devices that had samples they had not trained on when the last scheduled run looked.",
 )
 
 # The ServerApp's pushes: one group for the fleet, replaced after every round. The round is a

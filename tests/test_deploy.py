@@ -37,6 +37,7 @@ from tests.fakehosts import (
     ssh_command,
     ssh_keypair,
 )
+from tests.test_monitoring import firing
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(
@@ -163,8 +164,35 @@ def own_samples(folder: Path, split: Split, classes: tuple[str, ...]) -> Path:
     return folder
 
 
-def test_deploy_twice_then_two_rounds_across_the_devices(tmp_path):
-    """Devices read their own folders of samples, and predict with their model after the run."""
+SPOOL_WRITER = (
+    "import numpy as np, os, sys, time\n"
+    "for i in range(int(sys.argv[2])):\n"
+    "    part = os.path.join(sys.argv[1], f'{i}.part')\n"
+    "    with open(part, 'wb') as out:\n"
+    "        np.savez(out, x=np.random.default_rng(i).normal(size=(20, 64)).astype('f4'))\n"
+    "    os.replace(part, part[:-5] + '.npz')\n"
+    "    time.sleep(1)\n"
+)
+
+
+def scheduled(record: Path, outcome: str) -> dict | None:
+    """The last scheduled run's record when it has this outcome."""
+    with contextlib.suppress(OSError, ValueError):
+        said = json.loads(record.read_text())
+        return said if said["outcome"] == outcome else None
+    return None
+
+
+def served_count(port: int, device: str) -> float:
+    """The predictions Prometheus holds for the device's service, 0 before any."""
+    answer = prometheus_query(port, f'sum(skip2fleet_serve_predictions_total{{device="{device}"}})')
+    return float(answer[0]["value"][1]) if answer else 0.0
+
+
+def test_deploy_twice_then_scheduled_rounds_across_the_devices(tmp_path):
+    """The coordinator runs two rounds by itself (federation.schedule), then skips, saying why;
+    devices read their own folders of samples, predict and serve with their model after the run,
+    their predictions reach Prometheus and an alarm class fed through a spool fires the alert."""
     key = ssh_keypair(tmp_path)
     state = tmp_path / "state"
     task = load_task("generated")
@@ -181,13 +209,16 @@ def test_deploy_twice_then_two_rounds_across_the_devices(tmp_path):
                 tmp_path,
                 COORDINATOR_IP,
                 devices,
-                task={"source": str(source)},
+                task={"source": str(source), "alert_classes": ["damaged"]},
                 training={"epochs": 30, "pretrain_epochs": 5, "accept": "always"},
-                federation={"rounds": 2, "min_devices": 3, "round_timeout_s": 90},
-            )
+                federation={
+                    "rounds": 2, "min_devices": 3, "round_timeout_s": 90, "schedule": "*:*:0/15"
+                },
+            )  # fmt: skip
             path = tmp_path / "fleet.yaml"
 
             code, cold_s, output = deploy(path, key)
+            deployed_at = time.time()
             assert code == 1, output  # pi-4 cannot be reached ...
             rows = summary(output)
             assert rows["pi-4"][3] == 1 and "pi-4" in output.split("unreachable")[-1]
@@ -204,12 +235,15 @@ def test_deploy_twice_then_two_rounds_across_the_devices(tmp_path):
                 line = next(line for line in status.output.splitlines() if line.startswith(device))
                 assert "online" in line and " up " in line, status.output
 
-            deployed_at = time.time()
-            run = tmp_path / "run"
-            result = CliRunner().invoke(app, ["run", "--config", str(path), "--out", str(run)])
-            assert result.exit_code == 0, result.output
-            first = json.loads((run / "rounds" / "001" / "round.json").read_text())
-            print(f"round 1 started {first['started_at'] - deployed_at:.1f} s after the deploy")
+            record = state / "schedule.json"  # nobody types `fleet run`: the schedule does
+            done = wait_for(lambda: scheduled(record, "completed"), 600, "a scheduled run")
+            run = Path(done["folder"])
+            print(f"the scheduled run fired {done['started'] - deployed_at:.1f} s after the first "
+                  f"deploy and completed its {done['rounds']} rounds")  # fmt: skip
+            skipped = wait_for(lambda: scheduled(record, "skipped-no-new-samples"), 60, "a skip")
+            assert skipped["why"].startswith("0 of 4 devices have samples"), skipped
+            status = CliRunner().invoke(app, ["status", "--config", str(path)])
+            assert "schedule: *:*:0/15; last scheduled run " in status.output, status.output
             last = json.loads((run / "rounds" / "002" / "round.json").read_text())
             assert sorted(last["devices"]) == ["pi-1", "pi-2", "pi-3"]
             assert last["missing"] == ["pi-4"]
@@ -269,6 +303,29 @@ def test_deploy_twice_then_two_rounds_across_the_devices(tmp_path):
             up = 'up{job="skip2fleet-agents"} == 1'
             scraped = wait_for(lambda: len(prometheus_query(port, up)) == 3 or None, 30, "agents")
             assert scraped
+            skip = 'skip2fleet_schedule_last_outcome{outcome="skipped-no-new-samples"} == 1'
+            assert wait_for(lambda: prometheus_query(port, skip), 30, "the skip in Prometheus")
+            before = wait_for(lambda: served_count(port, "pi-1"), 30, "pi-1's predictions")
+            asked = time.monotonic()
+            assert serving(ssh, install).get("round") == 1
+            wait_for(lambda: served_count(port, "pi-1") > before, 30, "a new prediction")
+            print(f"pi-1: a prediction in Prometheus {time.monotonic() - asked:.1f} s after it "
+                  "was made (agents scraped every 5 s)")  # fmt: skip
+            spool = f"{install}/state/spool"
+            writer = subprocess.Popen(
+                [*ssh, "sudo", "-n", "-u", "skip2fleet-app", f"{install}/venv/bin/python", "-c",
+                 shlex.quote(SPOOL_WRITER), spool, "120"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            try:
+                fed = time.monotonic()
+                alarm = wait_for(lambda: firing(port, "AlarmClass"), 120, "the alarm")
+                assert alarm[0]["labels"]["device"] == "pi-1", alarm
+                print(f"pi-1: AlarmClass fired {time.monotonic() - fed:.1f} s after the first "
+                      "spool file")  # fmt: skip
+            finally:
+                writer.kill()
+                writer.wait()
             # the Pushgateway is scraped every 2 s: wait until round 2's push has been scraped
             last_round = "skip2fleet_round_number == 2"
             assert wait_for(lambda: prometheus_query(port, last_round), 30, "round 2 in Prometheus")

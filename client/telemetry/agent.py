@@ -27,6 +27,7 @@ from pathlib import Path
 from skip2fleet.client.telemetry.clock import ClockCheck
 from skip2fleet.client.telemetry.power import PowerSampler
 from skip2fleet.client.telemetry.probes import ProbeError, ThermalZones, power_probe
+from skip2fleet.client.untrained import untrained_samples
 from skip2fleet.client.watchdog import SuperNodeWatchdog
 from skip2fleet.shared import metric_names as names
 from skip2fleet.shared.devicefile import ACTIVE, LAST_FIGURES, SERVE_SNAPSHOT, DeviceSettings
@@ -56,6 +57,7 @@ class DeviceCollector:
         self.proc_root, self.state_dir = Path(proc_root), Path(state_dir)
         self.errors: Counter[tuple[str, str]] = Counter()
         self._cpu_previous: tuple[float, float] | None = None
+        self.samples: Path | None = None  # the device's own samples' folder, if it has one
         self.clock: ClockCheck | None = None  # with a coordinator in the device file
         self.watchdog: SuperNodeWatchdog | None = None
 
@@ -84,6 +86,9 @@ class DeviceCollector:
         yield from self._coordinator()
         yield from self._system()
         yield from self._last_finetune()
+        untrained = untrained_samples(self.state_dir, self.samples)
+        if untrained is not None:
+            yield _family("gauge", names.UNTRAINED_SAMPLES).add([], untrained)
         yield from self._active_model()
         yield from serving_families(self.state_dir / SERVE_SNAPSHOT, self.errors)
 
@@ -261,8 +266,8 @@ def run_agent(
     settings: DeviceSettings, hz: float = 10.0, sys_root: Path = Path("/sys"),
     proc_root: Path = Path("/proc"),
 ) -> None:  # fmt: skip
-    """Export this device's power, energy, temperature, CPU, memory and last fine-tune until
-    SIGTERM."""
+    """Export this device's power, energy, temperature, CPU, memory, last fine-tune and the
+    samples it has not trained on until SIGTERM."""
     probe = power_probe(
         settings.probe, sys_root, proc_root, settings.idle_watts, settings.full_watts
     )
@@ -273,6 +278,7 @@ def run_agent(
         proc_root,
         Path(settings.state_dir).expanduser(),
     )
+    collector.samples = Path(settings.samples) if settings.samples else None
     if settings.coordinator:
         collector.clock = ClockCheck(settings.coordinator, settings.ca_cert).start()
         collector.watchdog = SuperNodeWatchdog(settings.name, settings.coordinator, proc_root)

@@ -86,12 +86,8 @@ class FleetPushes:
         password_file: Path | None = None,
         timeout_s: float = PUSH_TIMEOUT_S,
     ) -> None:
-        self.url = gateway if "://" in gateway else f"http://{gateway}"
+        self.url, self.headers = gateway_url(gateway), auth_headers(password_file)
         self.run, self.method, self.timeout_s = run, method, timeout_s
-        self.headers = {}
-        if password_file is not None and password_file.is_file():
-            secret = f"{PUSH_USER}:{password_file.read_text().strip()}".encode()
-            self.headers["Authorization"] = "Basic " + base64.b64encode(secret).decode()
         self.tidied = False
 
     def push(self, result: dict) -> bool:
@@ -132,9 +128,41 @@ class FleetPushes:
         return others
 
     def _request(self, method: str, path: str, body: Iterator[bytes] | None, timeout: float):
-        headers = {**self.headers, **({"Content-Type": CONTENT_TYPE} if body is not None else {})}
-        request = urllib.request.Request(self.url + path, body, headers, method=method)
-        return urllib.request.urlopen(request, timeout=timeout)
+        return gateway_request(self.url, self.headers, method, path, body, timeout)
+
+
+def gateway_url(gateway: str) -> str:
+    return gateway if "://" in gateway else f"http://{gateway}"
+
+
+def auth_headers(password_file: Path | None) -> dict[str, str]:
+    """Basic auth for the fleet's one Pushgateway user, when the fleet has its password."""
+    if password_file is None or not password_file.is_file():
+        return {}
+    secret = f"{PUSH_USER}:{password_file.read_text().strip()}".encode()
+    return {"Authorization": "Basic " + base64.b64encode(secret).decode()}
+
+
+def gateway_request(
+    url: str,
+    headers: dict[str, str],
+    method: str,
+    path: str,
+    body: Iterator[bytes] | None,
+    timeout: float,
+):
+    """One request to the Pushgateway at `url` (an OSError when it does not take it)."""
+    headers = {**headers, **({"Content-Type": CONTENT_TYPE} if body is not None else {})}
+    request = urllib.request.Request(url + path, body, headers, method=method)
+    return urllib.request.urlopen(request, timeout=timeout)
+
+
+def push_group(gateway: str, job: str, families: list[Family], password_file: Path | None) -> None:
+    """Replace the group of `job` (its only one) with `families`; an OSError when the
+    Pushgateway does not take it."""
+    body = (family.text().encode() for family in families)
+    url, headers = gateway_url(gateway), auth_headers(password_file)
+    gateway_request(url, headers, "PUT", f"/metrics/job/{job}", body, PUSH_TIMEOUT_S).close()
 
 
 def group_path(labels: dict[str, str]) -> str:

@@ -8,8 +8,10 @@ ServerApp of the run that outlived a crashed SuperLink, so that the resume works
 SuperLink that restarts meanwhile is waited for (status polls retry with back-off for up to a
 round's timeout). `--resume` refuses a
 folder whose ServerApp is still running and one whose completed rounds do not match their
-manifests, before anything is submitted. Ctrl-C stops the run on the SuperLink (`flwr stop`) and
-says how to resume it; Flower ends the ServerApp, and with it its hold on the folder, seconds later.
+manifests, before anything is submitted, and the fleet's run lock (`runlock.py`) keeps a second
+run, typed or scheduled, from starting beside it. Ctrl-C stops the run on the SuperLink
+(`flwr stop`) and says how to resume it; Flower ends the ServerApp, and with it its hold on the
+folder, seconds later.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import typer
 
 from skip2fleet.server import options as opt
 from skip2fleet.server.federation.report import print_round, print_round_header
+from skip2fleet.server.federation.runlock import fleet_run_lock
 from skip2fleet.server.federation.runs import RunFolder
 from skip2fleet.server.operations.certs import credentials_for
 from skip2fleet.server.operations.superlink import (
@@ -121,13 +124,19 @@ def run_command(
     if resume is not None:
         folder = RunFolder(resume).resume(rounds)
         fleet = folder.config()
+        with fleet_run_lock(fleet, f"fleet run --resume {folder.path}"):
+            run_id = submit_and_follow(fleet, folder)
     else:
         fleet = opt.with_training(load_config(config), model=model, cache=cache)
-        folder = RunFolder.create(
-            out or Path("runs") / time.strftime("run-%Y%m%d-%H%M%S"),
-            as_yaml_dict(fleet),
-            fleet_base(fleet, base),
-        )
+        out = out or Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
+        with fleet_run_lock(fleet, f"fleet run --out {out}"):
+            folder = RunFolder.create(out, as_yaml_dict(fleet), fleet_base(fleet, base))
+            run_id = submit_and_follow(fleet, folder)
+    typer.echo(f"run {run_id} completed; rounds in {folder.path}/rounds")
+
+
+def submit_and_follow(fleet: FleetConfig, folder: RunFolder) -> str:
+    """Submit the folder's rounds and print each as it completes; Flower's run id."""
     address = f"{fleet.coordinator.address}:{fleet.coordinator.port}"
     stderr.print(
         f"submitting {fleet.federation.rounds} rounds to the SuperLink at {address}; "
@@ -136,7 +145,7 @@ def run_command(
     print_round_header()
     run_id = start_run(fleet, folder)
     follow_to_the_end(fleet, folder, run_id)
-    typer.echo(f"run {run_id} completed; rounds in {folder.path}/rounds")
+    return run_id
 
 
 def follow_to_the_end(fleet: FleetConfig, folder: RunFolder, run_id: str) -> None:

@@ -27,6 +27,7 @@ from skip2fleet.server.operations.certs import Credentials, credentials_for
 from skip2fleet.server.operations.devices import SUPERNODE_PORT, data_folder, device_settings
 from skip2fleet.server.operations.frontdoor import CONFIG_NAME, nginx_command, write_nginx_config
 from skip2fleet.server.operations.monitoring import write_monitoring
+from skip2fleet.server.operations.schedule import next_elapse
 from skip2fleet.server.operations.superlink import (
     superlink_command,
 )
@@ -169,6 +170,7 @@ def coordinator_vars(fleet: FleetConfig, creds: Credentials) -> dict:
         "ansible_python_interpreter": sys.executable,
         "coordinator_dir": str(state / "coordinator"),
         "coordinator_archive": str(coordinator_archive(fleet, creds)),
+        "schedule": fleet.federation.schedule or "",
         "fleet_cli": f"{sys.executable} -m skip2fleet.cli",
         "superlink_argv": [str(bin_dir / superlink[0]), *superlink[1:]],
         "frontdoor_argv": nginx_command(fleet, state / "coordinator" / "frontdoor" / CONFIG_NAME),
@@ -200,6 +202,8 @@ def deploy(
     unknown = sorted(set(limit) - {d.name for d in fleet.devices})
     if unknown:
         raise FleetError(f"--limit: no device {', '.join(map(repr, unknown))} in {fleet_file}")
+    if fleet.federation.schedule:
+        next_elapse(fleet.federation.schedule)  # systemd reads it, or the deploy stops here
     creds = credentials_for(fleet)  # created once, before any host needs them
     build = wheelhouse.build_id()
     extravars = {

@@ -12,7 +12,7 @@ from skip2fleet.server.operations.monitoring import CLOCK_OFF_S
 from skip2fleet.server.operations.superlink import CONNECTION, flwr, registered_nodes
 from skip2fleet.server.progress import stderr
 from skip2fleet.shared import metric_names as names
-from skip2fleet.shared.config import Device, load_config
+from skip2fleet.shared.config import Device, FleetConfig, load_config
 from skip2fleet.shared.errors import FleetError
 
 
@@ -40,8 +40,10 @@ def metrics_by_key(text: str) -> dict[str, float]:
 
 
 def status_command(config: opt.ConfigPath = Path("fleet.yaml")) -> None:
-    """Each device: registered and online at the SuperLink, agent up, last round and accuracy."""
+    """The schedule (last and next run), then each device: registered and online at the
+    SuperLink, agent up, last round and accuracy."""
     fleet = load_config(config)
+    typer.echo(schedule_line(fleet))
     registry = registered_nodes(fleet)
     try:
         listed = flwr(fleet, "supernode", "list", CONNECTION, timeout=15)["nodes"]
@@ -90,3 +92,20 @@ def active_model(figures: dict[str, float]) -> str:
     round_ = int(figures.get(names.ACTIVE_MODEL_ROUND.name, 0))
     adapters = f"round {round_}" if round_ else "no adapters"
     return f"base {base} + {adapters} ({accuracy * 100:.2f} %)"
+
+
+def schedule_line(fleet: FleetConfig) -> str:
+    """`schedule daily; last run ...; next ...` (imported here: the schedule's module imports
+    the run's)."""
+    from skip2fleet.server.operations.schedule import describe, last_outcome, next_elapse
+
+    expression = fleet.federation.schedule
+    last = last_outcome(fleet)
+    said = f"last scheduled run {describe(last)}" if last else "no scheduled run yet"
+    if not expression:
+        return f"schedule: none (federation.schedule; rounds run by `fleet run`); {said}"
+    try:
+        upcoming = f"next {next_elapse(expression):%Y-%m-%d %H:%M:%S} UTC"
+    except FleetError as exc:
+        upcoming = str(exc)
+    return f"schedule: {expression}; {said}; {upcoming}"
