@@ -83,11 +83,6 @@ class TaskConfig:
     alert_classes: tuple[str, ...] = ()  # classes whose predictions by `fleet serve` are alarms
     alert_rate: float = 0.01  # alarm predictions a second (a 5-minute mean) that fire AlarmClass
 
-    @property
-    def label(self) -> str:
-        """What the fleet trains on, for reports."""
-        return f"own samples ({self.source})" if self.source else self.dataset
-
 
 @dataclass(frozen=True)
 class Training:
@@ -168,6 +163,16 @@ class FleetConfig:
 
     def rank_of(self, device: Device) -> int:
         return device.rank if device.rank is not None else self.training.rank
+
+    @property
+    def data_label(self) -> str:
+        """What the fleet trains on, for reports: the source of its own samples, the devices'
+        own folders (an imported base, no source), or the built-in task."""
+        if self.task.source:
+            return f"own samples ({self.task.source})"
+        if self.devices and all(d.data.path for d in self.devices):
+            return "own samples (each device's folder)"
+        return self.task.dataset
 
 
 def state_dir(config: FleetConfig) -> Path:

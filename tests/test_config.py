@@ -27,6 +27,16 @@ def test_the_example_fleet_loads():
     assert config.rank_of(config.devices[2]) == 4
 
 
+def test_a_fleet_says_what_it_trains_on():
+    config = example()
+    assert parse_config(config).data_label == "generated"
+    for device in config["devices"]:
+        device["data"] = {"path": f"/var/lib/skip2fleet/{device['name']}"}
+    assert parse_config(config).data_label == "own samples (each device's folder)"  # no source
+    config["devices"][0]["data"] = {"partition": "0"}
+    assert parse_config(config).data_label == "generated"
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -54,6 +64,8 @@ def test_the_example_fleet_loads():
         (lambda c: c["federation"].update(max_weight=0.9), "federation.max_weight: must be at"),
         (lambda c: c["federation"].update(trim=0.5), "federation.trim: must be at least 0"),
         (lambda c: c["federation"].update(clip=0.5), "federation.clip: must be at least 1"),
+        (lambda c: c["federation"].update(schedule="daily; rm -rf /"), "federation.schedule: must"),
+        (lambda c: c["federation"].update(schedule=""), "federation.schedule: must be a systemd"),
     ],
 )
 def test_mistakes_are_named(change, message):

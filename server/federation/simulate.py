@@ -94,7 +94,7 @@ def simulate_rounds(folder: RunFolder) -> float:
     fleet = folder.config()
     stderr.print(
         f"simulating {len(fleet.devices)} devices x {fleet.federation.rounds} rounds "
-        f"({fleet.task.label}, {fleet.training.method}, aggregation "
+        f"({fleet.data_label}, {fleet.training.method}, aggregation "
         f"{fleet.federation.aggregation}) in {folder.path}"
     )
     print_round_header()
@@ -122,7 +122,7 @@ def run_summary(folder: RunFolder, wall: float) -> dict:
     method, rank = get_method(fleet.training.method), fleet.training.rank
     size = layout(method, base_model.spec_of(base), rank).size
     return {
-        "dataset": fleet.task.label,
+        "dataset": fleet.data_label,
         "method": fleet.training.method,
         "aggregation": fleet.federation.aggregation,
         "devices": len(fleet.devices),
