@@ -8,6 +8,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 import urllib.request
 from dataclasses import replace
@@ -179,3 +181,32 @@ def test_the_outcome_record_is_plain_json(tmp_path):
     assert last_outcome(fleet) is None
     (tmp_path / "schedule.json").write_text(json.dumps({"outcome": "completed"}))
     assert last_outcome(fleet) is None  # a record missing fields is no outcome
+
+
+@needs_systemd_analyze
+@pytest.mark.skipif(not shutil.which("ansible"), reason="needs ansible (the deploy extra)")
+def test_the_coordinators_timer_and_its_unit_as_deployed_pass_systemd_analyze_verify(tmp_path):
+    """The systemd side, where the tests' coordinator (PID 1 not systemd) cannot run it: Ansible
+    renders both files as `fleet deploy` does, and systemd checks them."""
+    templates = Path(__file__).resolve().parents[1] / "ansible/roles/coordinator/templates"
+    variables = {
+        "fleet_cli": f"{sys.executable} -m skip2fleet.cli",
+        "fleet_file": str(tmp_path / "fleet.yaml"),
+        "process_env": {"FLWR_TELEMETRY_ENABLED": "0", "OMP_NUM_THREADS": "1"},
+        "schedule": "*-*-* 06:00",
+    }
+    units = [
+        tmp_path / name for name in ("skip2fleet-schedule.timer", "skip2fleet-schedule.service")
+    ]
+    for unit in units:
+        subprocess.run(
+            ["ansible", "localhost", "-c", "local", "-m", "ansible.builtin.template",
+             "-a", f"src={templates / unit.name}.j2 dest={unit}", "-e", json.dumps(variables)],
+            check=True, capture_output=True, env=os.environ | {"ANSIBLE_LOCALHOST_WARNING": "0"},
+        )  # fmt: skip
+    assert "OnCalendar=*-*-* 06:00" in units[0].read_text()
+    assert " schedule run --config " in units[1].read_text()
+    verified = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", *map(str, units)], capture_output=True, text=True
+    )
+    assert verified.returncode == 0, verified.stderr
