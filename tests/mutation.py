@@ -28,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("cli", "server", "client", "shared")
+PEFT = ("lora", "dora", "galore", "skip", "sgd")  # the methods' numerics (shared/peft/)
 # module -> the tests that should kill its mutants
 TARGETS = {
     "server/federation/aggregation.py": ["tests/test_aggregation.py"],
@@ -35,7 +36,10 @@ TARGETS = {
     "server/federation/screening.py": ["tests/test_round.py"],
     "server/federation/guard.py": ["tests/test_aggregation.py", "tests/test_round.py"],
     "client/acceptance.py": ["tests/test_device.py"],
-    "shared/cache.py": ["tests/test_cache.py"],
+    # the versions kept, activation and rollback
+    "client/store.py": ["tests/test_device.py", "tests/test_owndata.py"],
+    "shared/cache.py": ["tests/test_cache.py", "tests/test_device.py"],  # the device loads one
+    **{f"shared/peft/{name}.py": ["tests/test_engine.py"] for name in PEFT},
 }
 SWAPS = {
     ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt,
@@ -46,6 +50,7 @@ SWAPS = {
     ast.And: ast.Or, ast.Or: ast.And,
 }  # fmt: skip
 CALLS = {"min": "max", "max": "min", "any": "all", "all": "any"}
+EQUIVALENT_FLAGS = {"frozen", "copy", "full_matrices"}  # see _equivalent_flags
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,7 @@ def sites(tree: ast.Module) -> Iterator[tuple[ast.AST, str, Change]]:
     skipping type annotations. Operators are shared instances in CPython's trees: a change
     replaces one in its parent."""
     skipped = {id(n) for node in ast.walk(tree) for n in _annotations(node)}
+    skipped |= {id(n) for n in _equivalent_flags(tree)}
     for node in ast.walk(tree):
         if id(node) in skipped:
             continue
@@ -104,6 +110,18 @@ def _annotations(node: ast.AST) -> Iterator[ast.AST]:
         roots.append(node.returns)
     for root in roots:
         yield from ast.walk(root)
+
+
+def _equivalent_flags(tree: ast.Module) -> Iterator[ast.AST]:
+    """Keyword values whose flip cannot change a result, so their mutants are equivalent by
+    construction: `frozen=` (nothing assigns to these dataclasses), `copy=` (a copy more or
+    less of an array nobody writes), `full_matrices=` (the extra singular vectors are cut off
+    before use), and `strict=True` (lengths equal by construction: a guard that never fires)."""
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.keyword) and isinstance(node.value, ast.Constant)):
+            continue
+        if node.arg in EQUIVALENT_FLAGS or (node.arg == "strict" and node.value.value is True):
+            yield node.value
 
 
 def _nudged(value: int | float | bool) -> int | float | bool:

@@ -4,6 +4,7 @@ expands the cache, and a fine-tune on an int8 cache that matches the exact one."
 from __future__ import annotations
 
 import tracemalloc
+import warnings
 
 import numpy as np
 import pytest
@@ -79,11 +80,43 @@ def test_quantized_caches_are_a_quarter_and_an_eighth_of_f32_scales_included(nam
     assert sizes["int4"] <= 0.15 * sizes["f32"]
 
 
-def test_a_constant_group_decodes_exactly():
+def test_a_constant_group_decodes_exactly_without_dividing_by_zero():
     model, x = real_model("mlp-fan", 8)
     x[:, :128] = 0.0  # the first group of the input tap is all zeros (standardised: mean 0)
-    decoded = build_cache(model, x, "int4").decoded()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a zero scale would divide 0 by 0
+        decoded = build_cache(model, x, "int4").decoded()
     assert np.all(decoded[:, :128] == 0.0)
+
+
+def test_a_group_whose_steps_float16_holds_exactly_decodes_exactly():
+    """Offset 0 and scale 1 are float16 values: rounding them outward would be an error here."""
+    model, x = real_model("mlp-fan", 8)
+    x[:, :128] = np.r_[0, 255, np.arange(1, 127) * 2]  # integers from 0 to 255 (the input tap)
+    decoded = build_cache(model, x, "int8").decoded()
+    assert np.array_equal(decoded[:, :128], x[:, :128])
+
+
+def test_a_group_far_from_zero_keeps_the_half_step_bound():
+    """Offsets are rounded down to float16, whose steps are coarse far from zero (0.5 at 1000):
+    rounded up, the group's smallest value would be off by up to a float16 step."""
+    model, x = real_model("mlp-fan", 8)
+    x[:, :128] = 1000.3 + np.random.default_rng(5).uniform(0, 1, size=(len(x), 128))
+    values = build_cache(model, x).decoded()[:, :128]
+    decoded = build_cache(model, x, "int8").decoded()[:, :128]
+    low, high = values.min(axis=1, keepdims=True), values.max(axis=1, keepdims=True)
+    half_step = (high - low) / 255 / 2 * (1 + 2**-9) + np.abs(low) * 2**-10 / 255
+    assert np.all(np.abs(decoded - values) <= half_step)
+
+
+def test_the_largest_activation_a_quantized_cache_takes_is_half_of_float16s_range():
+    model, x = real_model("mlp-fan", 8)
+    limit = float(np.finfo(np.float16).max) / 2
+    x[0, 0] = limit  # the input tap: exactly at the limit, taken
+    build_cache(model, x, "int8")
+    x[0, 0] = 1.2 * limit
+    with pytest.raises(FleetError, match="too large for a quantized cache"):
+        build_cache(model, x, "int8")
 
 
 @pytest.mark.parametrize("codec", ["int8", "int4"])
