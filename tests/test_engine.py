@@ -12,6 +12,7 @@ from skip2fleet.shared.flops import count_flops
 from skip2fleet.shared.layout import layout
 from skip2fleet.shared.methods import METHODS, get_method
 from skip2fleet.shared.model import spec_of
+from skip2fleet.shared.peft.lora import kaiming_uniform
 from skip2fleet.shared.records import adapters_record, record_adapters
 from tests.conftest import TINY_SPECS, tiny_model
 from tests.reference import reference_logits
@@ -220,4 +221,28 @@ def test_merging_for_prediction_builds_no_fine_tuner(kind, name, monkeypatch):
     monkeypatch.setattr(FineTuner, "__init__", no_trainer)
     np.testing.assert_array_equal(
         layout(tuner.method, tuner.spec, 2).predictor(model, tuner.theta)(x), expected
+    )
+
+
+def test_lora_a_starts_as_pefts_kaiming_uniform_of_its_fan_in():
+    """U(-1/sqrt(fan_in), +1/sqrt(fan_in)), both signs, nearly to the bound (400 x 4 draws)."""
+    a = kaiming_uniform(np.random.default_rng(0), (400, 4))
+    bound = 1 / np.sqrt(400)
+    assert np.abs(a).max() <= bound
+    assert a.max() > 0.95 * bound and a.min() < -0.95 * bound
+
+
+def test_lora_computes_no_gradient_of_the_frozen_weight(tiny):
+    """Its backward's weight-gradient products, per layer (in, out) at batch 4 and rank 2, each
+    2 m k n: gB = u.T dout (2 2 4 out), du = dout B.T (2 4 out 2), gA = cols.T du (2 in 4 2);
+    never the frozen weight's cols.T dout (2 in 4 out)."""
+    model, x, y = tiny
+    tuner = FineTuner(model, get_method("lora-all"), rank=2, batch_size=4)
+    tuner.attach(x, y)
+    tuner.forward(np.arange(4))
+    with count_flops() as counter:
+        tuner.backward()
+    layers = ((7, 5), (5, 5), (5, 3))
+    assert counter["weight_grad"] == sum(
+        16 * out + 16 * out + 16 * fan_in for fan_in, out in layers
     )
