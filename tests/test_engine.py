@@ -161,10 +161,23 @@ def test_galore_steps_are_low_rank():
     before = tuner.params["W1"].copy()
     tuner.forward(np.arange(8))
     tuner.backward()
-    tuner.update(0.1)
+    gradient = tuner.grads["W1"].copy()
+    with count_flops() as counter:
+        tuner.update(0.1)
     step = tuner.params["W1"] - before
     singular = np.linalg.svd(step, compute_uv=False)
     assert singular[0] > 1e-4 and singular[1] < 1e-6 * singular[0]
+    # the step is -lr P P^T G, P the gradient's top left singular vector (or G Q Q^T, the right)
+    u, _, vt = np.linalg.svd(gradient.astype(np.float64), full_matrices=False)
+    if gradient.shape[0] <= gradient.shape[1]:
+        projected = u[:, :1] @ (u[:, :1].T @ gradient)
+    else:
+        projected = (gradient @ vt[:1].T) @ vt[:1]
+    np.testing.assert_allclose(step, -0.1 * projected, rtol=1e-4, atol=1e-7)
+    # one SVD per projected matrix every 200 steps (GaLore's default), counted amortised
+    assert tuner.galore_interval == 200
+    shapes = [g.shape for name, g in tuner.grads.items() if name[0] == "W" and min(g.shape) > 1]
+    assert counter["svd"] == sum(6 * max(s) * min(s) ** 2 + 11 * min(s) ** 3 for s in shapes) // 200
 
 
 def test_unknown_method_names_the_choices():
