@@ -180,6 +180,26 @@ def test_galore_steps_are_low_rank():
     assert counter["svd"] == sum(6 * max(s) * min(s) ** 2 + 11 * min(s) ** 3 for s in shapes) // 200
 
 
+def test_galore_refreshes_its_projectors_every_interval_steps_and_only_then():
+    """With rank 1 every step lies along the projector's one direction: the same for steps 0-3,
+    a new one from step 4 (the interval), which step 5 keeps."""
+    model, x, y = tiny_model("cnn")
+    tuner = FineTuner(model, get_method("galore"), rank=1, batch_size=8, galore_interval=4)
+    tuner.attach(x, y)
+    directions = []
+    for step in range(6):
+        before = tuner.params["W1"].copy()
+        tuner.forward(np.arange(8) + 8 * (step % 5))  # a new batch each step: new gradients
+        tuner.backward()
+        tuner.update(0.1)
+        moved = (tuner.params["W1"] - before).astype(np.float64)
+        u, _, vt = np.linalg.svd(moved, full_matrices=False)
+        directions.append(u[:, 0] if moved.shape[0] <= moved.shape[1] else vt[0])
+    same = [abs(float(directions[i] @ directions[j])) > 0.9999 for i, j in (
+        (0, 1), (0, 2), (0, 3), (0, 4), (4, 5))]  # fmt: skip
+    assert same == [True, True, True, False, True]
+
+
 def test_unknown_method_names_the_choices():
     with pytest.raises(FleetError, match=r"unknown method 'lora-first'.*skip2-lora"):
         get_method("lora-first")
