@@ -200,6 +200,19 @@ def test_galore_refreshes_its_projectors_every_interval_steps_and_only_then():
     assert same == [True, True, True, False, True]
 
 
+def test_a_plain_sgd_step_is_theta_minus_lr_times_the_gradient_at_two_flops_a_value(tiny):
+    model, x, y = tiny
+    tuner = FineTuner(model, get_method("lora-all"), rank=2, batch_size=4)
+    tuner.attach(x, y)
+    tuner.forward(np.arange(4))
+    tuner.backward()
+    theta, gradient = tuner.theta.copy(), tuner.grad.copy()
+    with count_flops() as counter:
+        tuner.update(0.1)
+    np.testing.assert_allclose(tuner.theta, theta - np.float32(0.1) * gradient, rtol=1e-6)
+    assert sum(counter.values()) == 2 * theta.size  # a multiply and an add per value
+
+
 def test_unknown_method_names_the_choices():
     with pytest.raises(FleetError, match=r"unknown method 'lora-first'.*skip2-lora"):
         get_method("lora-first")
