@@ -154,20 +154,22 @@ def test_no_adapter_beside_a_depthwise_layer():
     assert len(adapted) == len(spec.weighted()) - 2  # the two depthwise layers
 
 
-def test_galore_steps_are_low_rank():
-    model, x, y = tiny_model("cnn")
+@pytest.mark.parametrize(("kind", "weight"), [("cnn", "W1"), ("mlp", "W1")])  # 15 x 4; 5 x 5
+def test_galore_steps_are_low_rank(kind, weight):
+    model, x, y = tiny_model(kind)
     tuner = FineTuner(model, get_method("galore"), rank=1, batch_size=8)
     tuner.attach(x, y)
-    before = tuner.params["W1"].copy()
+    before = tuner.params[weight].copy()
     tuner.forward(np.arange(8))
     tuner.backward()
-    gradient = tuner.grads["W1"].copy()
+    gradient = tuner.grads[weight].copy()
     with count_flops() as counter:
         tuner.update(0.1)
-    step = tuner.params["W1"] - before
+    step = tuner.params[weight] - before
     singular = np.linalg.svd(step, compute_uv=False)
     assert singular[0] > 1e-4 and singular[1] < 1e-6 * singular[0]
-    # the step is -lr P P^T G, P the gradient's top left singular vector (or G Q Q^T, the right)
+    # the step is -lr P P^T G, P the gradient's top left singular vector, when G has no more
+    # rows than columns (a square one too), else G Q Q^T with the top right one
     u, _, vt = np.linalg.svd(gradient.astype(np.float64), full_matrices=False)
     if gradient.shape[0] <= gradient.shape[1]:
         projected = u[:, :1] @ (u[:, :1].T @ gradient)
