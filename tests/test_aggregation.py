@@ -267,6 +267,14 @@ def test_fedavg_each_blocks_change_is_bounded_by_the_replies_root_sum_square(fac
         assert why.startswith("the aggregate for d0: skip tap 0 A changed by ")
 
 
+def test_a_merge_of_one_reply_sits_on_the_bound_and_passes():
+    """One reply: fedavg's merge is that reply, its change exactly the replies' root-sum-square;
+    the float32 slack must widen the bound, never narrow it."""
+    updates, starts, ranks = common_start(n=1)
+    merged = STRATEGIES["fedavg"](updates, SKIP2, SPEC).per_device
+    assert check_aggregate(merged, updates, starts, ranks, SKIP2, SPEC, True) is None
+
+
 @pytest.mark.parametrize(("factor", "sound"), [(1.98, True), (2.02, False)])
 def test_product_strategies_are_bounded_by_twice_the_root_sum_square(factor, sound):
     method = get_method("ft-all-lora")
