@@ -32,6 +32,7 @@ from skip2fleet.server.operations.loopback import (
 from skip2fleet.server.operations.schedule import (
     last_outcome,
     next_elapse,
+    prune,
     scheduled_run,
 )
 from skip2fleet.server.operations.status import agent_figures, schedule_line
@@ -210,3 +211,14 @@ def test_the_coordinators_timer_and_its_unit_as_deployed_pass_systemd_analyze_ve
         ["systemd-analyze", "verify", "--man=no", *map(str, units)], capture_output=True, text=True
     )
     assert verified.returncode == 0, verified.stderr
+
+
+def test_only_the_newest_scheduled_runs_folders_are_kept(tmp_path):
+    stamps = [f"scheduled-202612{day:02d}-060000" for day in range(1, 8)]
+    for stamp in stamps:
+        (tmp_path / stamp).mkdir()
+        (tmp_path / stamp / "base.npz").write_bytes(b"x")
+    (tmp_path / "run-by-hand").mkdir()  # not the schedule's: left alone
+    deleted = prune(tmp_path, keep=3)
+    assert [p.name for p in deleted] == stamps[:4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run-by-hand", *stamps[4:]]

@@ -53,6 +53,7 @@ from skip2fleet.shared.exposition import Family
 JOB = "skip2fleet-schedule"
 RECORD = "schedule.json"  # the last scheduled run's outcome, in the fleet's state folder
 RUNS = "runs"  # the scheduled runs' folders, in the fleet's state folder
+KEEP_RUNS = 30  # scheduled runs' folders kept, the newest (a daily schedule: a month of history)
 OUTCOMES = ("completed", "failed", "skipped-overlap", "skipped-no-new-samples")
 AGENTS_AT_ONCE = 32
 ELAPSE = re.compile(r"Next elapse: \w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) UTC")
@@ -156,8 +157,19 @@ def _rounds(fleet: FleetConfig, started: float, fresh: int) -> Outcome:
         done = len(folder.completed_rounds())
         return Outcome("failed", started, done, str(exc), str(folder.path), fresh)
     done = len(folder.completed_rounds())
+    prune(runs)
     why = f"{done} rounds, base {base_model.sha256(base)[:12]}"
     return Outcome("completed", started, done, why, str(folder.path), fresh)
+
+
+def prune(runs: Path, keep: int = KEEP_RUNS) -> list[Path]:
+    """Delete all but the newest `keep` scheduled runs' folders (names sort by time); those
+    deleted. A schedule never fills the disk with history Prometheus also holds."""
+    folders = sorted(p for p in runs.glob("scheduled-*") if p.is_dir())
+    old = folders[:-keep] if keep else folders
+    for folder in old:
+        shutil.rmtree(folder, ignore_errors=True)
+    return old
 
 
 def keep(fleet: FleetConfig, outcome: Outcome) -> None:
