@@ -94,9 +94,9 @@ class FleetPushes:
         """Replace the fleet's group with the round `result`; False, and one logged line, when
         the Pushgateway did not take it. The run's first push that the gateway takes also
         deletes the job's other groups."""
-        body = (family.text().encode() for family in round_families(result, self.run, self.method))
+        families = round_families(result, self.run, self.method)
         try:
-            self._request("PUT", f"/metrics/job/{JOB}", body, self.timeout_s).close()
+            put_group(self.url, self.headers, JOB, families, self.timeout_s)
         except OSError as exc:  # URLError, HTTPError and connection errors are OSErrors
             log.warning(
                 "round %s: Pushgateway %s did not take the round's figures (%s); they are in the "
@@ -157,12 +157,18 @@ def gateway_request(
     return urllib.request.urlopen(request, timeout=timeout)
 
 
-def push_group(gateway: str, job: str, families: list[Family], password_file: Path | None) -> None:
-    """Replace the group of `job` (its only one) with `families`; an OSError when the
-    Pushgateway does not take it."""
+def put_group(
+    url: str, headers: dict[str, str], job: str, families: list[Family], timeout: float
+) -> None:
+    """Replace the group of `job` (its only one) with `families`, the body streamed; an
+    OSError when the Pushgateway does not take it."""
     body = (family.text().encode() for family in families)
-    url, headers = gateway_url(gateway), auth_headers(password_file)
-    gateway_request(url, headers, "PUT", f"/metrics/job/{job}", body, PUSH_TIMEOUT_S).close()
+    gateway_request(url, headers, "PUT", f"/metrics/job/{job}", body, timeout).close()
+
+
+def push_group(gateway: str, job: str, families: list[Family], password_file: Path | None) -> None:
+    """`put_group` to the Pushgateway at `gateway` (host:port) with the fleet's password."""
+    put_group(gateway_url(gateway), auth_headers(password_file), job, families, PUSH_TIMEOUT_S)
 
 
 def group_path(labels: dict[str, str]) -> str:

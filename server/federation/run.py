@@ -122,7 +122,7 @@ def run_command(
 ) -> None:
     """Run the fleet's federated rounds on its SuperLink and SuperNodes (TLS, node auth)."""
     if resume is not None:
-        folder = RunFolder(resume).resume(rounds)
+        folder = RunFolder(resume).resume(rounds)  # refuses a folder whose ServerApp still runs
         fleet = folder.config()
         with fleet_run_lock(fleet, f"fleet run --resume {folder.path}"):
             run_id = submit_and_follow(fleet, folder)

@@ -156,8 +156,9 @@ def _rounds(fleet: FleetConfig, started: float, fresh: int) -> Outcome:
     except FleetError as exc:
         done = len(folder.completed_rounds())
         return Outcome("failed", started, done, str(exc), str(folder.path), fresh)
+    finally:
+        prune(runs)  # failed runs' folders too: a schedule that keeps failing fills nothing
     done = len(folder.completed_rounds())
-    prune(runs)
     why = f"{done} rounds, base {base_model.sha256(base)[:12]}"
     return Outcome("completed", started, done, why, str(folder.path), fresh)
 

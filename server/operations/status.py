@@ -95,8 +95,8 @@ def active_model(figures: dict[str, float]) -> str:
 
 
 def schedule_line(fleet: FleetConfig) -> str:
-    """`schedule daily; last run ...; next ...` (imported here: the schedule's module imports
-    the run's)."""
+    """`schedule daily; last run ...; next ...` (imported here: schedule.py imports this
+    module's `agent_figures`)."""
     from skip2fleet.server.operations.schedule import describe, last_outcome, next_elapse
 
     expression = fleet.federation.schedule
