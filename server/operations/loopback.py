@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -38,12 +40,35 @@ from skip2fleet.shared.errors import FleetError
 from skip2fleet.shared.services import supernode_command
 
 STARTUP_TIMEOUT_S = 60
+FIXED_PORTS_FROM = 20000  # above the well-known and most registered services' ports
+_turns = itertools.count(random.randrange(1 << 16))
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A free loopback port below the kernel's ephemeral range: a port from inside it can be taken
+    by any outgoing connection (or a client connecting to itself) between this call and the bind,
+    or while the service that holds it restarts. Ports are handed out in turn, so one process
+    never gets the same port twice before its service has bound it."""
+    low = ephemeral_ports()[0]
+    span = low - FIXED_PORTS_FROM
+    for _ in range(min(span, 256)):
+        port = FIXED_PORTS_FROM + next(_turns) % span
+        with socket.socket() as sock, contextlib.suppress(OSError):
+            sock.bind(("127.0.0.1", port))
+            return port
+    with socket.socket() as sock:  # no room below the ephemeral range
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def ephemeral_ports(
+    table: Path = Path("/proc/sys/net/ipv4/ip_local_port_range"),
+) -> tuple[int, int]:
+    try:
+        low, high = (int(word) for word in table.read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+    return low, high
 
 
 class Processes:
