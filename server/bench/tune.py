@@ -7,15 +7,19 @@ best count is chosen. From that base, a quarter of the fine-tuning split is held
 method is fine-tuned on the rest at each learning rate of `LRS`, scored after each of
 `FINETUNE_CHECKPOINTS` epochs, and the (learning rate, epochs) with the best validation accuracy
 averaged over the methods is chosen: one operating point per model, fair to every method. A run
-that diverges scores 0 from then on. Held out are whole runs of consecutive samples of a class
-(every 4th run of 8), because neighbouring HAR windows overlap by half: a random quarter would
-leave near-copies of every validation sample in the training part.
+that diverges scores 0 from then on. A rate is chosen only with a margin: when no method diverged
+at it nor at the next rate of the grid, about three times larger (so the grid's largest rate is a
+probe, never chosen): a rate at the edge of divergence on the tuning seed diverges on other
+trials. Held out are whole runs of consecutive samples of a class (every 4th run of 8), because
+neighbouring HAR windows overlap by half: a random quarter would leave near-copies of every
+validation sample in the training part.
 
 What it chose for the committed report is `CHOSEN` (docs/results/tune/).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -39,9 +43,9 @@ from skip2fleet.shared.pretrain import PretrainConfig, pretrain
 from skip2fleet.shared.spec import MODELS
 from skip2fleet.shared.train import FineTuneConfig, FineTuneResult, fine_tuner, train_epochs
 
-PRETRAIN_CHECKPOINTS = (5, 10, 20, 30, 40)
-FINETUNE_CHECKPOINTS = (5, 10, 20, 40)
-LRS = (0.003, 0.01, 0.03)
+PRETRAIN_CHECKPOINTS = (5, 10, 20, 40, 80)
+FINETUNE_CHECKPOINTS = (5, 10, 20, 40, 80)
+LRS = (0.003, 0.01, 0.03, 0.1)
 RUN, HELD_EVERY = 8, 4  # held out: every 4th run of 8 consecutive samples of a class
 BATCH = 20
 
@@ -98,13 +102,24 @@ def tune_pair(
     base = bases[pretrain_epochs]
     train, held = validation_split(task.finetune)
     scores: dict[str, dict[str, float]] = {}  # "lr epochs" -> method -> validation accuracy
+    diverged: dict[float, list[str]] = {lr: [] for lr in LRS}
     for lr in LRS:
         for method in methods:
-            for epochs, accuracy in _fine_tune_scores(base, method, train, held, lr, seed).items():
+            found, failed = _fine_tune_scores(base, method, train, held, lr, seed)
+            for epochs, accuracy in found.items():
                 scores.setdefault(f"{lr} {epochs}", {})[method.name] = accuracy
+            if failed:
+                diverged[lr].append(method.name)
             advance(f"{task_name} {model}: lr {lr} {method.name}")
     mean = {key: float(np.mean(list(by_method.values()))) for key, by_method in scores.items()}
-    lr, epochs = _best({(float(k.split()[0]), int(k.split()[1])): v for k, v in mean.items()})
+    eligible = stable_rates(diverged)
+    lr, epochs = _best(
+        {
+            (float(k.split()[0]), int(k.split()[1])): v
+            for k, v in mean.items()
+            if float(k.split()[0]) in eligible
+        }
+    )
     return {
         "task": task_name,
         "model": model,
@@ -114,16 +129,27 @@ def tune_pair(
         "pretrain_epochs": pretrain_epochs,
         "finetune_scores": scores,
         "finetune_mean": mean,
+        "diverged": {str(rate): names for rate, names in diverged.items()},
+        "eligible_lrs": eligible,
         "lr": lr,
         "epochs": epochs,
         "seconds": perf_counter() - started,
     }
 
 
+def stable_rates(diverged: dict[float, list[str]]) -> list[float]:
+    """The rates that may be chosen: no method diverged at the rate nor at the next larger one
+    (the smallest rate when none is left)."""
+    rates = sorted(diverged)
+    stable = [r for r, larger in itertools.pairwise(rates) if not diverged[r] + diverged[larger]]
+    return stable or rates[:1]
+
+
 def _fine_tune_scores(
     base: base_model.Model, method: Method, train: Split, held: Split, lr: float, seed: int
-) -> dict[int, float]:
-    """Validation accuracy after each checkpoint's epochs of one fine-tune (0 once diverged)."""
+) -> tuple[dict[int, float], bool]:
+    """Validation accuracy after each checkpoint's epochs of one fine-tune (0 once diverged), and
+    whether it diverged."""
     config = FineTuneConfig(epochs=max(FINETUNE_CHECKPOINTS), batch_size=BATCH, lr=lr, seed=seed)
     tuner = fine_tuner(base, method, config, len(train))
     tuner.attach(train.x, train.y)
@@ -137,7 +163,8 @@ def _fine_tune_scores(
         train_epochs(FineTuneResult(tuner), config.epochs, lr, seed, checkpoint)
     except FleetError:  # diverged: what is left scores as nothing learned
         found.update({e: 0.0 for e in FINETUNE_CHECKPOINTS if e not in found})
-    return found
+        return found, True
+    return found, False
 
 
 def tune_markdown(report: dict) -> str:
@@ -147,8 +174,8 @@ def tune_markdown(report: dict) -> str:
         f"`fleet bench tune`, seed {report['seed']}, wall {report['wall_seconds']:.0f} s with "
         f"{report['jobs']} process(es). Pretraining epochs: the source split's validation "
         "accuracy (%) after each count; fine-tuning: the validation accuracy (%) of the "
-        "fine-tuning split averaged over the methods, per learning rate and epochs. **Bold**: "
-        "chosen.",
+        "fine-tuning split averaged over the methods, per learning rate and epochs; a rate "
+        "may be chosen only when no method diverged at it nor at the next one. **Bold**: chosen.",
     ]
     for pair in report["pairs"]:
         lines += ["", f"## {pair['task']} · {pair['model']}", ""]
@@ -159,15 +186,18 @@ def tune_markdown(report: dict) -> str:
                 for e, s in pair["pretrain_scores"].items()
             )
         )
-        lines += ["", "| lr | " + " | ".join(f"{e} epochs" for e in FINETUNE_CHECKPOINTS) + " |"]
-        lines.append("|---" * (len(FINETUNE_CHECKPOINTS) + 1) + "|")
+        header = " | ".join(f"{e} epochs" for e in FINETUNE_CHECKPOINTS)
+        lines += ["", f"| lr | {header} | diverged | may be chosen |"]
+        lines.append("|---" * (len(FINETUNE_CHECKPOINTS) + 3) + "|")
         for lr in LRS:
             cells = []
             for epochs in FINETUNE_CHECKPOINTS:
                 value = f"{pair['finetune_mean'][f'{lr} {epochs}']:.2f}"
                 chosen = (lr, epochs) == (pair["lr"], pair["epochs"])
                 cells.append(f"**{value}**" if chosen else value)
-            lines.append(f"| {lr} | " + " | ".join(cells) + " |")
+            failed = ", ".join(pair["diverged"][str(lr)]) or "-"
+            eligible = "yes" if lr in pair["eligible_lrs"] else "no"
+            lines.append(f"| {lr} | " + " | ".join(cells) + f" | {failed} | {eligible} |")
     return "\n".join(lines) + "\n"
 
 
