@@ -52,9 +52,15 @@ BATCH = 20
 # (task, model) -> (fine-tuning epochs, pretraining epochs, learning rate), as `fleet bench tune
 # --tasks ... --models ...` chose them (docs/results/tune/tune.md); the edge-PEFT report's defaults.
 CHOSEN: dict[tuple[str, str], tuple[int, int, float]] = {
-    ("digits", "cnn2d"): (40, 30, 0.03),
-    ("digits", "dscnn2d"): (40, 40, 0.03),
-    ("digits", "resnet2d"): (40, 20, 0.03),
+    ("har", "cnn"): (80, 80, 0.03),
+    ("har", "dscnn"): (80, 80, 0.01),
+    ("fan-damage1", "cnn"): (80, 40, 0.01),
+    ("fan-damage1", "dscnn"): (80, 10, 0.01),
+    ("fan-damage2", "cnn"): (80, 80, 0.01),
+    ("fan-damage2", "dscnn"): (80, 40, 0.01),
+    ("digits", "cnn2d"): (80, 40, 0.03),
+    ("digits", "dscnn2d"): (80, 40, 0.03),
+    ("digits", "resnet2d"): (80, 80, 0.01),
 }
 
 
