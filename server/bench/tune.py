@@ -50,7 +50,8 @@ RUN, HELD_EVERY = 8, 4  # held out: every 4th run of 8 consecutive samples of a 
 BATCH = 20
 
 # (task, model) -> (fine-tuning epochs, pretraining epochs, learning rate), as `fleet bench tune
-# --tasks ... --models ...` chose them (docs/results/tune/tune.md); the edge-PEFT report's defaults.
+# --tasks ... --models ...` chose them (docs/results/tune/tune-{1d,digits}.md); the edge-PEFT
+# report's defaults.
 CHOSEN: dict[tuple[str, str], tuple[int, int, float]] = {
     ("har", "cnn"): (80, 80, 0.03),
     ("har", "dscnn"): (80, 80, 0.01),
