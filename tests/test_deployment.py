@@ -5,6 +5,7 @@ test fails."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -15,7 +16,13 @@ from skip2fleet.cli.fleet import app
 from skip2fleet.server.federation.run import credentials_for
 from skip2fleet.server.operations.certs import ensure_credentials
 from skip2fleet.server.operations.frontdoor import run_folder
-from skip2fleet.server.operations.loopback import free_port, loopback_deployment, wait_for
+from skip2fleet.server.operations.loopback import (
+    FIXED_PORTS_FROM,
+    ephemeral_ports,
+    free_port,
+    loopback_deployment,
+    wait_for,
+)
 from skip2fleet.server.operations.superlink import flower_env, flwr
 from skip2fleet.shared.config import load_config
 from skip2fleet.shared.services import supernode_command
@@ -80,3 +87,18 @@ def test_an_unregistered_node_is_refused(loopback_fleet, tmp_path):
     wait_for(lambda: refused in door_log.read_text(), 120, "the door's refusal")
     wait_for(lambda: "'403 Forbidden' for url" in processes.log("intruder"), 30, "the 403")
     assert len(flwr(fleet, "supernode", "list", "fleet")["nodes"]) == len(DEVICES)
+
+
+def test_loopback_ports_come_in_turn_from_below_the_ephemeral_range(tmp_path):
+    """A port the kernel may hand to any outgoing connection (or to a client connecting to its
+    own port) is never chosen for a service, and one run never gets the same port twice."""
+    ports = [free_port() for _ in range(50)]
+    low, _ = ephemeral_ports()
+    assert all(FIXED_PORTS_FROM <= port < low for port in ports)
+    steps = [(later - port) % (low - FIXED_PORTS_FROM) for port, later in itertools.pairwise(ports)]
+    assert all(1 <= step <= 10 for step in steps), steps  # in turn, skipping only ports in use
+    table = tmp_path / "ip_local_port_range"
+    table.write_text("40000\t60999\n")
+    assert ephemeral_ports(table) == (40000, 60999)
+    table.write_text("garbled")
+    assert ephemeral_ports(table) == (32768, 60999)
