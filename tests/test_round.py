@@ -21,9 +21,15 @@ from skip2fleet.server.federation.exchange import Exchange
 from skip2fleet.server.federation.plans import Deliveries, entries, plan_for
 from skip2fleet.server.federation.runs import RunFolder
 from skip2fleet.server.federation.screening import outliers, screen
-from skip2fleet.server.federation.serverapp import UNNAMED, downlink, open_run, play_round
+from skip2fleet.server.federation.serverapp import (
+    UNNAMED,
+    downlink,
+    open_run,
+    play_round,
+    require_enough,
+)
 from skip2fleet.server.federation.starts import initial_adapters
-from skip2fleet.server.federation.validation import MAX_REASON, Roster, validate
+from skip2fleet.server.federation.validation import MAX_REASON, Ledger, Roster, validate
 from skip2fleet.shared import model as base_model
 from skip2fleet.shared.config import as_yaml_dict, parse_config
 from skip2fleet.shared.errors import FleetError
@@ -527,3 +533,24 @@ def test_a_failing_aggregate_is_not_saved_and_a_resume_starts_from_the_last_good
     play_round(grid, open_run(folder, lambda r: None), 2)  # the resume
     for start in seen:
         np.testing.assert_array_equal(start, folder.outgoing(1)["pi-1"])
+
+
+def test_too_few_replies_name_ten_devices_and_count_the_rest():
+    """A fleet of 1,000 that fails a round gets one readable line, not a thousand names."""
+    offline = {f"sim-{i}": "offline when the round started" for i in range(1, 996)}
+    ledger = Ledger(
+        refused={f"bad-{i}": "NaN in its adapters" for i in range(5)},
+        missing=offline | {"sim-996": "no answer within 120 s"},
+        unnamed={"no answer within 120 s": 3},
+    )
+    with pytest.raises(FleetError) as error:
+        require_enough(ledger, 2, 3)
+    message = str(error.value)
+    assert message.startswith("round 2: 0 usable replies, 3 needed; sim-1 offline when the round")
+    assert "sim-10 offline" in message and "sim-11 " not in message and len(message) < 800
+    counted = "991 more devices (985 offline when the round started, 5 refused: NaN in its adapters"
+    assert counted in message
+    assert message.endswith("1 no answer within 120 s); 3 unnamed node(s): no answer within 120 s")
+    few = Ledger(missing={"pi-1": "no answer within 60 s"}, refused={"pi-2": "NaN in its adapters"})
+    with pytest.raises(FleetError, match="pi-1 no answer within 60 s; pi-2 refused: NaN in its"):
+        require_enough(few, 1, 2)

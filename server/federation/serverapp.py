@@ -22,6 +22,7 @@ why; completed rounds stay in the run folder, which the ServerApp holds locked w
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -36,6 +37,7 @@ from skip2fleet.server.federation.exchange import exchange, wait_for_nodes
 from skip2fleet.server.federation.guard import check_aggregate
 from skip2fleet.server.federation.plans import Deliveries, entries, plan_for
 from skip2fleet.server.federation.pushes import FleetPushes
+from skip2fleet.server.federation.report import SHOWN
 from skip2fleet.server.federation.runs import RunFolder
 from skip2fleet.server.federation.screening import screen
 from skip2fleet.server.federation.starts import fresh_starts
@@ -168,8 +170,13 @@ def require_enough(ledger: Ledger, number: int, needed: int) -> None:
     """End the run when fewer than `needed` replies are usable, saying why of each device."""
     if len(ledger.accepted) >= needed:
         return
-    reasons = [f"{device} {why}" for device, why in ledger.missing.items()]
-    reasons += [f"{device} refused: {why}" for device, why in ledger.refused.items()]
+    named = [(device, why) for device, why in ledger.missing.items()]
+    named += [(device, f"refused: {why}") for device, why in ledger.refused.items()]
+    reasons = [f"{device} {why}" for device, why in named[:SHOWN]]
+    if len(named) > SHOWN:  # a fleet of 1,000: the first few by name, the rest counted by reason
+        rest = Counter(why for _, why in named[SHOWN:]).most_common()
+        counts = ", ".join([f"{count} {why}" for why, count in rest[:3]] + ["..."] * bool(rest[3:]))
+        reasons.append(f"{len(named) - SHOWN} more devices ({counts})")
     reasons += [f"{count} unnamed node(s): {why}" for why, count in ledger.unnamed.items()]
     raise FleetError(
         f"round {number}: {len(ledger.accepted)} usable replies, {needed} needed; "
