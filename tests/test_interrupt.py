@@ -26,12 +26,20 @@ FLEET = [sys.executable, "-m", "skip2fleet.cli"]
 LIMIT_S = 5
 
 
+def listen_to_ctrl_c() -> None:
+    """In the child: SIGINT back to its default, as in a terminal. A suite started in the
+    background of a shell without job control inherits SIGINT ignored, and Python then leaves
+    it ignored (one CI run launched so timed out here)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt(command: list[str], run: Path, env: dict, cwd: Path) -> tuple[float, int, str]:
     """Start `command` in its own process group and SIGINT the group once two rounds are saved:
     the seconds until it exits, its exit code and its stderr."""
     process = subprocess.Popen(
         command, cwd=cwd, env=env, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=listen_to_ctrl_c,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 180
