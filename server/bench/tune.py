@@ -120,13 +120,8 @@ def tune_pair(
             advance(f"{task_name} {model}: lr {lr} {method.name}")
     mean = {key: float(np.mean(list(by_method.values()))) for key, by_method in scores.items()}
     eligible = stable_rates(diverged)
-    lr, epochs = _best(
-        {
-            (float(k.split()[0]), int(k.split()[1])): v
-            for k, v in mean.items()
-            if float(k.split()[0]) in eligible
-        }
-    )
+    points = {(float(k.split()[0]), int(k.split()[1])): v for k, v in mean.items()}
+    lr, epochs = _best({point: v for point, v in points.items() if point[0] in eligible})
     return {
         "task": task_name,
         "model": model,
@@ -148,7 +143,7 @@ def stable_rates(diverged: dict[float, list[str]]) -> list[float]:
     """The rates that may be chosen: no method diverged at the rate nor at the next larger one
     (the smallest rate when none is left)."""
     rates = sorted(diverged)
-    stable = [r for r, larger in itertools.pairwise(rates) if not diverged[r] + diverged[larger]]
+    stable = [r for r, larger in itertools.pairwise(rates) if not (diverged[r] or diverged[larger])]
     return stable or rates[:1]
 
 
