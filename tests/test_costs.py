@@ -3,10 +3,15 @@ with tracemalloc beside the arrays each category holds, and the `fleet bench pef
 
 from __future__ import annotations
 
+import functools
 import json
+import time
+from pathlib import Path
 
 import numpy as np
+import pytest
 
+from skip2fleet.server.bench import peft
 from skip2fleet.server.bench.costs import MEMORY_CATEGORIES, measure_memory, step_flops
 from skip2fleet.server.bench.peft import measure_pair, variants
 from skip2fleet.server.bench.tune import CHOSEN
@@ -114,3 +119,28 @@ def test_bench_peft_hands_over_its_rows_after_every_trial():
     rows = measure_pair("generated", "mlp", chosen, config, 2, 1, None, on_trial=seen.append)
     assert [[r["trials"] for r in partial] for partial in seen] == [[1], [2]]
     assert seen[-1] == rows and len(rows[0]["accuracy"]["trials"]) == 2
+
+
+def fail_the_cnn_once_the_mlp_is_written(report: Path, task: str, model: str, *args) -> list:
+    """A pair that dies after the other one finished: it waits (in its worker) for the report the
+    finished pair should have left, so the test does not race the pool."""
+    if model == "mlp":
+        return measure_pair(task, model, *args)
+    deadline = time.monotonic() + 60
+    while not report.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    raise RuntimeError("the cnn pair died")
+
+
+def test_bench_peft_with_jobs_keeps_the_pairs_finished_before_one_died(tmp_path, monkeypatch):
+    out = tmp_path / "peft"
+    dying = functools.partial(fail_the_cnn_once_the_mlp_is_written, out / "peft.json")
+    monkeypatch.setattr(peft, "measure_pair", dying)  # the pool's workers fork with it
+    with pytest.raises(RuntimeError, match="the cnn pair died"):
+        fleet(
+            "bench", "peft", "--tasks", "generated", "--models", "mlp,cnn", "--methods",
+            "lora-all", "--trials", "1", "--epochs", "1", "--pretrain-epochs", "1", "--jobs", "2",
+            "--out-dir", str(out),
+        )  # fmt: skip
+    report = json.loads((out / "peft.json").read_text())
+    assert report["partial"] and {r["model"] for r in report["rows"]} == {"mlp"}

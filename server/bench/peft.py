@@ -204,8 +204,8 @@ def peft_command(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def write_partial(partial: list[dict]) -> None:
-        """Everything measured so far, written after each trial: a long run stopped early
-        keeps its trials (each section states how many)."""
+        """Everything measured so far, written after each trial (after each pair with --jobs):
+        a long run stopped early keeps what it measured (each section states how many trials)."""
         report = {"wall_seconds": perf_counter() - started, "trials": trials, "jobs": jobs}
         report |= {"partial": True, "rows": rows + partial}
         write_text_atomic(out_dir / "peft.md", peft_markdown(report))
@@ -220,6 +220,7 @@ def peft_command(
                 futures = {pool.submit(measure_pair, *pair): pair for pair in pairs}
                 for future in as_completed(futures):
                     rows += future.result()
+                    write_partial([])
                     for _ in range(trials * len(chosen)):
                         advance(f"{futures[future][0]} {futures[future][1]} done")
     wall = perf_counter() - started
