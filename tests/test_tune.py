@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 from typer.testing import CliRunner
@@ -52,3 +53,14 @@ def test_bench_tune_writes_its_choice_away_from_a_rate_that_diverges(tmp_path, m
     assert pair["pretrain_epochs"] in (1, 2) and pair["epochs"] in (1, 2)
     assert set(pair["finetune_scores"]["0.01 2"]) == {"ft-all", "skip2-lora"}
     assert "| 10000.0 | 0.00 | 0.00 | ft-all, skip2-lora | no |" in (out / "tune.md").read_text()
+
+
+def test_the_reports_defaults_are_what_the_committed_tune_reports_chose():
+    """`CHOSEN` is copied by hand from docs/results/tune/; a copying slip would quietly run the
+    edge-PEFT report at a point no validation split chose."""
+    chosen = {}
+    for report in (Path(__file__).parent.parent / "docs/results/tune").glob("*.json"):
+        for pair in json.loads(report.read_text())["pairs"]:
+            point = (pair["epochs"], pair["pretrain_epochs"], pair["lr"])
+            chosen[(pair["task"], pair["model"])] = point
+    assert chosen == tune.CHOSEN

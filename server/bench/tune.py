@@ -50,7 +50,7 @@ RUN, HELD_EVERY = 8, 4  # held out: every 4th run of 8 consecutive samples of a 
 BATCH = 20
 
 # (task, model) -> (fine-tuning epochs, pretraining epochs, learning rate), as `fleet bench tune
-# --tasks ... --models ...` chose them (docs/results/tune/tune-{1d,digits}.md); the edge-PEFT
+# --tasks ... --models ...` chose them (docs/results/tune/tune-{1d,digits,har2d}.md); the edge-PEFT
 # report's defaults.
 CHOSEN: dict[tuple[str, str], tuple[int, int, float]] = {
     ("har", "cnn"): (80, 80, 0.03),
@@ -62,6 +62,9 @@ CHOSEN: dict[tuple[str, str], tuple[int, int, float]] = {
     ("digits", "cnn2d"): (80, 40, 0.03),
     ("digits", "dscnn2d"): (80, 40, 0.03),
     ("digits", "resnet2d"): (80, 80, 0.01),
+    ("har", "cnn2d"): (40, 40, 0.01),
+    ("har", "dscnn2d"): (40, 80, 0.01),
+    ("har", "resnet2d"): (80, 20, 0.01),
 }
 
 
